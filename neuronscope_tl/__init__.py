@@ -1,0 +1,61 @@
+"""neuronscope_tl: decide which MLP neurons of a language model can be pruned, and prove it by measurement.
+
+A plugin for TransformerLens 4.x: every analysis takes a ``TransformerBridge`` and works through its hook points
+(``blocks.{l}.mlp.hook_post``, [batch, pos, d_mlp]); simulated pruning never edits weights.
+"""
+
+from .activations import NeuronAccumulator, NeuronImportance, neuron_importance, stream_activations
+from .export import SCHEMA_VERSION, report_document, write_csv, write_json
+from .hooks import attached_hooks, hook_count
+from .impact import (
+    BatchAnalysis,
+    ImpactResult,
+    PruningImpactAnalyzer,
+    batch_analysis,
+    export_impact,
+    impact_document,
+    simulate_pruning,
+)
+from .metrics import ImpactThresholds, token_kl, token_nll
+from .models import DEFAULT_MODEL_NAME, MultiModelLoader, load_model, mlp_info
+from .texts import EXAMPLE_TEXTS, calibration_texts, evaluation_texts, lee_articles
+from .weights import WeightAnalysis, WeightAnalyzer, analyze_weights, export_weights, neuron_weight_table, pruning_candidates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchAnalysis",
+    "DEFAULT_MODEL_NAME",
+    "EXAMPLE_TEXTS",
+    "ImpactResult",
+    "ImpactThresholds",
+    "MultiModelLoader",
+    "NeuronAccumulator",
+    "NeuronImportance",
+    "PruningImpactAnalyzer",
+    "SCHEMA_VERSION",
+    "WeightAnalysis",
+    "WeightAnalyzer",
+    "analyze_weights",
+    "attached_hooks",
+    "batch_analysis",
+    "calibration_texts",
+    "evaluation_texts",
+    "export_impact",
+    "export_weights",
+    "hook_count",
+    "impact_document",
+    "lee_articles",
+    "load_model",
+    "mlp_info",
+    "neuron_importance",
+    "neuron_weight_table",
+    "pruning_candidates",
+    "report_document",
+    "simulate_pruning",
+    "stream_activations",
+    "token_kl",
+    "token_nll",
+    "write_csv",
+    "write_json",
+]

@@ -1,0 +1,217 @@
+"""Streaming, mergeable statistics of MLP neuron activations, and neuron importance over many texts.
+
+All requested layers are read in the same forward passes: one hook per ``blocks.{l}.mlp.hook_post`` feeds a
+running accumulator, and the forward stops after the last requested block (``stop_at_layer``), so no logits and
+no activation cache are ever materialised. Memory is O(layers x d_mlp), independent of the number of tokens.
+
+Variance uses Chan et al.'s parallel update of (count, mean, M2), so accumulators built on separate shards of
+texts merge into exactly the single-pass result (up to float64 rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .export import Result
+from .hooks import attached_hooks, mlp_post_name
+from .models import mlp_info, model_name
+from .texts import DEFAULT_BATCH_SIZE, batches, tokenize
+
+DEFAULT_ACTIVE_THRESHOLD = 0.01
+
+
+def check_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
+    """Validate layer indices; ``None`` means every layer."""
+    n = mlp_info(model).n_layers
+    if layers is None:
+        return list(range(n))
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"layers must name at least one layer in [0, {n - 1}].")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n:
+            raise ValueError(f"layer index {layer!r} is out of range; valid layers are 0..{n - 1}.")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers contains duplicates: {layers}.")
+    return sorted(int(l) for l in layers)
+
+
+class NeuronAccumulator:
+    """Running per-neuron statistics for several layers: count, mean, M2 (Chan), sum |a|, sum a^2, active, max.
+
+    ``update(layer, acts)`` takes the real-token activations of one layer, [n_tokens, d_mlp].
+    ``merge(other)`` combines two accumulators built on disjoint token sets.
+    """
+
+    def __init__(self, layers: Sequence[int], d_mlp: int, active_threshold: float = DEFAULT_ACTIVE_THRESHOLD):
+        self.layers = list(layers)
+        self.d_mlp = d_mlp
+        self.active_threshold = float(active_threshold)
+        shape = (len(self.layers), d_mlp)
+        z = lambda: torch.zeros(shape, dtype=torch.float64)
+        self.count = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.mean, self.m2, self.sum_abs, self.sum_sq, self.active = z(), z(), z(), z(), z()
+        self.max = torch.full(shape, -torch.inf, dtype=torch.float64)
+        self._row = {layer: i for i, layer in enumerate(self.layers)}
+
+    def update(self, layer: int, acts: Tensor) -> None:
+        i = self._row[layer]
+        a = acts.detach().reshape(-1, self.d_mlp).double().cpu()
+        n_b = a.shape[0]
+        if n_b == 0:
+            return
+        mean_b = a.mean(0)
+        m2_b = (a - mean_b).square().sum(0)
+        self._combine(i, float(n_b), mean_b, m2_b)
+        self.sum_abs[i] += a.abs().sum(0)
+        self.sum_sq[i] += a.square().sum(0)
+        self.active[i] += (a.abs() > self.active_threshold).double().sum(0)
+        self.max[i] = torch.maximum(self.max[i], a.max(0).values)
+
+    def _combine(self, i: int, n_b: float, mean_b: Tensor, m2_b: Tensor) -> None:
+        n_a = float(self.count[i])
+        n = n_a + n_b
+        delta = mean_b - self.mean[i]
+        self.mean[i] = self.mean[i] + delta * (n_b / n)
+        self.m2[i] = self.m2[i] + m2_b + delta.square() * (n_a * n_b / n)
+        self.count[i] = n
+
+    def merge(self, other: "NeuronAccumulator") -> "NeuronAccumulator":
+        """Fold ``other`` (same layers, d_mlp and threshold) into this accumulator; returns self."""
+        if other.layers != self.layers or other.d_mlp != self.d_mlp or other.active_threshold != self.active_threshold:
+            raise ValueError("can only merge accumulators over the same layers, d_mlp and active_threshold.")
+        for i in range(len(self.layers)):
+            if other.count[i] > 0:
+                self._combine(i, float(other.count[i]), other.mean[i], other.m2[i])
+        self.sum_abs += other.sum_abs
+        self.sum_sq += other.sum_sq
+        self.active += other.active
+        self.max = torch.maximum(self.max, other.max)
+        return self
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.count[0]) if len(self.count) else 0
+
+    def table(self) -> pd.DataFrame:
+        """One row per (layer, neuron): mean, mean_abs, var (population), rms, frac_active, max."""
+        c = self.count[:, None].clamp_min(1.0)
+        layers = np.repeat(np.array(self.layers), self.d_mlp)
+        neurons = np.tile(np.arange(self.d_mlp), len(self.layers))
+        return pd.DataFrame(
+            {
+                "layer": layers,
+                "neuron": neurons,
+                "label": [f"L{l}N{n}" for l, n in zip(layers, neurons)],
+                "mean": self.mean.reshape(-1).numpy(),
+                "mean_abs": (self.sum_abs / c).reshape(-1).numpy(),
+                "var": (self.m2 / c).reshape(-1).numpy(),
+                "rms": (self.sum_sq / c).sqrt().reshape(-1).numpy(),
+                "frac_active": (self.active / c).reshape(-1).numpy(),
+                "max": self.max.reshape(-1).numpy(),
+            }
+        )
+
+
+def stream_activations(
+    model,
+    texts: Sequence[str],
+    layers: Optional[Sequence[int]] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: Optional[int] = None,
+    active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
+    progress: bool = True,
+) -> NeuronAccumulator:
+    """One streaming pass over ``texts``: per-neuron activation statistics for all requested layers."""
+    layers = check_layers(model, layers)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    token_lists = tokenize(model, texts, max_tokens=max_tokens)
+    acc = NeuronAccumulator(layers, mlp_info(model).d_mlp, active_threshold)
+    current = {}
+
+    def make_hook(layer):
+        def hook(act, hook=None):
+            acc.update(layer, act[current["mask"]])
+
+        return hook
+
+    hooks = [(mlp_post_name(l), make_hook(l)) for l in layers]
+    stop = layers[-1] + 1
+    with attached_hooks(model, hooks), torch.no_grad():
+        for batch in tqdm(list(batches(model, token_lists, batch_size)), desc="activations", disable=not progress):
+            current["mask"] = batch.mask
+            if stop < mlp_info(model).n_layers:
+                model(batch.tokens, stop_at_layer=stop)
+            else:
+                model(batch.tokens, return_type=None)
+    return acc
+
+
+@dataclass
+class NeuronImportance(Result):
+    """Neuron importance over many texts.
+
+    Attributes:
+        table: per neuron: mean, mean_abs, var, rms, frac_active (|a| > active_threshold), max, w_out_norm and
+            ``importance`` = rms x w_out_norm, the root-mean-square norm of what the neuron writes into the
+            residual stream.
+        critical: the ``top_k`` most important neurons of each analysed layer, most important first.
+    """
+
+    model: str
+    layers: List[int]
+    n_texts: int
+    n_tokens: int
+    active_threshold: float
+    table: pd.DataFrame = field(repr=False)
+    critical: pd.DataFrame = field(repr=False)
+
+
+def neuron_importance(
+    model,
+    texts: Sequence[str],
+    layer_index: Optional[int] = None,
+    layers: Optional[Sequence[int]] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    top_k: int = 10,
+    active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
+    max_tokens: Optional[int] = None,
+    progress: bool = True,
+) -> NeuronImportance:
+    """Per-neuron activation statistics and importance for one layer (``layer_index``) or several (all by default)."""
+    if layer_index is not None and layers is not None:
+        raise ValueError("give layer_index or layers, not both.")
+    chosen = check_layers(model, [layer_index] if layer_index is not None else layers)
+    if not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
+    acc = stream_activations(model, texts, chosen, batch_size, max_tokens, active_threshold, progress)
+    table = acc.table()
+    w_out = model.W_out.detach().float().cpu().norm(dim=2)  # [L, d_mlp]
+    table["w_out_norm"] = w_out[chosen].reshape(-1).numpy()
+    table["importance"] = table["rms"] * table["w_out_norm"]
+    critical = (
+        table.sort_values(["layer", "importance"], ascending=[True, False]).groupby("layer").head(top_k).reset_index(drop=True)
+    )
+    return NeuronImportance(
+        model=model_name(model),
+        layers=chosen,
+        n_texts=len(list(texts)) if not isinstance(texts, str) else 1,
+        n_tokens=acc.n_tokens,
+        active_threshold=active_threshold,
+        table=table,
+        critical=critical,
+    )
+
+
+def mean_activations(model, texts: Sequence[str], layers: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: Optional[int] = None) -> Dict[int, Tensor]:
+    """Each neuron's mean activation over ``texts`` (for mean ablation): {layer: [d_mlp] float32}."""
+    acc = stream_activations(model, texts, layers, batch_size, max_tokens, progress=False)
+    return {layer: acc.mean[i].float() for i, layer in enumerate(acc.layers)}

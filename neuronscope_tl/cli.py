@@ -1,0 +1,184 @@
+"""Command line: ``neuronscope-tl <command>``.
+
+Each command parses its arguments into a config dataclass (``parse_args`` is a small testable function) and calls
+library functions; no analysis logic lives here.
+
+* ``analyze``: the seed's whole workflow (weight statistics, candidates, impact of the first candidates, neuron
+  importance, batch test, export) on the default model and texts, writing report files to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+DEFAULT_OUT = "neuronscope_report"
+
+
+@dataclass
+class AnalyzeConfig:
+    """Settings of ``neuronscope-tl analyze``.
+
+    Args:
+        model: HF model id or local directory; None for the embedded default.
+        texts: a text file, one text per line; None for the Lee corpus (calibration split for importance and
+            mean values, evaluation split for impact).
+        out: output directory (created if missing; existing report files are replaced atomically).
+        threshold: candidate percentile in (0, 100].
+        n_candidates: how many candidates get an impact simulation and enter the batch test.
+        max_texts: how many texts each analysis uses (keeps the report to minutes on 2 cores).
+        batch_size: texts per forward pass.
+        ablation: ``zero`` or ``mean``.
+    """
+
+    model: Optional[str] = None
+    texts: Optional[str] = None
+    out: str = DEFAULT_OUT
+    threshold: float = 10.0
+    n_candidates: int = 5
+    max_texts: int = 4
+    batch_size: int = 1
+    ablation: str = "zero"
+
+    def __post_init__(self):
+        from .impact import check_ablation, check_batch_size
+        from .weights import check_percentile
+
+        check_percentile(self.threshold)
+        check_ablation(self.ablation)
+        check_batch_size(self.batch_size)
+        if self.n_candidates < 1:
+            raise ValueError(f"n_candidates must be >= 1, got {self.n_candidates}.")
+        if self.max_texts < 1:
+            raise ValueError(f"max_texts must be >= 1, got {self.max_texts}.")
+        if self.texts is not None and not Path(self.texts).is_file():
+            raise ValueError(f"--texts {self.texts}: no such file.")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} exists and is not a directory.")
+
+
+def add_analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--texts", default=None, help="text file, one text per line (default: Lee corpus)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    p.add_argument("--threshold", type=float, default=10.0, help="candidate percentile in (0, 100] (default 10)")
+    p.add_argument("--n-candidates", type=int, default=5, help="candidates to simulate and batch-test (default 5)")
+    p.add_argument("--max-texts", type=int, default=4, help="texts per analysis (default 4)")
+    p.add_argument("--batch-size", type=int, default=1, help="texts per forward pass (default 1: fastest on CPU)")
+    p.add_argument("--ablation", default="zero", choices=["zero", "mean"])
+
+
+def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
+    """Run the seed's workflow and write the report files; returns the summary written to ``report.json``."""
+    from . import activations, impact, models, texts, weights
+    from .export import write_csv, write_json, report_document
+
+    t0 = time.perf_counter()
+    timings = {}
+    out = Path(cfg.out)
+    model = models.load_model(cfg.model)
+    timings["load_s"] = time.perf_counter() - t0
+    if cfg.texts:
+        calib = evalt = texts.read_text_file(cfg.texts)
+    else:
+        calib, evalt = texts.calibration_texts(), texts.evaluation_texts()
+    calib, evalt = calib[: cfg.max_texts], evalt[: cfg.max_texts]
+    # validate texts before writing anything
+    texts.tokenize(model, calib)
+    texts.tokenize(model, evalt)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t = time.perf_counter()
+    wa = weights.analyze_weights(model)
+    files = [str(p) for p in weights.export_weights(wa, out / "weight_analysis.json")]
+    timings["weights_s"] = time.perf_counter() - t
+    log(f"weights: {wa.total_parameters:,} parameters, sparsity {wa.overall_sparsity:.4%} exactly zero, {wa.near_zero_fraction:.2%} |w| < {wa.near_zero_threshold}")
+
+    cands = weights.pruning_candidates(model, cfg.threshold, wa.neurons)
+    files.append(str(write_csv(out / "candidates.csv", cands)))
+    first = cands.sort_values(["rank_in_layer", "layer"]).head(cfg.n_candidates)
+    pairs = [(int(r.layer), int(r.neuron)) for r in first.itertuples()]
+    log(f"candidates: {len(cands)} neurons at or below the {cfg.threshold:g}th percentile of mean |w| in their layer")
+
+    t = time.perf_counter()
+    sims = []
+    for layer, neuron in pairs:
+        r = impact.simulate_pruning(model, layer, [neuron], evalt, cfg.ablation, cfg.batch_size, calib_texts=calib)
+        sims.append(r)
+        log(f"impact L{layer}N{neuron}: {r.impact_score:.4f} nats ({r.verdict}), loss change {r.loss_change:+.4f}, top-1 {r.top1_agreement:.3f}")
+    files.append(str(write_json(out / "impact_analysis.json", [impact.impact_document(r) for r in sims])))
+    timings["impact_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    imp = activations.neuron_importance(model, calib, batch_size=cfg.batch_size)
+    files.append(str(write_csv(out / "neuron_importance.csv", imp.table)))
+    imp_doc = report_document(
+        "neuron_importance", imp.model, {"active_threshold": imp.active_threshold, "layers": imp.layers},
+        {"n_texts": imp.n_texts, "n_tokens": imp.n_tokens}, {"critical": imp.critical},
+    )
+    files.append(str(write_json(out / "neuron_importance.json", imp_doc)))
+    timings["importance_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    batch = impact.batch_analysis(model, pairs, evalt, cfg.batch_size, cfg.ablation, calib_texts=calib)
+    files += [str(p) for p in impact.export_impact(batch, out / "batch_analysis.json")]
+    timings["batch_s"] = time.perf_counter() - t
+    rec = batch.recommendations
+    log(f"batch: {len(rec['safe_to_prune'])} safe, {len(rec['moderate'])} moderate, {len(rec['risky_to_prune'])} risky; "
+        f"cumulative impact {rec['cumulative_impact']:.4f} ({rec['cumulative_verdict']}), safe prefix {rec['max_safe_prefix']}")
+    timings["total_s"] = time.perf_counter() - t0
+
+    summary = {
+        "model": models.model_name(model),
+        "config": asdict(cfg),
+        "overall_sparsity": wa.overall_sparsity,
+        "total_parameters": wa.total_parameters,
+        "n_candidates": len(cands),
+        "impacts": [{"layer_index": r.layer_index, "neuron_indices": r.neuron_indices, "impact_score": r.impact_score, "verdict": r.verdict} for r in sims],
+        "recommendations": rec,
+        "timings": timings,
+        "files": files + [str(out / "report.json")],
+    }
+    write_json(out / "report.json", summary)
+    log(f"wrote {len(summary['files'])} files to {out} in {timings['total_s']:.1f} s")
+    return summary
+
+
+COMMANDS = {
+    "analyze": (add_analyze_args, AnalyzeConfig, run_analyze, "run the seed's whole workflow and write a report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuronscope-tl", description="Find prunable MLP neurons and prove it by measurement.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _, _, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text))
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    """Parse ``argv`` into (command name, config dataclass). Raises ValueError on invalid values."""
+    ns = vars(build_parser().parse_args(argv))
+    name = ns.pop("command")
+    config_cls = COMMANDS[name][1]
+    return name, config_cls(**ns)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        name, cfg = parse_args(argv)
+        COMMANDS[name][2](cfg)
+    except (ValueError, RuntimeError) as exc:
+        print(f"neuronscope-tl: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""Simulated pruning: ablate MLP neurons through ``blocks.{l}.mlp.hook_post`` and measure what changes.
+
+Nothing here edits weights. One engine, :func:`measure_plans`, runs each batch of texts once clean and once per
+ablation plan, so a batch analysis of N candidates costs 2N + 1 forwards per batch, and the clean logits are
+never stored beyond the batch. Metric definitions live in :mod:`neuronscope_tl.metrics`.
+
+* :func:`simulate_pruning`: one set of neurons in one layer (the seed's ``simulate_neuron_pruning``).
+* :func:`batch_analysis`: each candidate alone, then cumulatively in the given order, with recommendations.
+* :class:`PruningImpactAnalyzer`: the seed's class over both.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .activations import check_layers, mean_activations
+from .export import Result, report_document, write_csv, write_json
+from .hooks import ablation_hooks, attached_hooks, capture_hook, resid_post_name
+from .metrics import HIGH, MODERATE, SAFE, ImpactThresholds, RunningMean, kl_from_log_probs, log_probs, nll_from_log_probs, top1_agree
+from .models import mlp_info, model_name
+from .texts import DEFAULT_BATCH_SIZE, batches, calibration_texts, check_texts, tokenize
+
+ABLATIONS = ("zero", "mean")
+DEFAULT_MEAN_MAX_TOKENS = 8192
+Plan = Dict[int, Tuple[List[int], Optional[Tensor]]]  # {layer: (neurons, replacement values or None)}
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def check_ablation(ablation: str) -> str:
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation mode {ablation!r}; valid modes are {', '.join(ABLATIONS)}.")
+    return ablation
+
+
+def check_layer(model, layer_index: Any) -> int:
+    return check_layers(model, [layer_index])[0]
+
+
+def check_neurons(model, neuron_indices: Any, layer_index: Optional[int] = None) -> List[int]:
+    """Validate a non-empty list of distinct neuron indices in [0, d_mlp)."""
+    d_mlp = mlp_info(model).d_mlp
+    where = f" of layer {layer_index}" if layer_index is not None else ""
+    if isinstance(neuron_indices, (int, np.integer)) and not isinstance(neuron_indices, bool):
+        neuron_indices = [neuron_indices]
+    if neuron_indices is None or len(neuron_indices) == 0:
+        raise ValueError(f"neuron_indices must list at least one neuron in [0, {d_mlp - 1}].")
+    out = []
+    for n in neuron_indices:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < d_mlp:
+            raise ValueError(f"neuron index {n!r}{where} is out of range; valid neurons are 0..{d_mlp - 1}.")
+        out.append(int(n))
+    if len(set(out)) != len(out):
+        dup = sorted({n for n in out if out.count(n) > 1})
+        raise ValueError(f"neuron_indices contains duplicates {dup}; each neuron may be listed once.")
+    return out
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    return int(batch_size)
+
+
+def check_candidates(model, candidates: Any) -> List[Tuple[int, int]]:
+    """Normalise candidates (dicts with layer_index/neuron_index, (layer, neuron) pairs, or a DataFrame)."""
+    if isinstance(candidates, pd.DataFrame):
+        cols = ("layer", "neuron") if "layer" in candidates.columns else ("layer_index", "neuron_index")
+        candidates = list(zip(candidates[cols[0]], candidates[cols[1]]))
+    if candidates is None or len(candidates) == 0:
+        raise ValueError("pruning_candidates must list at least one {layer_index, neuron_index}.")
+    pairs = []
+    for i, c in enumerate(candidates):
+        if isinstance(c, dict):
+            if "layer_index" not in c or "neuron_index" not in c:
+                raise ValueError(f"candidate {i} must have layer_index and neuron_index, got keys {sorted(c)}.")
+            layer, neuron = c["layer_index"], c["neuron_index"]
+        else:
+            try:
+                layer, neuron = c
+            except (TypeError, ValueError):
+                raise ValueError(f"candidate {i} must be a {{layer_index, neuron_index}} dict or a (layer, neuron) pair.") from None
+        layer = check_layer(model, layer)
+        neuron = check_neurons(model, [neuron], layer)[0]
+        pairs.append((layer, neuron))
+    if len(set(pairs)) != len(pairs):
+        dup = sorted({p for p in pairs if pairs.count(p) > 1})
+        raise ValueError(f"pruning_candidates contains duplicates {dup}; each neuron may be listed once.")
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------- mean values
+
+_MEAN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def ablation_values(
+    model,
+    layers: Sequence[int],
+    ablation: str,
+    calib_texts: Optional[Sequence[str]] = None,
+    max_tokens: Optional[int] = DEFAULT_MEAN_MAX_TOKENS,
+) -> Dict[int, Optional[Tensor]]:
+    """Replacement values per layer: None for zero ablation; each neuron's mean activation for mean ablation.
+
+    Means are taken over ``calib_texts`` (default: the Lee calibration split, first ``max_tokens`` tokens) and
+    cached per model and text set, so repeated mean ablations pay for the calibration pass once.
+    """
+    check_ablation(ablation)
+    if ablation == "zero":
+        return {layer: None for layer in layers}
+    texts = tuple(check_texts(list(calib_texts))) if calib_texts is not None else tuple(calibration_texts())
+    cache = _MEAN_CACHE.setdefault(model, {})
+    key = (hash(texts), max_tokens)
+    have = cache.setdefault(key, {})
+    missing = [l for l in layers if l not in have]
+    if missing:
+        have.update(mean_activations(model, list(texts), missing, max_tokens=max_tokens))
+    return {layer: have[layer] for layer in layers}
+
+
+def make_plan(pairs: Sequence[Tuple[int, int]], values: Dict[int, Optional[Tensor]]) -> Plan:
+    """Group (layer, neuron) pairs into an ablation plan with each neuron's replacement value."""
+    plan: Dict[int, List[int]] = {}
+    for layer, neuron in pairs:
+        plan.setdefault(layer, []).append(neuron)
+    return {
+        layer: (neurons, None if values[layer] is None else values[layer][torch.tensor(neurons)])
+        for layer, neurons in plan.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class Measurement:
+    """Raw accumulated metrics of one ablation plan over a set of texts."""
+
+    kl: RunningMean = field(default_factory=RunningMean)
+    nll_orig: RunningMean = field(default_factory=RunningMean)
+    nll_pruned: RunningMean = field(default_factory=RunningMean)
+    top1: RunningMean = field(default_factory=RunningMean)
+    resid_delta_sq: Dict[int, float] = field(default_factory=dict)
+    resid_sq: Dict[int, float] = field(default_factory=dict)
+    token_detail: List[dict] = field(default_factory=list)
+
+    def relative_changes(self) -> Dict[int, float]:
+        return {l: math.sqrt(self.resid_delta_sq[l]) / math.sqrt(self.resid_sq[l]) if self.resid_sq[l] > 0 else 0.0 for l in sorted(self.resid_sq)}
+
+
+def measure_plans(
+    model,
+    token_lists: Sequence[Tensor],
+    plans: Sequence[Plan],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    resid_from: Optional[int] = None,
+    token_detail: bool = False,
+    progress: bool = False,
+) -> List[Measurement]:
+    """Run every batch clean, then under each plan; accumulate KL, losses, top-1 and residual changes.
+
+    ``resid_from``: record the relative change of ``hook_resid_post`` for blocks resid_from..L-1.
+    ``token_detail``: keep each text's per-token KL (position t = the prediction after token t).
+    """
+    n_layers = mlp_info(model).n_layers
+    resid_layers = list(range(resid_from, n_layers)) if resid_from is not None else []
+    results = [Measurement() for _ in plans]
+    batch_list = list(batches(model, token_lists, batch_size))
+    bar = tqdm(total=len(batch_list) * (len(plans) + 1), desc="impact", disable=not progress)
+    with torch.no_grad():
+        for batch in batch_list:
+            clean_resid: dict = {}
+            capture = [(resid_post_name(l), capture_hook(clean_resid, str(l))) for l in resid_layers]
+            with attached_hooks(model, capture):
+                logits_orig = model(batch.tokens)
+            bar.update()
+            tmask, real = batch.target_mask(), batch.mask
+            logp_full = log_probs(logits_orig)
+            del logits_orig
+            nll_orig = nll_from_log_probs(logp_full, batch.tokens)
+            logp_orig = logp_full[real]  # [n_real, vocab]: KL and top-1 only on real positions
+            del logp_full
+            for plan, res in zip(plans, results):
+                pruned_resid: dict = {}
+                capture = [(resid_post_name(l), capture_hook(pruned_resid, str(l))) for l in resid_layers]
+                with attached_hooks(model, ablation_hooks(plan) + capture):
+                    logits_pruned = model(batch.tokens)
+                bar.update()
+                logp_full = log_probs(logits_pruned)
+                del logits_pruned
+                res.nll_orig.add(nll_orig, tmask)
+                res.nll_pruned.add(nll_from_log_probs(logp_full, batch.tokens), tmask)
+                logp_pruned = logp_full[real]
+                del logp_full
+                kl = kl_from_log_probs(logp_orig, logp_pruned)
+                res.kl.add(kl)
+                res.top1.add(top1_agree(logp_orig, logp_pruned))
+                del logp_pruned
+                m = batch.mask[..., None]
+                for l in resid_layers:
+                    r0, r1 = clean_resid[str(l)].float(), pruned_resid[str(l)].float()
+                    res.resid_delta_sq[l] = res.resid_delta_sq.get(l, 0.0) + float(((r1 - r0) * m).double().square().sum())
+                    res.resid_sq[l] = res.resid_sq.get(l, 0.0) + float((r0 * m).double().square().sum())
+                if token_detail:
+                    kl_full = torch.zeros(real.shape, dtype=kl.dtype)
+                    kl_full[real] = kl
+                    for row, length in enumerate(batch.lengths):
+                        ids = batch.tokens[row, :length]
+                        res.token_detail.append(
+                            {
+                                "text_index": batch.text_index[row],
+                                "tokens": [model.tokenizer.decode([int(t)]) for t in ids],
+                                "kl": kl_full[row, :length].tolist(),
+                            }
+                        )
+    bar.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class ImpactResult(Result):
+    """Measured impact of ablating ``neuron_indices`` of ``layer_index`` (see README for definitions).
+
+    Attributes:
+        impact_score: mean per-token KL(original || pruned) in nats.
+        verdict: ``safe`` / ``moderate`` / ``high`` by the thresholds; ``safe_to_prune`` = verdict == ``safe``.
+        loss_original / loss_pruned / loss_change: mean next-token cross-entropy (nats) and their difference.
+        top1_agreement: fraction of positions whose arg-max next token is unchanged.
+        activation_changes: per block from the ablated one on, relative L2 change of the residual stream after
+            the block (``blocks.{k}.hook_resid_post``); the first entry is the ablated block itself.
+        token_kl: per text, its tokens and each position's KL (kept for small inputs).
+    """
+
+    model: str
+    layer_index: int
+    neuron_indices: List[int]
+    ablation: str
+    impact_score: float
+    verdict: str
+    safe_to_prune: bool
+    loss_original: float
+    loss_pruned: float
+    loss_change: float
+    top1_agreement: float
+    activation_changes: List[dict]
+    n_texts: int
+    n_tokens: int
+    thresholds: ImpactThresholds
+    token_kl: List[dict] = field(default_factory=list, repr=False)
+
+
+def _summarise(m: Measurement, thresholds: ImpactThresholds) -> dict:
+    impact = m.kl.mean
+    return {
+        "impact_score": impact,
+        "verdict": thresholds.verdict(impact),
+        "safe_to_prune": thresholds.verdict(impact) == SAFE,
+        "loss_original": m.nll_orig.mean,
+        "loss_pruned": m.nll_pruned.mean,
+        "loss_change": m.nll_pruned.mean - m.nll_orig.mean,
+        "top1_agreement": m.top1.mean,
+    }
+
+
+def simulate_pruning(
+    model,
+    layer_index: int,
+    neuron_indices: Sequence[int],
+    texts: Union[str, Sequence[str]],
+    ablation: str = "zero",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    thresholds: Optional[ImpactThresholds] = None,
+    calib_texts: Optional[Sequence[str]] = None,
+    token_detail: Optional[bool] = None,
+    progress: bool = False,
+) -> ImpactResult:
+    """Ablate the neurons of one layer on ``texts`` and measure the impact against the unpruned model."""
+    layer = check_layer(model, layer_index)
+    neurons = check_neurons(model, neuron_indices, layer)
+    check_ablation(ablation)
+    batch_size = check_batch_size(batch_size)
+    thresholds = thresholds or ImpactThresholds()
+    texts = check_texts(texts)
+    token_lists = tokenize(model, texts)
+    values = ablation_values(model, [layer], ablation, calib_texts)
+    plan = make_plan([(layer, n) for n in neurons], values)
+    detail = len(texts) == 1 if token_detail is None else token_detail
+    (m,) = measure_plans(model, token_lists, [plan], batch_size, resid_from=layer, token_detail=detail, progress=progress)
+    changes = [{"layer": l, "relative_change": v} for l, v in m.relative_changes().items()]
+    return ImpactResult(
+        model=model_name(model),
+        layer_index=layer,
+        neuron_indices=neurons,
+        ablation=ablation,
+        activation_changes=changes,
+        n_texts=len(texts),
+        n_tokens=sum(int(t.numel()) for t in token_lists),
+        thresholds=thresholds,
+        token_kl=m.token_detail,
+        **_summarise(m, thresholds),
+    )
+
+
+@dataclass
+class BatchAnalysis(Result):
+    """Individual and cumulative impact of a list of candidates, with recommendations.
+
+    Attributes:
+        individual: per candidate, its own impact, loss change, top-1 agreement and verdict.
+        cumulative: after step k, the impact of pruning candidates 0..k together (in the given order).
+        recommendations: ``safe_to_prune`` / ``moderate`` / ``risky_to_prune`` lists by each candidate's own
+            verdict, and ``max_safe_prefix``: how many candidates, in order, can be pruned together while the
+            cumulative impact stays safe.
+    """
+
+    model: str
+    ablation: str
+    n_texts: int
+    n_tokens: int
+    thresholds: ImpactThresholds
+    individual: pd.DataFrame = field(repr=False)
+    cumulative: pd.DataFrame = field(repr=False)
+    recommendations: dict = field(default_factory=dict)
+
+
+def batch_analysis(
+    model,
+    candidates: Any,
+    texts: Union[str, Sequence[str]],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    ablation: str = "zero",
+    thresholds: Optional[ImpactThresholds] = None,
+    calib_texts: Optional[Sequence[str]] = None,
+    progress: bool = True,
+) -> BatchAnalysis:
+    """Measure each candidate alone, then the candidates pruned together cumulatively, in order."""
+    pairs = check_candidates(model, candidates)
+    check_ablation(ablation)
+    batch_size = check_batch_size(batch_size)
+    thresholds = thresholds or ImpactThresholds()
+    texts = check_texts(texts)
+    token_lists = tokenize(model, texts)
+    values = ablation_values(model, sorted({l for l, _ in pairs}), ablation, calib_texts)
+    individual_plans = [make_plan([p], values) for p in pairs]
+    cumulative_plans = [make_plan(pairs[: k + 1], values) for k in range(1, len(pairs))]
+    measured = measure_plans(model, token_lists, individual_plans + cumulative_plans, batch_size, progress=progress)
+    ind, cum = measured[: len(pairs)], [measured[0]] + measured[len(pairs) :]
+
+    ind_rows = []
+    for (layer, neuron), m in zip(pairs, ind):
+        s = _summarise(m, thresholds)
+        ind_rows.append({"layer": layer, "neuron": neuron, "label": f"L{layer}N{neuron}", **s})
+    cum_rows = []
+    for k, ((layer, neuron), m) in enumerate(zip(pairs, cum)):
+        s = _summarise(m, thresholds)
+        cum_rows.append({"step": k + 1, "layer": layer, "neuron": neuron, "label": f"L{layer}N{neuron}", "n_pruned": k + 1, **s})
+    individual = pd.DataFrame(ind_rows)
+    cumulative = pd.DataFrame(cum_rows)
+
+    def pick(verdict):
+        rows = individual[individual["verdict"] == verdict]
+        return [{"layer_index": int(r.layer), "neuron_index": int(r.neuron), "impact_score": float(r.impact_score)} for r in rows.itertuples()]
+
+    safe_prefix = 0
+    for ok in cumulative["verdict"] == SAFE:
+        if not ok:
+            break
+        safe_prefix += 1
+    recommendations = {
+        "safe_to_prune": pick(SAFE),
+        "moderate": pick(MODERATE),
+        "risky_to_prune": pick(HIGH),
+        "max_safe_prefix": safe_prefix,
+        "cumulative_impact": float(cumulative["impact_score"].iloc[-1]),
+        "cumulative_verdict": str(cumulative["verdict"].iloc[-1]),
+    }
+    return BatchAnalysis(
+        model=model_name(model),
+        ablation=ablation,
+        n_texts=len(texts),
+        n_tokens=sum(int(t.numel()) for t in token_lists),
+        thresholds=thresholds,
+        individual=individual,
+        cumulative=cumulative,
+        recommendations=recommendations,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def impact_document(result: Union[ImpactResult, BatchAnalysis], settings: Optional[dict] = None) -> dict:
+    """The JSON document of an impact or batch analysis (same schema as the weight export)."""
+    kind = "impact_analysis" if isinstance(result, ImpactResult) else "batch_analysis"
+    base = {"ablation": result.ablation, "thresholds": result.thresholds}
+    if isinstance(result, ImpactResult):
+        base.update({"layer_index": result.layer_index, "neuron_indices": result.neuron_indices})
+    base.update(settings or {})
+    texts = {"n_texts": result.n_texts, "n_tokens": result.n_tokens}
+    return report_document(kind, result.model, base, texts, result.to_dict())
+
+
+def export_impact(result: Union[ImpactResult, BatchAnalysis], path: Union[str, Path], settings: Optional[dict] = None) -> List[Path]:
+    """Write the impact JSON at ``path``; a batch analysis also writes its tables as ``*_individual.csv`` and
+    ``*_cumulative.csv`` beside it."""
+    path = Path(path)
+    written = [write_json(path, impact_document(result, settings))]
+    if isinstance(result, BatchAnalysis):
+        written.append(write_csv(path.with_name(path.stem + "_individual.csv"), result.individual))
+        written.append(write_csv(path.with_name(path.stem + "_cumulative.csv"), result.cumulative))
+    return written
+
+
+class PruningImpactAnalyzer:
+    """The seed's impact analyzer: ``simulate_neuron_pruning`` and ``batch_pruning_analysis``."""
+
+    def __init__(self, model, tokenizer=None, thresholds: Optional[ImpactThresholds] = None, calib_texts: Optional[Sequence[str]] = None):
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        self.thresholds = thresholds or ImpactThresholds()
+        self.calib_texts = calib_texts
+        self.last_result: Optional[Union[ImpactResult, BatchAnalysis]] = None
+
+    def simulate_neuron_pruning(self, layer_index: int, neuron_indices: Sequence[int], input_text: str, ablation: str = "zero") -> ImpactResult:
+        result = simulate_pruning(
+            self.model, layer_index, neuron_indices, input_text, ablation, thresholds=self.thresholds, calib_texts=self.calib_texts
+        )
+        self.last_result = result
+        return result
+
+    def batch_pruning_analysis(self, input_texts: Sequence[str], candidates: Any, batch_size: int = DEFAULT_BATCH_SIZE, ablation: str = "zero") -> BatchAnalysis:
+        result = batch_analysis(
+            self.model, candidates, input_texts, batch_size, ablation, thresholds=self.thresholds, calib_texts=self.calib_texts
+        )
+        self.last_result = result
+        return result
+
+    def export_impact_analysis(self, path: Union[str, Path]) -> List[Path]:
+        if self.last_result is None:
+            raise ValueError("no impact analysis has run yet; call simulate_neuron_pruning or batch_pruning_analysis first.")
+        return export_impact(self.last_result, path)

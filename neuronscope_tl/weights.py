@@ -1,0 +1,296 @@
+"""Weight statistics, sparsity and weight-based pruning candidates.
+
+Statistics are taken on the model's raw weights (the bridge is booted without LayerNorm folding), through the
+bridge's stacked ``W_in`` [layer, d_model, d_mlp], ``W_gate`` (gated MLPs) and ``W_out`` [layer, d_mlp, d_model].
+
+Neuron n of layer l owns column n of ``W_in`` (and ``W_gate``) and row n of ``W_out``. Its *weight score* is the
+mean |w| over all those weights; the seed's bands apply to it (< 0.01 very low, 0.01-0.05 low, > 0.05 normal).
+Beware: on SmolLM2 low weight magnitude is a poor guide to what can be pruned (worse than random in our pruning
+curves); the activation-aware scores are better.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .export import Result, report_document, write_csv, write_json
+from .models import mlp_info, model_name
+
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+BANDS = ((0.01, "very_low"), (0.05, "low"), (math.inf, "normal"))
+
+
+def band_of(mean_abs: float) -> str:
+    """The seed's band for a neuron's mean |w|: < 0.01 very_low, 0.01-0.05 low, >= 0.05 normal."""
+    for upper, name in BANDS:
+        if mean_abs < upper:
+            return name
+    return "normal"
+
+
+def check_percentile(threshold_percentile: float) -> float:
+    value = float(threshold_percentile)
+    if not (math.isfinite(value) and 0.0 < value <= 100.0):
+        raise ValueError(f"threshold_percentile must be in (0, 100], got {threshold_percentile!r}.")
+    return value
+
+
+def mlp_weights(model) -> Dict[str, Tensor]:
+    """Raw MLP matrices, detached fp32 on CPU: ``in``/``gate`` [L, d_model, d_mlp], ``out`` [L, d_mlp, d_model]."""
+    out = {"in": model.W_in.detach().float().cpu(), "out": model.W_out.detach().float().cpu()}
+    gate = model.W_gate
+    if gate is not None:
+        out["gate"] = gate.detach().float().cpu()
+    return out
+
+
+def mlp_input_bias(model) -> Optional[Tensor]:
+    """``b_in`` [L, d_mlp] when the MLP has an input bias, else None."""
+    try:
+        return model.b_in.detach().float().cpu()
+    except (AttributeError, TypeError):
+        return None
+
+
+def unique_parameters(model) -> List[Tensor]:
+    """Parameters of the underlying HF model, each storage counted once (tied embeddings once)."""
+    seen, params = set(), []
+    for p in model.original_model.parameters():
+        key = (p.data_ptr(), p.shape)
+        if key not in seen:
+            seen.add(key)
+            params.append(p)
+    return params
+
+
+def histogram(values: Tensor, bins: int, upper: float) -> Dict[str, list]:
+    """Histogram of ``values`` on ``bins`` equal bins over [0, upper]; same convention as ``numpy.histogram``."""
+    edges = torch.linspace(0.0, upper, bins + 1, dtype=torch.float64)
+    v = values.reshape(-1).double()
+    idx = torch.bucketize(v, edges, right=True) - 1
+    idx = idx.clamp(0, bins - 1)  # numpy puts the right edge into the last bin
+    counts = torch.bincount(idx, minlength=bins)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def matrix_stats(w: Tensor, near_zero: float, bins: int, upper: float) -> dict:
+    a = w.abs().reshape(-1).double()
+    return {
+        "mean_abs": float(a.mean()),
+        "std_abs": float(a.std(unbiased=False)),
+        "max_abs": float(a.max()),
+        "quantiles_abs": {str(q): float(v) for q, v in zip(QUANTILES, torch.quantile(a, torch.tensor(QUANTILES, dtype=torch.float64)))},
+        "zero_fraction": float((a == 0).double().mean()),
+        "near_zero_fraction": float((a < near_zero).double().mean()),
+        "histogram_abs": histogram(a, bins, upper),
+    }
+
+
+def neuron_weight_table(model) -> pd.DataFrame:
+    """One row per MLP neuron: norms of its input side (W_in, W_gate) and output side (W_out), mean |w|, bias.
+
+    Columns: layer, neuron, label (``L{l}N{n}``), w_in_norm, w_gate_norm (NaN without a gate), w_out_norm,
+    input_norm (sqrt of w_in_norm^2 + w_gate_norm^2), mean_abs_weight, bias (NaN when the MLP has no input bias),
+    band.
+    """
+    info = mlp_info(model)
+    w = mlp_weights(model)
+    w_in_norm = w["in"].norm(dim=1)  # [L, d_mlp]
+    w_out_norm = w["out"].norm(dim=2)  # [L, d_mlp]
+    abs_sum = w["in"].abs().sum(1) + w["out"].abs().sum(2)
+    count = w["in"].shape[1] + w["out"].shape[2]
+    if "gate" in w:
+        w_gate_norm = w["gate"].norm(dim=1)
+        abs_sum = abs_sum + w["gate"].abs().sum(1)
+        count += w["gate"].shape[1]
+        input_norm = (w_in_norm.square() + w_gate_norm.square()).sqrt()
+    else:
+        w_gate_norm = torch.full_like(w_in_norm, float("nan"))
+        input_norm = w_in_norm
+    bias = mlp_input_bias(model)
+    if bias is None:
+        bias = torch.full_like(w_in_norm, float("nan"))
+    mean_abs = abs_sum / count
+    layers = np.repeat(np.arange(info.n_layers), info.d_mlp)
+    neurons = np.tile(np.arange(info.d_mlp), info.n_layers)
+    table = pd.DataFrame(
+        {
+            "layer": layers,
+            "neuron": neurons,
+            "label": [f"L{l}N{n}" for l, n in zip(layers, neurons)],
+            "w_in_norm": w_in_norm.reshape(-1).numpy(),
+            "w_gate_norm": w_gate_norm.reshape(-1).numpy(),
+            "w_out_norm": w_out_norm.reshape(-1).numpy(),
+            "input_norm": input_norm.reshape(-1).numpy(),
+            "mean_abs_weight": mean_abs.reshape(-1).numpy(),
+            "bias": bias.reshape(-1).numpy(),
+        }
+    )
+    table["band"] = [band_of(v) for v in table["mean_abs_weight"]]
+    return table
+
+
+@dataclass
+class WeightAnalysis(Result):
+    """Weight statistics of a model.
+
+    Attributes:
+        model: model name.
+        total_parameters: unique parameters of the model (tied matrices counted once).
+        zero_parameters: parameters exactly equal to 0.
+        overall_sparsity: zero_parameters / total_parameters.
+        near_zero_threshold: the |w| threshold for near_zero_fraction (seed guideline 0.01).
+        near_zero_fraction: fraction of all parameters with |w| < near_zero_threshold.
+        layers: per layer, for each MLP matrix (``W_in``, ``W_gate`` when gated, ``W_out``): mean, std and
+            quantiles of |w|, zero and near-zero fractions, and a histogram of |w| on shared bins.
+        neurons: the per-neuron table of :func:`neuron_weight_table`.
+        low_weight_neurons: the neurons whose mean |w| falls in the ``very_low`` or ``low`` band.
+    """
+
+    model: str
+    total_parameters: int
+    zero_parameters: int
+    overall_sparsity: float
+    near_zero_threshold: float
+    near_zero_fraction: float
+    mlp_parameters: int
+    layers: List[dict]
+    neurons: pd.DataFrame = field(repr=False)
+    low_weight_neurons: pd.DataFrame = field(repr=False)
+
+    def summary(self) -> dict:
+        d = self.to_dict()
+        d.pop("neurons")
+        d["low_weight_neurons"] = len(self.low_weight_neurons)
+        d["band_counts"] = self.neurons["band"].value_counts().to_dict()
+        return d
+
+
+def analyze_weights(model, near_zero_threshold: float = 0.01, bins: int = 50) -> WeightAnalysis:
+    """Sparsity over all parameters, and per-layer and per-neuron statistics of the MLP weights."""
+    if not (math.isfinite(near_zero_threshold) and near_zero_threshold > 0):
+        raise ValueError(f"near_zero_threshold must be a finite number > 0, got {near_zero_threshold!r}.")
+    if not (isinstance(bins, int) and 1 <= bins <= 10_000):
+        raise ValueError(f"bins must be an integer in [1, 10000], got {bins!r}.")
+    total = zero = near = 0
+    with torch.no_grad():
+        for p in unique_parameters(model):
+            total += p.numel()
+            zero += int((p == 0).sum())
+            near += int((p.abs() < near_zero_threshold).sum())
+    w = mlp_weights(model)
+    upper = max(float(m.abs().max()) for m in w.values())
+    names = {"in": "W_in", "gate": "W_gate", "out": "W_out"}
+    layers = []
+    for layer in range(mlp_info(model).n_layers):
+        entry = {"layer": layer}
+        for key, mat in w.items():
+            entry[names[key]] = matrix_stats(mat[layer], near_zero_threshold, bins, upper)
+        layers.append(entry)
+    neurons = neuron_weight_table(model)
+    low = neurons[neurons["band"] != "normal"].reset_index(drop=True)
+    return WeightAnalysis(
+        model=model_name(model),
+        total_parameters=total,
+        zero_parameters=zero,
+        overall_sparsity=zero / total,
+        near_zero_threshold=near_zero_threshold,
+        near_zero_fraction=near / total,
+        mlp_parameters=sum(m.numel() for m in w.values()),
+        layers=layers,
+        neurons=neurons,
+        low_weight_neurons=low,
+    )
+
+
+def rank_within_layer(table: pd.DataFrame, score: str) -> pd.DataFrame:
+    """Add ``rank_in_layer`` (0 = lowest score) and ``safety_score`` = 1 - rank / (d_mlp - 1) in [0, 1].
+
+    The safety score is the neuron's position in its layer's ranking: 1.0 for the lowest-scored neuron (the
+    first to prune), 0.0 for the highest. Ties keep neuron order.
+    """
+    out = table.copy()
+    out["rank_in_layer"] = out.groupby("layer")[score].rank(method="first").astype(int) - 1
+    size = out.groupby("layer")[score].transform("size")
+    out["safety_score"] = 1.0 - out["rank_in_layer"] / (size - 1).clip(lower=1)
+    return out
+
+
+def select_candidates(table: pd.DataFrame, score: str, threshold_percentile: float) -> pd.DataFrame:
+    """Neurons whose ``score`` is at or below the layer's ``threshold_percentile``-th percentile (linear).
+
+    Returns the candidates sorted by layer, then rank within the layer, with ``rank_in_layer`` and
+    ``safety_score`` from :func:`rank_within_layer` and ``is_pruning_candidate`` = True.
+    """
+    p = check_percentile(threshold_percentile)
+    ranked = rank_within_layer(table, score)
+    cutoff = ranked.groupby("layer")[score].transform(lambda s: np.percentile(s.to_numpy(), p))
+    cand = ranked[ranked[score] <= cutoff].copy()
+    cand["is_pruning_candidate"] = True
+    return cand.sort_values(["layer", "rank_in_layer"]).reset_index(drop=True)
+
+
+def pruning_candidates(model, threshold_percentile: float = 10.0, table: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Weight-based pruning candidates: neurons at or below the percentile of mean |w| within their layer."""
+    check_percentile(threshold_percentile)
+    table = neuron_weight_table(model) if table is None else table
+    return select_candidates(table, "mean_abs_weight", threshold_percentile)
+
+
+def candidate_records(candidates: pd.DataFrame) -> List[dict]:
+    """Candidates as the seed's item dicts (``layer_index``, ``neuron_index``, ``is_pruning_candidate``, ...)."""
+    recs = []
+    for row in candidates.to_dict(orient="records"):
+        rec = {"layer_index": int(row["layer"]), "neuron_index": int(row["neuron"])}
+        rec.update({k: v for k, v in row.items() if k not in ("layer", "neuron")})
+        recs.append(rec)
+    return recs
+
+
+def export_weights(analysis: WeightAnalysis, path: Union[str, Path], settings: Optional[dict] = None) -> List[Path]:
+    """Write the weight analysis as JSON at ``path`` and its per-neuron table as CSV beside it (``*_neurons.csv``)."""
+    path = Path(path)
+    doc = report_document(
+        "weight_analysis",
+        analysis.model,
+        settings or {"near_zero_threshold": analysis.near_zero_threshold},
+        None,
+        analysis.to_dict(),
+    )
+    csv_path = path.with_name(path.stem + "_neurons.csv")
+    written = [write_json(path, doc)]
+    written.append(write_csv(csv_path, analysis.neurons))
+    return written
+
+
+class WeightAnalyzer:
+    """The seed's weight analyzer over a TransformerLens model."""
+
+    def __init__(self, model, near_zero_threshold: float = 0.01):
+        self.model = model
+        self.near_zero_threshold = near_zero_threshold
+        self._analysis: Optional[WeightAnalysis] = None
+
+    @property
+    def analysis(self) -> WeightAnalysis:
+        if self._analysis is None:
+            self._analysis = analyze_weights(self.model, self.near_zero_threshold)
+        return self._analysis
+
+    def get_sparsity_analysis(self) -> dict:
+        """Summary dict: ``overall_sparsity``, ``total_parameters``, ``near_zero_fraction``, per-layer stats, ..."""
+        return self.analysis.summary()
+
+    def identify_pruning_candidates(self, threshold_percentile: float = 10.0) -> List[dict]:
+        return candidate_records(pruning_candidates(self.model, threshold_percentile, self.analysis.neurons))
+
+    def export_weight_analysis(self, path: Union[str, Path]) -> List[Path]:
+        return export_weights(self.analysis, path)

@@ -34,8 +34,12 @@ def layer_of(hook_name: str) -> int:
 
 
 def hook_count(model) -> int:
-    """Total number of forward and backward hook functions attached to the model's hook points."""
-    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
+    """Total number of forward and backward hook functions attached to the model's hook points.
+
+    ``hook_dict`` lists aliases (``mlp.hook_post`` is ``mlp.out.hook_in``), so each hook point is counted once.
+    """
+    points = {id(hp): hp for hp in model.hook_dict.values()}.values()
+    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in points)
 
 
 @contextmanager

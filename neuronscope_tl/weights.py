@@ -61,14 +61,17 @@ def mlp_input_bias(model) -> Optional[Tensor]:
 
 
 def unique_parameters(model) -> List[Tensor]:
-    """Parameters of the underlying HF model, each storage counted once (tied embeddings once)."""
-    seen, params = set(), []
+    """The wrapped HF model's parameters, each storage counted once.
+
+    Tied matrices share one storage, and the bridge adds split views (GPT-2's fused ``c_attn`` is exposed as
+    q/k/v views of the same storage); for each storage we keep the largest tensor, which covers the others.
+    """
+    groups: Dict[int, Tensor] = {}
     for p in model.original_model.parameters():
-        key = (p.data_ptr(), p.shape)
-        if key not in seen:
-            seen.add(key)
-            params.append(p)
-    return params
+        key = p.untyped_storage().data_ptr()
+        if key not in groups or p.numel() > groups[key].numel():
+            groups[key] = p
+    return list(groups.values())
 
 
 def histogram(values: Tensor, bins: int, upper: float) -> Dict[str, list]:

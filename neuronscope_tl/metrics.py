@@ -75,7 +75,10 @@ class ImpactThresholds:
 
     def __post_init__(self):
         if not (math.isfinite(self.safe_below) and math.isfinite(self.risky_from)):
-            raise ValueError("verdict thresholds must be finite numbers.")
+            raise ValueError(
+                f"verdict thresholds must be finite numbers with 0 < safe_below <= risky_from, got "
+                f"safe_below={self.safe_below}, risky_from={self.risky_from}."
+            )
         if not (0.0 < self.safe_below <= self.risky_from):
             raise ValueError(
                 f"verdict thresholds must satisfy 0 < safe_below <= risky_from, got safe_below={self.safe_below}, "

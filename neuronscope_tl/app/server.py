@@ -7,6 +7,7 @@ uvicorn on it.
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -84,4 +85,5 @@ def serve(app: FastAPI, sock: socket.socket, log: Callable[[str], None] = print)
 
     url = address(sock)
     log(f"neuronscope-tl: serving on {url} (demo {url}/, REST {url}{PREFIX}, docs {url}/docs)")
+    sys.stdout.flush()  # the address must reach a piped reader before uvicorn blocks
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

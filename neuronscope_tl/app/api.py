@@ -108,7 +108,7 @@ router = APIRouter(prefix=PREFIX, tags=["pruning"])
 @router.get("/weight-analysis")
 def weight_analysis(state: AppState = Depends(get_state)):
     """Sparsity and per-layer weight statistics (``overall_sparsity``, ``total_parameters``, ``layers``, ...)."""
-    return json_response(call(state.weight_analysis).summary())
+    return json_response(call(state.weight_summary))
 
 
 @router.get("/candidates")

@@ -84,6 +84,7 @@ class AppState:
         self.settings = settings or AppSettings()
         self.lock = threading.Lock()
         self._weights: Optional[weights.WeightAnalysis] = None
+        self._weight_summary: Optional[dict] = None
         self.last_impact: Optional[Union[ImpactResult, BatchAnalysis]] = None
         self._downloads: Optional[Path] = None
 
@@ -138,6 +139,13 @@ class AppState:
             if self._weights is None:
                 self._weights = weights.analyze_weights(self.model)
             return self._weights
+
+    def weight_summary(self) -> dict:
+        """``WeightAnalysis.summary()``, kept: it converts the whole per-neuron table, ~0.8 s on the default model."""
+        wa = self.weight_analysis()
+        if self._weight_summary is None:
+            self._weight_summary = wa.summary()
+        return self._weight_summary
 
     def candidates(self, threshold: float) -> pd.DataFrame:
         weights.check_percentile(threshold)

@@ -5,6 +5,8 @@ library functions; no analysis logic lives here.
 
 * ``analyze``: the seed's whole workflow (weight statistics, candidates, impact of the first candidates, neuron
   importance, batch test, export) on the default model and texts, writing report files to ``--out``.
+* ``serve``: the web app (Gradio demo at /, the seed's REST API at /api/pruning, docs at /docs), bound to
+  127.0.0.1 unless ``--host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -149,8 +151,64 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     return summary
 
 
+@dataclass
+class ServeConfig:
+    """Settings of ``neuronscope-tl serve``.
+
+    Args:
+        model: HF model id or local directory; None for the embedded default.
+        host: interface to bind; 127.0.0.1 (this machine only) by default. 0.0.0.0 exposes the app to the network.
+        port: TCP port; 0 picks a free one.
+        max_texts / max_tokens / max_candidates / lock_timeout_s: the app's limits (see ``AppSettings``).
+    """
+
+    model: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_texts: int = 16
+    max_tokens: int = 4096
+    max_candidates: int = 32
+    lock_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
+            raise ValueError(f"--port must be in 0..65535, got {self.port!r}.")
+        if not self.host:
+            raise ValueError("--host must not be empty.")
+        self.settings()  # validate the limits before loading the model
+
+    def settings(self):
+        from .app.state import AppSettings
+
+        return AppSettings(
+            max_texts=self.max_texts, max_tokens=self.max_tokens, max_candidates=self.max_candidates, lock_timeout_s=self.lock_timeout_s
+        )
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    d = ServeConfig()
+    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default=d.host, help=f"interface to bind (default {d.host}: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 = any free port)")
+    p.add_argument("--max-texts", type=int, default=d.max_texts, help=f"texts per request (default {d.max_texts})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per request (default {d.max_tokens})")
+    p.add_argument("--max-candidates", type=int, default=d.max_candidates, help=f"candidates per batch analysis (default {d.max_candidates})")
+    p.add_argument("--lock-timeout-s", type=float, default=d.lock_timeout_s, help=f"seconds a request waits for the busy model (default {d.lock_timeout_s:g})")
+
+
+def run_serve(cfg: ServeConfig, log=print) -> None:
+    """Load the model, bind the socket (so the address printed is the one bound), and serve until interrupted."""
+    from . import models
+    from .app.server import bind, create_app, serve
+
+    sock = bind(cfg.host, cfg.port)
+    model = models.load_model(cfg.model)
+    serve(create_app(model, cfg.settings()), sock, log=log)
+
+
 COMMANDS = {
     "analyze": (add_analyze_args, AnalyzeConfig, run_analyze, "run the seed's whole workflow and write a report"),
+    "serve": (add_serve_args, ServeConfig, run_serve, "start the web app (Gradio demo and REST API) on 127.0.0.1"),
 }
 
 

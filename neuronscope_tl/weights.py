@@ -258,18 +258,22 @@ def candidate_records(candidates: pd.DataFrame) -> List[dict]:
     return recs
 
 
-def export_weights(analysis: WeightAnalysis, path: Union[str, Path], settings: Optional[dict] = None) -> List[Path]:
-    """Write the weight analysis as JSON at ``path`` and its per-neuron table as CSV beside it (``*_neurons.csv``)."""
-    path = Path(path)
-    doc = report_document(
+def weight_document(analysis: WeightAnalysis, settings: Optional[dict] = None) -> dict:
+    """The JSON document of a weight analysis (what :func:`export_weights` writes and the REST export returns)."""
+    return report_document(
         "weight_analysis",
         analysis.model,
         settings or {"near_zero_threshold": analysis.near_zero_threshold},
         None,
         analysis.to_dict(),
     )
+
+
+def export_weights(analysis: WeightAnalysis, path: Union[str, Path], settings: Optional[dict] = None) -> List[Path]:
+    """Write the weight analysis as JSON at ``path`` and its per-neuron table as CSV beside it (``*_neurons.csv``)."""
+    path = Path(path)
     csv_path = path.with_name(path.stem + "_neurons.csv")
-    written = [write_json(path, doc)]
+    written = [write_json(path, weight_document(analysis, settings))]
     written.append(write_csv(csv_path, analysis.neurons))
     return written
 

@@ -1,0 +1,171 @@
+"""The app on a real loopback server: the Gradio handlers through gradio_client, the ``serve`` command, and >= 20
+concurrent mixed REST and Gradio requests that must each equal their sequential result and leave the model as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from _app_live import LiveServer
+from conftest import probe_logits
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+import neuronscope_tl as ns
+from neuronscope_tl import impact
+from neuronscope_tl.cli import ServeConfig, parse_args
+
+P = "/api/pruning"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dirs):
+    return ns.load_model(tiny_dirs["gpt2"])
+
+
+@pytest.fixture(scope="module")
+def live(model):
+    with LiveServer(model) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def gclient(live):
+    return Client(live.url + "/", verbose=False)
+
+
+def test_gradio_impact_shows_library_score_and_token_kl(gclient, model):
+    score, _plot, shaded, tokens = gclient.predict(0, "0, 1, 2", ns.EXAMPLE_TEXTS[0], "zero", api_name="/impact")
+    expected = impact.simulate_pruning(model, 0, [0, 1, 2], ns.EXAMPLE_TEXTS[0])
+    assert f"Impact score: {expected.impact_score:.6f} nats" in score
+    assert f"Verdict: **{expected.verdict}**" in score
+    (detail,) = expected.token_kl
+    assert [item["token"] for item in shaded] == detail["tokens"]
+    top = max(detail["kl"])
+    assert [item["class_or_confidence"] for item in shaded] == pytest.approx([k / top for k in detail["kl"]])
+    assert [row[2] for row in tokens["data"]] == pytest.approx(detail["kl"])
+
+
+def test_gradio_errors_carry_the_library_message(gclient, model):
+    with pytest.raises(AppError) as info:
+        gclient.predict(9, "0", "some text", "zero", api_name="/impact")
+    assert str(info.value) == str(pytest.raises(ValueError, impact.check_layer, model, 9).value)
+    with pytest.raises(AppError, match="empty or whitespace-only"):
+        gclient.predict(0, "0", "   ", "zero", api_name="/impact")
+    with pytest.raises(AppError, match="neurons must be integers"):
+        gclient.predict(0, "zero, one", "text", "zero", api_name="/impact")
+
+
+def test_gradio_weights_candidates_importance_batch_export(gclient, model):
+    summary, per_layer, hist = gclient.predict(1, api_name="/weights")
+    wa = ns.analyze_weights(model)
+    assert f"{wa.total_parameters:,} parameters" in summary
+    assert len(per_layer["data"]) == model.cfg.n_layers * 2  # W_in and W_out per layer (GPT-2: no gate)
+    # the histogram of layer 1 counts every weight of its W_in once
+    assert sum(c for _, m, c in hist["data"] if m == "W_in") == model.W_in[1].numel()
+    note, table, csv_file, json_file = gclient.predict(10.0, api_name="/candidates")
+    cands = ns.pruning_candidates(model, 10.0)
+    assert f"**{len(cands):,} candidates**" in note and len(table["data"]) == len(cands)
+    assert len(json.loads(open(json_file).read())) == len(cands)
+    sent = gclient.predict(10.0, 4, api_name="/send_to_batch")
+    assert len(sent["data"]) == 4 and {row[0] for row in sent["data"]} == {0, 1, 2}  # one per layer first
+    note, _plot, critical = gclient.predict(0, "\n".join(ns.EXAMPLE_TEXTS), 5, api_name="/importance")
+    expected = ns.neuron_importance(model, ns.EXAMPLE_TEXTS, layer_index=0, top_k=5, progress=False)
+    assert [row[1] for row in critical["data"]] == expected.critical["neuron"].tolist()
+    table = {"headers": ["layer_index", "neuron_index"], "data": [[0, 1], [2, 3]]}
+    note, individual, _curve, rec = gclient.predict(table, "\n".join(ns.EXAMPLE_TEXTS[:2]), 1, "zero", api_name="/batch")
+    batch = impact.batch_analysis(model, [(0, 1), (2, 3)], ns.EXAMPLE_TEXTS[:2], progress=False)
+    assert [row[1] for row in individual["data"]] == pytest.approx(batch.individual["impact_score"].tolist())
+    assert rec["max_safe_prefix"] == batch.recommendations["max_safe_prefix"]
+    doc = json.loads(open(gclient.predict("impact", api_name="/export")).read())
+    assert doc["kind"] == "batch_analysis"
+
+
+def rest(url, method, path, body=None):
+    with httpx.Client(base_url=url, timeout=120) as c:
+        r = c.request(method, P + path, json=body)
+    return r.status_code, r.json()
+
+
+def test_concurrent_mixed_requests_equal_sequential(live, model):
+    """24 mixed requests, 8 at a time; each must equal its own sequential result; logits and hooks unchanged."""
+    url = live.url
+    texts = ns.EXAMPLE_TEXTS
+    jobs = []
+    for i in range(4):
+        jobs.append(("rest", "POST", "/impact-analysis", {"layer_index": i % 3, "neuron_indices": [i, i + 5], "input_text": texts[i % 3]}))
+        jobs.append(("rest", "POST", "/neuron-importance", {"layer_index": i % 3, "input_texts": texts[: 1 + i % 3]}))
+        jobs.append(("rest", "POST", "/batch-analysis", {"pruning_candidates": [{"layer_index": i % 3, "neuron_index": i}, {"layer_index": 2, "neuron_index": 9}], "input_texts": texts[:2], "batch_size": 2}))
+        jobs.append(("rest", "GET", f"/candidates?threshold={5 + 5 * i}", None))
+        jobs.append(("gradio", "/impact", (i % 3, f"{i}, {i + 7}", texts[(i + 1) % 3], "zero")))
+        jobs.append(("gradio", "/importance", (i % 3, "\n".join(texts[i % 2:]), 5)))
+    assert len(jobs) >= 20
+
+    def run(job):
+        if job[0] == "rest":
+            return rest(url, *job[1:])
+        out = Client(url + "/", verbose=False).predict(*job[2], api_name=job[1])
+        return out[0], json.dumps(out[1:][-1], sort_keys=True)  # the summary text and the last table
+
+    before = probe_logits(model)
+    hooks_before = ns.hook_count(model)
+    sequential = [run(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(run, jobs))
+    for job, seq, con in zip(jobs, sequential, concurrent):
+        assert con == seq, job
+    assert all(r[0] == 200 for job, r in zip(jobs, concurrent) if job[0] == "rest")
+    assert torch.equal(probe_logits(model), before)
+    assert ns.hook_count(model) == hooks_before == 0
+
+
+def test_busy_model_answers_503(model):
+    from neuronscope_tl.app import AppSettings
+
+    with LiveServer(model, AppSettings(lock_timeout_s=0.2)) as srv:
+        with srv.state.lock:  # another analysis holds the model
+            status, body = rest(srv.url, "POST", "/impact-analysis", {"layer_index": 0, "neuron_indices": [0], "input_text": "a b"})
+        assert status == 503 and "busy" in body["detail"]
+        assert rest(srv.url, "GET", "/weight-analysis")[0] == 200
+
+
+def test_serve_config_defaults_to_loopback():
+    name, cfg = parse_args(["serve"])
+    assert name == "serve" and cfg.host == "127.0.0.1" and cfg.port == 7860 and cfg.model is None
+    _, cfg = parse_args(["serve", "--model", "m", "--host", "0.0.0.0", "--port", "0"])
+    assert (cfg.model, cfg.host, cfg.port) == ("m", "0.0.0.0", 0)
+    with pytest.raises(ValueError):
+        ServeConfig(port=70000)
+    with pytest.raises(ValueError):
+        ServeConfig(max_texts=0)
+
+
+def test_serve_command_prints_bound_address_and_answers(tiny_dirs):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neuronscope_tl.cli", "serve", "--model", tiny_dirs["llama"], "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        line = proc.stdout.readline()  # blocks until the banner; the socket is already bound then
+        assert line.startswith("neuronscope-tl: serving on http://127.0.0.1:"), line
+        url = line.split()[3]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, body = rest(url, "GET", "/weight-analysis")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        assert status == 200 and body["total_parameters"] > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -74,25 +74,38 @@ def unique_parameters(model) -> List[Tensor]:
     return list(groups.values())
 
 
-def histogram(values: Tensor, bins: int, upper: float) -> Dict[str, list]:
-    """Histogram of ``values`` on ``bins`` equal bins over [0, upper]; same convention as ``numpy.histogram``."""
+def _count_below(sorted_values: Tensor, x: float, inclusive: bool = False) -> int:
+    return int(torch.searchsorted(sorted_values, torch.tensor([x], dtype=sorted_values.dtype), right=inclusive))
+
+
+def histogram(sorted_values: Tensor, bins: int, upper: float) -> Dict[str, list]:
+    """Histogram of sorted ``values`` on ``bins`` equal bins over [0, upper], as ``numpy.histogram`` counts:
+    each bin is [left, right) except the last, which also holds its right edge."""
     edges = torch.linspace(0.0, upper, bins + 1, dtype=torch.float64)
-    v = values.reshape(-1).double()
-    idx = torch.bucketize(v, edges, right=True) - 1
-    idx = idx.clamp(0, bins - 1)  # numpy puts the right edge into the last bin
-    counts = torch.bincount(idx, minlength=bins)
-    return {"edges": edges.tolist(), "counts": counts.tolist()}
+    below = torch.searchsorted(sorted_values, edges.to(sorted_values.dtype))
+    below[-1] = _count_below(sorted_values, float(edges[-1]), inclusive=True)
+    return {"edges": edges.tolist(), "counts": (below[1:] - below[:-1]).tolist()}
 
 
 def matrix_stats(w: Tensor, near_zero: float, bins: int, upper: float) -> dict:
-    a = w.abs().reshape(-1).double()
+    """Mean, std, quantiles (linear interpolation, as numpy), zero and near-zero fractions and histogram of |w|.
+
+    One sort of |w| serves the quantiles, the fractions and the histogram.
+    """
+    a = w.abs().reshape(-1).double().sort().values
+    n = a.numel()
+    var, mean = torch.var_mean(a, correction=0)
+    pos = torch.tensor(QUANTILES, dtype=torch.float64) * (n - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=n - 1)
+    quant = a[lo] + (a[hi] - a[lo]) * (pos - lo)
     return {
-        "mean_abs": float(a.mean()),
-        "std_abs": float(a.std(unbiased=False)),
-        "max_abs": float(a.max()),
-        "quantiles_abs": {str(q): float(v) for q, v in zip(QUANTILES, torch.quantile(a, torch.tensor(QUANTILES, dtype=torch.float64)))},
-        "zero_fraction": float((a == 0).double().mean()),
-        "near_zero_fraction": float((a < near_zero).double().mean()),
+        "mean_abs": float(mean),
+        "std_abs": float(var.sqrt()),
+        "max_abs": float(a[-1]),
+        "quantiles_abs": {str(q): float(v) for q, v in zip(QUANTILES, quant)},
+        "zero_fraction": _count_below(a, 0.0, inclusive=True) / n,
+        "near_zero_fraction": _count_below(a, near_zero) / n,
         "histogram_abs": histogram(a, bins, upper),
     }
 
@@ -187,8 +200,8 @@ def analyze_weights(model, near_zero_threshold: float = 0.01, bins: int = 50) ->
     with torch.no_grad():
         for p in unique_parameters(model):
             total += p.numel()
-            zero += int((p == 0).sum())
-            near += int((p.abs() < near_zero_threshold).sum())
+            zero += int(torch.count_nonzero(p == 0))
+            near += int(torch.count_nonzero(p.abs() < near_zero_threshold))
     w = mlp_weights(model)
     upper = max(float(m.abs().max()) for m in w.values())
     names = {"in": "W_in", "gate": "W_gate", "out": "W_out"}

@@ -92,7 +92,7 @@ def matrix_stats(w: Tensor, near_zero: float, bins: int, upper: float) -> dict:
 
     One sort of |w| serves the quantiles, the fractions and the histogram.
     """
-    a = w.abs().reshape(-1).double().sort().values
+    a = w.abs().reshape(-1).float().sort().values.double()
     n = a.numel()
     var, mean = torch.var_mean(a, correction=0)
     pos = torch.tensor(QUANTILES, dtype=torch.float64) * (n - 1)

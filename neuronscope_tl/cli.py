@@ -232,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         name, cfg = parse_args(argv)
         COMMANDS[name][2](cfg)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # OSError: a full disk or a refused write, say
         print(f"neuronscope-tl: error: {exc}", file=sys.stderr)
         return 2
     return 0

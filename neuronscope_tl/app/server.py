@@ -6,6 +6,7 @@ uvicorn on it.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 from typing import Callable, Optional
@@ -118,6 +119,13 @@ def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -129,5 +137,7 @@ def serve(app: FastAPI, sock: socket.socket, log: Callable[[str], None] = print)
 
     url = address(sock)
     log(f"neuronscope-tl: serving on {url} (demo {url}/, REST {url}{PREFIX}, docs {url}/docs)")
+    if not is_loopback(sock.getsockname()[0]):
+        log("neuronscope-tl: warning: this address is reachable from other machines; the app has no authentication.")
     sys.stdout.flush()  # the address must reach a piped reader before uvicorn blocks
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

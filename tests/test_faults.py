@@ -30,6 +30,8 @@ TEXTS = ["The council met on Tuesday.", "Rain is expected across the coast.", "S
 CANDS = [(0, 1), (1, 2), (2, 3), (0, 5)]
 P = "/api/pruning"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def state_hash(model) -> str:
     h = hashlib.sha256()

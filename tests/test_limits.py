@@ -29,6 +29,8 @@ from neuronscope_tl.cli import parse_args
 P = "/api/pruning"
 LIMIT = 600
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def model(tiny_dirs):

@@ -25,8 +25,10 @@ from neuronscope_tl.metrics import HIGH, MODERATE, SAFE
 from conftest import PROBE_TEXT, probe_logits, save_tiny
 
 N_LAYERS, D_MLP = 3, 48  # the tiny Llama of conftest
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 VERDICTS = {SAFE, MODERATE, HIGH}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +151,7 @@ def test_stream_activations_layers(model, baseline, layers, texts):
     check_call(model, baseline, lambda: ns.stream_activations(model, texts, layers, progress=False), ok)
 
 
-@settings(SETTINGS, max_examples=30)
+@settings(SETTINGS, max_examples=60)
 @given(candidates=candidates_st, texts=texts_st, ablation=ablation_st, batch_size=batch_size_st)
 def test_batch_analysis(model, baseline, candidates, texts, ablation, batch_size):
     def ok(r):
@@ -168,7 +170,7 @@ def test_batch_analysis(model, baseline, candidates, texts, ablation, batch_size
     )
 
 
-@settings(SETTINGS, max_examples=25)
+@settings(SETTINGS, max_examples=40)
 @given(near_zero=number_st, bins=st.one_of(st.integers(-2, 20_000), weird))
 def test_analyze_weights_thresholds(model, baseline, near_zero, bins):
     def ok(wa):
@@ -178,7 +180,7 @@ def test_analyze_weights_thresholds(model, baseline, near_zero, bins):
     check_call(model, baseline, lambda: ns.analyze_weights(model, near_zero, bins), ok)
 
 
-@settings(SETTINGS, max_examples=30)
+@settings(SETTINGS, max_examples=60)
 @given(safe=number_st, risky=number_st)
 def test_impact_thresholds(model, baseline, safe, risky):
     def make():

@@ -40,6 +40,8 @@ CHECKS = [
     negative_data_rejection,
 ]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def state_hash(model) -> str:
     h = hashlib.sha256()
@@ -75,7 +77,7 @@ SEEN: dict = {}  # (route, status) -> count, to show what the fuzzing reached
 
 
 @schema.parametrize()
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_rest_api_conforms_to_its_schema(case, live):
     response = case.call_and_validate(base_url=live.url, checks=CHECKS, timeout=60)
     assert response.status_code < 500

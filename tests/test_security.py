@@ -25,6 +25,8 @@ from neuronscope_tl.app import server as app_server
 
 P = "/api/pruning"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def model(tiny_dirs):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .export import Result
 from .hooks import attached_hooks, mlp_post_name
 from .models import mlp_info, model_name
-from .texts import DEFAULT_BATCH_SIZE, batches, tokenize
+from .texts import DEFAULT_BATCH_SIZE, batches, check_batch_size, check_texts, tokenize
 
 DEFAULT_ACTIVE_THRESHOLD = 0.01
 
@@ -32,6 +32,8 @@ def check_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
     n = mlp_info(model).n_layers
     if layers is None:
         return list(range(n))
+    if not isinstance(layers, (list, tuple, range, np.ndarray)):
+        raise ValueError(f"layers must be a list of layer indices in [0, {n - 1}], got {type(layers).__name__}.")
     layers = list(layers)
     if not layers:
         raise ValueError(f"layers must name at least one layer in [0, {n - 1}].")
@@ -131,8 +133,7 @@ def stream_activations(
 ) -> NeuronAccumulator:
     """One streaming pass over ``texts``: per-neuron activation statistics for all requested layers."""
     layers = check_layers(model, layers)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    batch_size = check_batch_size(batch_size)
     token_lists = tokenize(model, texts, max_tokens=max_tokens)
     acc = NeuronAccumulator(layers, mlp_info(model).d_mlp, active_threshold)
     current = {}
@@ -190,8 +191,9 @@ def neuron_importance(
     if layer_index is not None and layers is not None:
         raise ValueError("give layer_index or layers, not both.")
     chosen = check_layers(model, [layer_index] if layer_index is not None else layers)
-    if not (isinstance(top_k, int) and top_k >= 1):
+    if isinstance(top_k, bool) or not (isinstance(top_k, int) and top_k >= 1):
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
+    texts = check_texts(texts)
     acc = stream_activations(model, texts, chosen, batch_size, max_tokens, active_threshold, progress)
     table = acc.table()
     w_out = model.W_out.detach().float().cpu().norm(dim=2)  # [L, d_mlp]
@@ -203,7 +205,7 @@ def neuron_importance(
     return NeuronImportance(
         model=model_name(model),
         layers=chosen,
-        n_texts=len(list(texts)) if not isinstance(texts, str) else 1,
+        n_texts=len(texts),
         n_tokens=acc.n_tokens,
         active_threshold=active_threshold,
         table=table,

@@ -36,6 +36,7 @@ class AnalyzeConfig:
         max_texts: how many texts each analysis uses (keeps the report to minutes on 2 cores).
         batch_size: texts per forward pass.
         ablation: ``zero`` or ``mean``.
+        trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
     """
 
     model: Optional[str] = None
@@ -46,6 +47,7 @@ class AnalyzeConfig:
     max_texts: int = 4
     batch_size: int = 1
     ablation: str = "zero"
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         from .impact import check_ablation, check_batch_size
@@ -73,6 +75,10 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-texts", type=int, default=4, help="texts per analysis (default 4)")
     p.add_argument("--batch-size", type=int, default=1, help="texts per forward pass (default 1: fastest on CPU)")
     p.add_argument("--ablation", default="zero", choices=["zero", "mean"])
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let transformers run Python code shipped with the model (off by default: only for models you trust)",
+    )
 
 
 def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
@@ -83,7 +89,7 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     t0 = time.perf_counter()
     timings = {}
     out = Path(cfg.out)
-    model = models.load_model(cfg.model)
+    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     timings["load_s"] = time.perf_counter() - t0
     if cfg.texts:
         calib = evalt = texts.read_text_file(cfg.texts)
@@ -159,7 +165,9 @@ class ServeConfig:
         model: HF model id or local directory; None for the embedded default.
         host: interface to bind; 127.0.0.1 (this machine only) by default. 0.0.0.0 exposes the app to the network.
         port: TCP port; 0 picks a free one.
-        max_texts / max_tokens / max_candidates / lock_timeout_s: the app's limits (see ``AppSettings``).
+        max_texts / max_tokens / max_candidates / max_batch_size / max_top_k / max_body_bytes / lock_timeout_s:
+            the app's limits (see ``AppSettings``).
+        trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
     """
 
     model: Optional[str] = None
@@ -168,7 +176,11 @@ class ServeConfig:
     max_texts: int = 16
     max_tokens: int = 4096
     max_candidates: int = 32
+    max_batch_size: int = 16
+    max_top_k: int = 100
+    max_body_bytes: int = 1_000_000
     lock_timeout_s: float = 120.0
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
@@ -181,7 +193,9 @@ class ServeConfig:
         from .app.state import AppSettings
 
         return AppSettings(
-            max_texts=self.max_texts, max_tokens=self.max_tokens, max_candidates=self.max_candidates, lock_timeout_s=self.lock_timeout_s
+            max_texts=self.max_texts, max_tokens=self.max_tokens, max_candidates=self.max_candidates,
+            max_batch_size=self.max_batch_size, max_top_k=self.max_top_k, max_body_bytes=self.max_body_bytes,
+            lock_timeout_s=self.lock_timeout_s,
         )
 
 
@@ -193,7 +207,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-texts", type=int, default=d.max_texts, help=f"texts per request (default {d.max_texts})")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per request (default {d.max_tokens})")
     p.add_argument("--max-candidates", type=int, default=d.max_candidates, help=f"candidates per batch analysis (default {d.max_candidates})")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"texts per forward pass (default {d.max_batch_size})")
+    p.add_argument("--max-top-k", type=int, default=d.max_top_k, help=f"critical neurons per importance request (default {d.max_top_k})")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help=f"REST request body size (default {d.max_body_bytes})")
     p.add_argument("--lock-timeout-s", type=float, default=d.lock_timeout_s, help=f"seconds a request waits for the busy model (default {d.lock_timeout_s:g})")
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let transformers run Python code shipped with the model (off by default: only for models you trust)",
+    )
 
 
 def run_serve(cfg: ServeConfig, log=print) -> None:
@@ -202,7 +223,7 @@ def run_serve(cfg: ServeConfig, log=print) -> None:
     from .app.server import bind, create_app, serve
 
     sock = bind(cfg.host, cfg.port)
-    model = models.load_model(cfg.model)
+    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     serve(create_app(model, cfg.settings()), sock, log=log)
 
 
@@ -232,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         name, cfg = parse_args(argv)
         COMMANDS[name][2](cfg)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:  # OSError: a full disk or a refused write, say
         print(f"neuronscope-tl: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -28,7 +28,7 @@ from .export import Result, report_document, write_csv, write_json
 from .hooks import ablation_hooks, attached_hooks, capture_hook, resid_post_name
 from .metrics import HIGH, MODERATE, SAFE, ImpactThresholds, RunningMean, kl_from_log_probs, log_probs, nll_from_log_probs, top1_agree
 from .models import mlp_info, model_name
-from .texts import DEFAULT_BATCH_SIZE, batches, calibration_texts, check_texts, tokenize
+from .texts import DEFAULT_BATCH_SIZE, batches, calibration_texts, check_batch_size, check_texts, tokenize
 
 ABLATIONS = ("zero", "mean")
 DEFAULT_MEAN_MAX_TOKENS = 8192
@@ -54,6 +54,8 @@ def check_neurons(model, neuron_indices: Any, layer_index: Optional[int] = None)
     where = f" of layer {layer_index}" if layer_index is not None else ""
     if isinstance(neuron_indices, (int, np.integer)) and not isinstance(neuron_indices, bool):
         neuron_indices = [neuron_indices]
+    if neuron_indices is not None and not isinstance(neuron_indices, (list, tuple, np.ndarray, torch.Tensor)):
+        raise ValueError(f"neuron_indices must be a list of integers in [0, {d_mlp - 1}], got {type(neuron_indices).__name__}.")
     if neuron_indices is None or len(neuron_indices) == 0:
         raise ValueError(f"neuron_indices must list at least one neuron in [0, {d_mlp - 1}].")
     out = []
@@ -67,17 +69,13 @@ def check_neurons(model, neuron_indices: Any, layer_index: Optional[int] = None)
     return out
 
 
-def check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-    return int(batch_size)
-
-
 def check_candidates(model, candidates: Any) -> List[Tuple[int, int]]:
     """Normalise candidates (dicts with layer_index/neuron_index, (layer, neuron) pairs, or a DataFrame)."""
     if isinstance(candidates, pd.DataFrame):
         cols = ("layer", "neuron") if "layer" in candidates.columns else ("layer_index", "neuron_index")
         candidates = list(zip(candidates[cols[0]], candidates[cols[1]]))
+    if candidates is not None and not isinstance(candidates, (list, tuple)):
+        raise ValueError(f"pruning_candidates must be a list of {{layer_index, neuron_index}} dicts or (layer, neuron) pairs, got {type(candidates).__name__}.")
     if candidates is None or len(candidates) == 0:
         raise ValueError("pruning_candidates must list at least one {layer_index, neuron_index}.")
     pairs = []

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,7 +75,8 @@ class ImpactThresholds:
     risky_from: float = 0.3
 
     def __post_init__(self):
-        if not (math.isfinite(self.safe_below) and math.isfinite(self.risky_from)):
+        real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
+        if not (real(self.safe_below) and real(self.risky_from) and math.isfinite(self.safe_below) and math.isfinite(self.risky_from)):
             raise ValueError(
                 f"verdict thresholds must be finite numbers with 0 < safe_below <= risky_from, got "
                 f"safe_below={self.safe_below}, risky_from={self.risky_from}."

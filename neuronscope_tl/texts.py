@@ -14,8 +14,9 @@ import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,6 +74,11 @@ def check_texts(texts: Union[str, Sequence[str]]) -> List[str]:
     """Validate user texts: a non-empty list of strings, none empty or whitespace-only."""
     if isinstance(texts, str):
         texts = [texts]
+    if texts is not None and not isinstance(texts, (list, tuple)):
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise ValueError(f"texts must be a string or a list of strings, got {type(texts).__name__}.") from None
     if texts is None or len(texts) == 0:
         raise ValueError("texts must be a non-empty list of strings (got an empty list).")
     out = []
@@ -83,6 +89,13 @@ def check_texts(texts: Union[str, Sequence[str]]) -> List[str]:
             raise ValueError(f"texts[{i}] is empty or whitespace-only; every text needs at least one non-space character.")
         out.append(text)
     return out
+
+
+def check_batch_size(batch_size: Any) -> int:
+    """Texts per forward pass: an integer >= 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    return int(batch_size)
 
 
 @dataclass

@@ -12,9 +12,10 @@ curves); the activation-aware scores are better.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -36,8 +37,13 @@ def band_of(mean_abs: float) -> str:
     return "normal"
 
 
+def is_real(value: Any) -> bool:
+    """A real number (int, float or numpy scalar), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_percentile(threshold_percentile: float) -> float:
-    value = float(threshold_percentile)
+    value = float(threshold_percentile) if is_real(threshold_percentile) else math.nan
     if not (math.isfinite(value) and 0.0 < value <= 100.0):
         raise ValueError(f"threshold_percentile must be in (0, 100], got {threshold_percentile!r}.")
     return value
@@ -192,9 +198,9 @@ class WeightAnalysis(Result):
 
 def analyze_weights(model, near_zero_threshold: float = 0.01, bins: int = 50) -> WeightAnalysis:
     """Sparsity over all parameters, and per-layer and per-neuron statistics of the MLP weights."""
-    if not (math.isfinite(near_zero_threshold) and near_zero_threshold > 0):
+    if not (is_real(near_zero_threshold) and math.isfinite(near_zero_threshold) and near_zero_threshold > 0):
         raise ValueError(f"near_zero_threshold must be a finite number > 0, got {near_zero_threshold!r}.")
-    if not (isinstance(bins, int) and 1 <= bins <= 10_000):
+    if isinstance(bins, bool) or not (isinstance(bins, int) and 1 <= bins <= 10_000):
         raise ValueError(f"bins must be an integer in [1, 10000], got {bins!r}.")
     total = zero = near = 0
     with torch.no_grad():

@@ -11,7 +11,7 @@ Routes are plain ``def`` functions, so FastAPI runs them in its thread pool; mod
 from __future__ import annotations
 
 import json
-from typing import List, Literal
+from typing import Any, List, Literal, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
@@ -79,6 +79,82 @@ class BatchRequest(_Body):
 class ExportRequest(_Body):
     type: StrictStr = Field(description="'weight' or 'impact'")
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"type": "weight"}, {"type": "impact"}]})
+
+
+# ---------------------------------------------------------------------------------------------- documented responses
+# Routes return ready JSON (``json_response``: NaN becomes null), so these models only document the responses in
+# the OpenAPI schema; the schemathesis test checks every answer against them.
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what was refused and why; never a traceback or a local path")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class WeightSummaryResponse(_Out):
+    model: str
+    total_parameters: int
+    overall_sparsity: float
+    layers: List[dict]
+
+
+class CandidatesResponse(_Out):
+    threshold: float
+    total_candidates: int
+    candidates: List[dict]
+
+
+class ImpactResponse(_Out):
+    model: str
+    layer_index: int
+    neuron_indices: List[int]
+    impact_score: Optional[float]
+    verdict: Literal["safe", "moderate", "high"]
+    safe_to_prune: bool
+    loss_change: Optional[float]
+    top1_agreement: Optional[float]
+    activation_changes: List[dict]
+    token_kl: List[dict]
+
+
+class ImportanceResponse(_Out):
+    model: str
+    layer_index: int
+    n_texts: int
+    n_tokens: int
+    critical_neurons: List[dict]
+    neurons: List[dict]
+
+
+class BatchResponse(_Out):
+    model: str
+    individual: List[dict]
+    cumulative: List[dict]
+    recommendations: dict
+
+
+class ExportResponse(_Out):
+    schema_version: str
+    kind: str
+    model: str
+    created: str
+    result: Any
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI entries of the error statuses a route can answer (422 is FastAPI's validation error model)."""
+    why = {
+        400: "a value the library refuses (its ValueError message)",
+        409: "an impact export before any impact or batch analysis",
+        413: "over a size limit (body, texts, tokens, candidates, batch size, top_k)",
+        503: "the model stayed busy past the lock timeout",
+    }
+    return {code: {"model": ErrorResponse, "description": why[code]} for code in codes}
+
 
 def get_state(request: Request) -> AppState:
     return request.app.state.neuronscope
@@ -105,20 +181,20 @@ def json_response(data) -> Response:
 router = APIRouter(prefix=PREFIX, tags=["pruning"])
 
 
-@router.get("/weight-analysis")
+@router.get("/weight-analysis", responses={200: {"model": WeightSummaryResponse}, **errors(413, 503)})
 def weight_analysis(state: AppState = Depends(get_state)):
     """Sparsity and per-layer weight statistics (``overall_sparsity``, ``total_parameters``, ``layers``, ...)."""
     return json_response(call(state.weight_summary))
 
 
-@router.get("/candidates")
+@router.get("/candidates", responses={200: {"model": CandidatesResponse}, **errors(400, 413, 503)})
 def candidates(threshold: float = Query(10.0, description="percentile of mean |w| within each layer, in (0, 100]"), state: AppState = Depends(get_state)):
     """Neurons at or below the layer's ``threshold`` percentile of mean |w|, with ``total_candidates``."""
     table = call(state.candidates, threshold)
     return json_response({"threshold": threshold, "total_candidates": len(table), "candidates": candidate_records(table)})
 
 
-@router.post("/impact-analysis")
+@router.post("/impact-analysis", responses={200: {"model": ImpactResponse}, **errors(400, 413, 503)})
 def impact_analysis(body: ImpactRequest, state: AppState = Depends(get_state)):
     """Simulate pruning the neurons on the text: ``impact_score``, ``verdict``, ``safe_to_prune``, ``loss_change``,
     ``activation_changes`` per downstream layer and ``token_kl`` per token."""
@@ -126,7 +202,7 @@ def impact_analysis(body: ImpactRequest, state: AppState = Depends(get_state)):
     return json_response(result.to_dict())
 
 
-@router.post("/neuron-importance")
+@router.post("/neuron-importance", responses={200: {"model": ImportanceResponse}, **errors(400, 413, 503)})
 def neuron_importance(body: ImportanceRequest, state: AppState = Depends(get_state)):
     """Per-neuron activation statistics and importance of one layer over the texts, and the critical neurons."""
     result = call(state.importance, body.layer_index, body.input_texts, body.top_k)
@@ -143,7 +219,7 @@ def neuron_importance(body: ImportanceRequest, state: AppState = Depends(get_sta
     )
 
 
-@router.post("/batch-analysis")
+@router.post("/batch-analysis", responses={200: {"model": BatchResponse}, **errors(400, 413, 503)})
 def batch_analysis(body: BatchRequest, state: AppState = Depends(get_state)):
     """Each candidate's own impact, the cumulative impact in order, and ``recommendations``."""
     cands = [c.model_dump() for c in body.pruning_candidates]
@@ -151,7 +227,7 @@ def batch_analysis(body: BatchRequest, state: AppState = Depends(get_state)):
     return json_response(result.to_dict())
 
 
-@router.post("/export")
+@router.post("/export", responses={200: {"model": ExportResponse}, **errors(400, 409, 413, 503)})
 def export(body: ExportRequest, state: AppState = Depends(get_state)):
     """The JSON document of the weight analysis or of the last impact/batch analysis, as a download."""
     name, doc = call(state.export_document, body.type)

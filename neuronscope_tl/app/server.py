@@ -6,6 +6,7 @@ uvicorn on it.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import sys
 from typing import Callable, Optional
@@ -31,16 +32,8 @@ def create_app(model, settings: Optional[AppSettings] = None, ui: bool = True) -
     )
     app.state.neuronscope = state
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        # Only the REST API is limited here; Gradio has its own limits on its routes.
-        if request.url.path.startswith(PREFIX):
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > state.settings.max_body_bytes):
-                return JSONResponse(
-                    {"detail": f"request body too large; at most {state.settings.max_body_bytes} bytes."}, status_code=413
-                )
-        return await call_next(request)
+    # Only the REST API is limited here; Gradio has its own limits on its routes.
+    app.add_middleware(BodyLimit, limit=lambda: state.settings.max_body_bytes, prefix=PREFIX)
 
     @app.exception_handler(Exception)
     async def no_traceback(request: Request, exc: Exception):
@@ -59,6 +52,58 @@ def create_app(model, settings: Optional[AppSettings] = None, ui: bool = True) -
     return app
 
 
+class BodyLimit:
+    """ASGI middleware: refuse (413) a request body over ``limit()`` bytes under ``prefix``.
+
+    A declared ``Content-Length`` over the limit is refused before any byte is read. A body without one
+    (``Transfer-Encoding: chunked``) is read and counted chunk by chunk, and refused as soon as it passes the limit,
+    so at most ``limit`` bytes are ever held; a body within the limit is replayed to the app unchanged. A client
+    that disconnects while sending is dropped without running the route.
+    """
+
+    MAX_MESSAGES = 1_000_000  # bounds the read loop even for a client sending empty chunks
+
+    def __init__(self, app, limit: Callable[[], int], prefix: str):
+        self.app, self.limit, self.prefix = app, limit, prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            return await self.app(scope, receive, send)
+        limit = self.limit()
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await self.refuse(limit, scope, receive, send)
+        chunks, size = [], 0
+        for _ in range(self.MAX_MESSAGES):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away mid-body: nothing to answer, nothing run
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await self.refuse(limit, scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        else:
+            return await self.refuse(limit, scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for a disconnect, as the server's own receive does
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def refuse(limit: int, scope, receive, send):
+        response = JSONResponse({"detail": f"request body too large; at most {limit} bytes."}, status_code=413)
+        await response(scope, receive, send)
+
+
 def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
     """A listening TCP socket on (host, port); port 0 picks a free port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -74,6 +119,13 @@ def bind(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -85,5 +137,7 @@ def serve(app: FastAPI, sock: socket.socket, log: Callable[[str], None] = print)
 
     url = address(sock)
     log(f"neuronscope-tl: serving on {url} (demo {url}/, REST {url}{PREFIX}, docs {url}/docs)")
+    if not is_loopback(sock.getsockname()[0]):
+        log("neuronscope-tl: warning: this address is reachable from other machines; the app has no authentication.")
     sys.stdout.flush()  # the address must reach a piped reader before uvicorn blocks
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

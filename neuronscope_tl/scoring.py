@@ -37,7 +37,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .ablation import ablate_each
 from .activations import DEFAULT_ACTIVE_THRESHOLD, NeuronAccumulator
+from .export import Result
 from .hooks import attached_hooks, mlp_post_name
 from .impact import check_batch_size
 from .metrics import log_probs, nll_from_log_probs
@@ -81,16 +83,24 @@ class ScoreAccumulator:
         a, g = acts.detach().double(), grads.detach().double()
         self.sum_grad[layer] += g.sum(0)
         self.sum_grad_act[layer] += (g * a).sum(0)
-        k = min(self.top_k, acts.shape[0])
-        val, idx = acts.detach().float().topk(k, dim=0)  # [k, d_mlp]
-        self._keep_top(layer, val, text[idx], pos[idx])
+        self._keep_top(layer, acts.detach().float(), text, pos)
 
     def _keep_top(self, layer: int, val: Tensor, text: Tensor, pos: Tensor) -> None:
+        """Keep the k largest of the kept and the new (value, text, pos), ties broken by (text, pos).
+
+        The order is total, so the kept set does not depend on how texts were batched or sharded.
+        """
+        d = self.d_mlp
         val = torch.cat([self.top_value[layer], val])
-        text = torch.cat([self.top_text[layer], text])
-        pos = torch.cat([self.top_pos[layer], pos])
-        best, idx = val.topk(self.top_k, dim=0)
-        self.top_value[layer], self.top_text[layer], self.top_pos[layer] = best, text.gather(0, idx), pos.gather(0, idx)
+        text = torch.cat([self.top_text[layer], text[:, None].expand(-1, d) if text.dim() == 1 else text])
+        pos = torch.cat([self.top_pos[layer], pos[:, None].expand(-1, d) if pos.dim() == 1 else pos])
+        # lexicographic sort by (-value, text, pos): stable sorts from the last key to the first
+        for key in ("pos", "text", "val"):
+            current = {"pos": pos, "text": text, "val": val}[key]
+            order = current.sort(dim=0, stable=True, descending=key == "val").indices
+            val, text, pos = val.gather(0, order), text.gather(0, order), pos.gather(0, order)
+        k = self.top_k
+        self.top_value[layer], self.top_text[layer], self.top_pos[layer] = val[:k], text[:k], pos[:k]
 
     def merge(self, other: "ScoreAccumulator") -> "ScoreAccumulator":
         """Fold in a shard computed on later texts: its text indices are shifted by this shard's text count."""
@@ -221,3 +231,90 @@ def top_contexts(result: ScorePass, layer: int, neuron: int, window: int = DEFAU
             "left": decode(ids[max(0, p - window) : p]), "right": decode(ids[p + 1 : p + 1 + window]),
         })
     return pd.DataFrame(rows, columns=["activation", "text_index", "position", "token", "left", "right"])
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def rank_average(x: Tensor) -> Tensor:
+    """Ranks 1..n of a 1-D tensor, ties sharing their average rank (as ``scipy.stats.rankdata``)."""
+    x = x.double()
+    order = x.argsort()
+    sorted_x = x[order]
+    # group equal values: each run of ties gets the mean of the ranks it spans
+    new_group = torch.ones_like(sorted_x, dtype=torch.bool)
+    new_group[1:] = sorted_x[1:] != sorted_x[:-1]
+    group = new_group.cumsum(0) - 1
+    positions = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    mean_rank = torch.zeros(int(group[-1]) + 1, dtype=torch.float64).index_add_(0, group, positions)
+    mean_rank /= torch.bincount(group).double()
+    ranks = torch.empty_like(x)
+    ranks[order] = mean_rank[group]
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks. NaN when either is constant."""
+    rx = rank_average(torch.tensor(np.array(x, dtype=np.float64)))
+    ry = rank_average(torch.tensor(np.array(y, dtype=np.float64)))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
+
+
+@dataclass
+class ScoreValidation(Result):
+    """Spearman correlation of each cheap score with the exactly measured loss change (``ablate_each``).
+
+    Attributes:
+        spearman_candidates: per score, rho over that score's ``n`` lowest-scored neurons (its pruning candidates).
+        spearman_random: per score, rho over the same ``n`` random neurons (seeded).
+        measured: every measured neuron: its scores, loss_change, kl, and ``random`` (in the random set).
+    """
+
+    ablation: str
+    n: int
+    seed: int
+    n_tokens: int
+    spearman_candidates: Dict[str, float]
+    spearman_random: Dict[str, float]
+    measured: pd.DataFrame = field(repr=False)
+
+
+def validate_scores(
+    model,
+    table: pd.DataFrame,
+    texts: Sequence[str],
+    n: int = 200,
+    scores: Sequence[str] = CHEAP_SCORES,
+    ablation: str = "zero",
+    max_tokens: Optional[int] = 256,
+    seed: int = 0,
+    calib_texts: Optional[Sequence[str]] = None,
+    progress: bool = False,
+) -> ScoreValidation:
+    """Measure candidates and random neurons exactly and correlate each score with the measured loss change."""
+    scores = list(scores)
+    unknown = [s for s in scores if s not in table.columns]
+    if not scores or unknown:
+        raise ValueError(f"unknown score(s) {unknown or scores}; valid scores are columns of the table such as {', '.join(CHEAP_SCORES)}.")
+    if not isinstance(n, int) or not 2 <= n <= len(table):
+        raise ValueError(f"n must be an integer in [2, {len(table)}], got {n!r}.")
+    table = table.reset_index(drop=True)
+    candidates = {s: table.nsmallest(n, s, keep="first").index.tolist() for s in scores}
+    random_rows = sorted(random.Random(seed).sample(range(len(table)), n))
+    rows = sorted(set(random_rows).union(*candidates.values()))
+    sub = table.loc[rows]
+    exact = ablate_each(model, list(zip(sub["layer"], sub["neuron"])), texts, ablation, calib_texts, max_tokens, progress=progress)
+    measured = sub[["layer", "neuron", "label"] + scores].copy()
+    measured["loss_change"] = exact["loss_change"].to_numpy()
+    measured["kl"] = exact["kl"].to_numpy()
+    measured["random"] = measured.index.isin(random_rows)
+    rho = lambda idx, s: spearman(measured.loc[idx, s], measured.loc[idx, "loss_change"])
+    n_tokens = sum(int(t.numel()) for t in tokenize(model, texts, max_tokens=max_tokens))
+    return ScoreValidation(
+        ablation=ablation, n=n, seed=seed, n_tokens=n_tokens,
+        spearman_candidates={s: rho(candidates[s], s) for s in scores},
+        spearman_random={s: rho(random_rows, s) for s in scores},
+        measured=measured.reset_index(drop=True),
+    )

@@ -20,6 +20,16 @@ TEXTS = [
     "Prices rose sharply.",
 ]
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared, loaded 2-core machine two OpenMP threads can make
+    each tiny matmul 100x slower (barrier waits); the default-model test keeps the session's setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def hf_weight_norms(model):
     """Per-neuron input and output weight norms read straight from the HF modules: [L, d_mlp] each."""

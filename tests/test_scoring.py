@@ -207,3 +207,31 @@ def test_validate_scores_against_simulate_pruning_and_scipy(tiny_model):
     exact = ns.simulate_pruning(tiny_model, int(row["layer"]), [int(row["neuron"])], TEXTS[:2])
     assert row["loss_change"] == pytest.approx(exact.loss_change, abs=1e-6)
     assert row["kl"] == pytest.approx(exact.impact_score, abs=1e-6)
+
+
+@pytest.mark.parametrize("tiny_kind", ["llama"])
+def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from neuronscope_tl import cli
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["score", "--model", tiny_dirs["llama"], "--texts", str(texts), "--out", str(out), "--validate-n", "5", "--scores", "wanda,taylor_zero"]
+    name, cfg = cli.parse_args(argv)
+    assert name == "score" and cfg.validate_n == 5
+    assert cli.main(argv) == 0
+    table = pd.read_csv(out / "scores.csv")
+    assert list(table.columns) == list(scoring.SCORE_COLUMNS)
+    doc = json.loads((out / "validation.json").read_text())
+    measured = pd.read_csv(out / "validation_measured.csv")
+    rnd = measured[measured["random"]]
+    assert doc["result"]["spearman_random"]["wanda"] == pytest.approx(scipy.stats.spearmanr(rnd["wanda"], rnd["loss_change"]).statistic, abs=1e-9)
+    printed = capsys.readouterr().out
+    assert f"{doc['result']['spearman_candidates']['taylor_zero']:.3f}" in printed
+    assert cli.main(["score", "--out", str(out), "--scores", "bogus", "--model", tiny_dirs["llama"], "--texts", str(texts)]) == 2
+    with pytest.raises(ValueError, match="batch_size"):
+        cli.parse_args(["score", "--batch-size", "0"])

@@ -209,7 +209,6 @@ def test_validate_scores_against_simulate_pruning_and_scipy(tiny_model):
     assert row["kl"] == pytest.approx(exact.impact_score, abs=1e-6)
 
 
-@pytest.mark.parametrize("tiny_kind", ["llama"])
 def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
     import json
 

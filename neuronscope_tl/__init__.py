@@ -4,6 +4,7 @@ A plugin for TransformerLens 4.x: every analysis takes a ``TransformerBridge`` a
 (``blocks.{l}.mlp.hook_post``, [batch, pos, d_mlp]); simulated pruning never edits weights.
 """
 
+from .ablation import ablate_each
 from .activations import NeuronAccumulator, NeuronImportance, neuron_importance, stream_activations
 from .export import SCHEMA_VERSION, report_document, write_csv, write_json
 from .hooks import attached_hooks, hook_count
@@ -18,12 +19,21 @@ from .impact import (
 )
 from .metrics import ImpactThresholds, token_kl, token_nll
 from .models import DEFAULT_MODEL_NAME, MultiModelLoader, load_model, mlp_info
+from .scoring import ScoreAccumulator, ScorePass, score_neurons, score_pass, top_contexts, validate_scores
 from .texts import EXAMPLE_TEXTS, calibration_texts, evaluation_texts, lee_articles
 from .weights import WeightAnalysis, WeightAnalyzer, analyze_weights, export_weights, neuron_weight_table, pruning_candidates
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # one-pass scoring and exact ablation (issue 5)
+    "ScoreAccumulator",
+    "ScorePass",
+    "ablate_each",
+    "score_neurons",
+    "score_pass",
+    "top_contexts",
+    "validate_scores",
     "BatchAnalysis",
     "DEFAULT_MODEL_NAME",
     "EXAMPLE_TEXTS",

@@ -7,6 +7,9 @@ library functions; no analysis logic lives here.
   importance, batch test, export) on the default model and texts, writing report files to ``--out``.
 * ``serve``: the web app (Gradio demo at /, the seed's REST API at /api/pruning, docs at /docs), bound to
   127.0.0.1 unless ``--host`` says otherwise.
+* ``score``: every neuron scored in one pass (``scoring.score_pass``), the cheap scores validated against exact
+  ablation (``scoring.validate_scores``); writes ``scores.csv``, ``scores.json``, ``validation.json`` and
+  ``validation_measured.csv`` to ``--out`` and prints the Spearman correlations.
 """
 
 from __future__ import annotations
@@ -227,9 +230,114 @@ def run_serve(cfg: ServeConfig, log=print) -> None:
     serve(create_app(model, cfg.settings()), sock, log=log)
 
 
+@dataclass
+class ScoreConfig:
+    """Settings of ``neuronscope-tl score``.
+
+    Args:
+        model: HF model id or local directory; None for the embedded default.
+        texts: a text file, one text per line; None for the Lee calibration split.
+        out: output directory.
+        max_tokens: calibration tokens for the scoring pass.
+        batch_size: texts per forward pass.
+        top_k_contexts: top-activating tokens kept per neuron.
+        validate_n: neurons per validation set (lowest-scored per score, and random); 0 skips validation.
+        validate_tokens: tokens of the same texts on which the validation ablates exactly.
+        ablation: ``zero`` or ``mean`` for the validation.
+        scores: comma-separated score columns to validate.
+        seed: seed of the random validation set.
+    """
+
+    model: Optional[str] = None
+    texts: Optional[str] = None
+    out: str = DEFAULT_OUT
+    max_tokens: int = 2048
+    batch_size: int = 1
+    top_k_contexts: int = 8
+    validate_n: int = 200
+    validate_tokens: int = 256
+    ablation: str = "zero"
+    scores: str = "w_out_norm,mean_abs,rms,wanda,fluctuation,taylor_zero,taylor_mean"
+    seed: int = 0
+
+    def __post_init__(self):
+        from .impact import check_ablation, check_batch_size
+
+        check_ablation(self.ablation)
+        check_batch_size(self.batch_size)
+        for name in ("max_tokens", "top_k_contexts", "validate_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.validate_n < 0 or self.validate_n == 1:
+            raise ValueError(f"validate_n must be 0 (skip) or >= 2, got {self.validate_n}.")
+        if self.texts is not None and not Path(self.texts).is_file():
+            raise ValueError(f"--texts {self.texts}: no such file.")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} exists and is not a directory.")
+
+
+def add_score_args(p: argparse.ArgumentParser) -> None:
+    d = ScoreConfig()
+    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--texts", default=None, help="text file, one text per line (default: Lee calibration split)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens for the scoring pass (default {d.max_tokens})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="texts per forward pass (default 1)")
+    p.add_argument("--top-k-contexts", type=int, default=d.top_k_contexts, help=f"top contexts kept per neuron (default {d.top_k_contexts})")
+    p.add_argument("--validate-n", type=int, default=d.validate_n, help=f"neurons per validation set, 0 to skip (default {d.validate_n})")
+    p.add_argument("--validate-tokens", type=int, default=d.validate_tokens, help=f"tokens for exact ablation (default {d.validate_tokens})")
+    p.add_argument("--ablation", default="zero", choices=["zero", "mean"])
+    p.add_argument("--scores", default=d.scores, help="comma-separated scores to validate")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_score(cfg: ScoreConfig, log=print) -> dict:
+    """Score every neuron, validate the scores, write the files; returns the summary written to ``score_report.json``."""
+    from . import models, scoring, texts
+    from .export import report_document, write_csv, write_json
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    model = models.load_model(cfg.model)
+    calib = texts.read_text_file(cfg.texts) if cfg.texts else texts.calibration_texts()
+    scores = [s.strip() for s in cfg.scores.split(",") if s.strip()]
+    unknown = [s for s in scores if s not in scoring.SCORE_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown score(s) {unknown}; choose from {', '.join(scoring.CHEAP_SCORES)}.")
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    result = scoring.score_pass(model, calib, cfg.batch_size, cfg.max_tokens, cfg.top_k_contexts)
+    score_s = time.perf_counter() - t
+    log(f"scored {len(result.table)} neurons over {result.n_tokens} tokens in {score_s:.1f} s")
+    settings = asdict(cfg)
+    files = [str(write_csv(out / "scores.csv", result.table))]
+    files.append(str(write_json(out / "scores.json", report_document(
+        "neuron_scores", models.model_name(model), settings, {"n_texts": len(result.token_lists), "n_tokens": result.n_tokens}, result.table))))
+    summary = {"model": models.model_name(model), "config": settings, "score_s": score_s, "n_tokens": result.n_tokens}
+    if cfg.validate_n:
+        t = time.perf_counter()
+        v = scoring.validate_scores(model, result.table, calib, cfg.validate_n, scores, cfg.ablation, cfg.validate_tokens, cfg.seed)
+        summary["validate_s"] = time.perf_counter() - t
+        files.append(str(write_csv(out / "validation_measured.csv", v.measured)))
+        doc = {k: val for k, val in v.to_dict().items() if k != "measured"}
+        files.append(str(write_json(out / "validation.json", report_document(
+            "score_validation", models.model_name(model), settings, {"n_tokens": v.n_tokens}, doc))))
+        summary["spearman_candidates"], summary["spearman_random"] = v.spearman_candidates, v.spearman_random
+        log(f"Spearman rho with the exact loss change ({cfg.ablation} ablation, {v.n_tokens} tokens):")
+        log(f"  {'score':<14}{'lowest ' + str(v.n):>12}{'random ' + str(v.n):>12}")
+        for s in scores:
+            log(f"  {s:<14}{v.spearman_candidates[s]:>12.3f}{v.spearman_random[s]:>12.3f}")
+    summary["total_s"] = time.perf_counter() - t0
+    summary["files"] = files + [str(out / "score_report.json")]
+    write_json(out / "score_report.json", summary)
+    log(f"wrote {len(summary['files'])} files to {out} in {summary['total_s']:.1f} s")
+    return summary
+
+
 COMMANDS = {
     "analyze": (add_analyze_args, AnalyzeConfig, run_analyze, "run the seed's whole workflow and write a report"),
     "serve": (add_serve_args, ServeConfig, run_serve, "start the web app (Gradio demo and REST API) on 127.0.0.1"),
+    "score": (add_score_args, ScoreConfig, run_score, "score every neuron in one pass and validate against exact ablation"),
 }
 
 

@@ -1,0 +1,320 @@
+"""Score every MLP neuron in one streaming pass, and validate the cheap scores against exact ablation.
+
+One forward and one backward pass per batch give, for every neuron of every layer (``blocks.{l}.mlp.hook_post``):
+
+* weight norms: ``w_in_norm`` (the input-side row of W_in / up_proj / c_fc) and ``w_out_norm`` (the neuron's
+  output row of W_out / down_proj / c_proj);
+* activation statistics over real tokens: mean, mean_abs, var (population), rms, frac_active, max;
+* ``wanda`` = w_out_norm x rms: the structured (per-neuron) form of Wanda's |W| x ||X|| (Sun et al. 2023);
+* ``fluctuation`` = var x w_out_norm^2: FLAP's fluctuation metric (An et al. 2024);
+* ``taylor_zero`` / ``taylor_mean``: the first-order Taylor estimate of the loss change when the neuron is replaced
+  by 0 / by its mean (gradient x activation, Molchanov et al. 2019). With ``L`` the mean next-token cross-entropy
+  over the N positions that have a real next token (the core's loss definition), ``g_t = dL_sum/da_t`` the
+  gradient of the summed loss w.r.t. the activation at real position t, and mu the neuron's mean activation:
+
+      taylor_zero = sum_t g_t * (0 - a_t) / N
+      taylor_mean = sum_t g_t * (mu - a_t) / N = (mu * sum_t g_t - sum_t g_t a_t) / N
+
+  Signed, so it estimates ``loss_change`` of :func:`neuronscope_tl.impact.simulate_pruning` directly. The sums
+  run over every real position (the last position's gradient is 0: it predicts no real token).
+
+Gradients are taken w.r.t. the hook activations only, with :func:`torch.autograd.grad`; the parameters are set
+to ``requires_grad=False`` for the pass (restored by :func:`attached_hooks`) and never get a ``.grad``. All
+statistics are running sums (Chan's update for the variance) in :class:`ScoreAccumulator`, which merges across
+shards of texts. The top-k activating token positions per neuron are kept as (text, position, value) only, and
+their text is decoded at the end by :func:`top_contexts`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .ablation import ablate_each
+from .activations import DEFAULT_ACTIVE_THRESHOLD, NeuronAccumulator
+from .export import Result
+from .hooks import attached_hooks, mlp_post_name
+from .impact import check_batch_size
+from .metrics import log_probs, nll_from_log_probs
+from .models import mlp_info
+from .texts import DEFAULT_BATCH_SIZE, batches, tokenize
+from .weights import neuron_weight_table
+
+SCORE_COLUMNS = (
+    "layer", "neuron", "label", "w_in_norm", "w_out_norm", "mean", "mean_abs", "var", "rms", "frac_active", "max",
+    "wanda", "fluctuation", "taylor_zero", "taylor_mean",
+)
+# The cheap scores validate_scores compares with the exact loss change (low = prune first).
+CHEAP_SCORES = ("w_out_norm", "mean_abs", "rms", "wanda", "fluctuation", "taylor_zero", "taylor_mean")
+DEFAULT_TOP_K = 8
+DEFAULT_CONTEXT = 4  # tokens shown either side of a top-activating token
+
+
+class ScoreAccumulator:
+    """Mergeable per-neuron state of the scoring pass for all layers.
+
+    Holds a :class:`NeuronAccumulator` (activation statistics), float64 sums of the gradient and of gradient x
+    activation, the number of loss terms, and per neuron the top-k activations with their (text, position).
+    """
+
+    def __init__(self, n_layers: int, d_mlp: int, top_k: int = DEFAULT_TOP_K, active_threshold: float = DEFAULT_ACTIVE_THRESHOLD):
+        self.layers = list(range(n_layers))
+        self.d_mlp, self.top_k = d_mlp, top_k
+        self.stats = NeuronAccumulator(self.layers, d_mlp, active_threshold)
+        self.sum_grad = torch.zeros((n_layers, d_mlp), dtype=torch.float64)
+        self.sum_grad_act = torch.zeros((n_layers, d_mlp), dtype=torch.float64)
+        self.n_targets = 0
+        self.n_texts = 0
+        shape = (n_layers, top_k, d_mlp)
+        self.top_value = torch.full(shape, -torch.inf)
+        self.top_text = torch.full(shape, -1, dtype=torch.long)
+        self.top_pos = torch.full(shape, -1, dtype=torch.long)
+
+    def update(self, layer: int, acts: Tensor, grads: Tensor, text: Tensor, pos: Tensor) -> None:
+        """Real-token activations and gradients of one layer, [n, d_mlp], with each row's text and position [n]."""
+        self.stats.update(layer, acts)
+        a, g = acts.detach().double(), grads.detach().double()
+        self.sum_grad[layer] += g.sum(0)
+        self.sum_grad_act[layer] += (g * a).sum(0)
+        self._keep_top(layer, acts.detach().float(), text, pos)
+
+    def _keep_top(self, layer: int, val: Tensor, text: Tensor, pos: Tensor) -> None:
+        """Keep the k largest of the kept and the new (value, text, pos), ties broken by (text, pos).
+
+        The order is total, so the kept set does not depend on how texts were batched or sharded.
+        """
+        d = self.d_mlp
+        val = torch.cat([self.top_value[layer], val])
+        text = torch.cat([self.top_text[layer], text[:, None].expand(-1, d) if text.dim() == 1 else text])
+        pos = torch.cat([self.top_pos[layer], pos[:, None].expand(-1, d) if pos.dim() == 1 else pos])
+        # lexicographic sort by (-value, text, pos): stable sorts from the last key to the first
+        for key in ("pos", "text", "val"):
+            current = {"pos": pos, "text": text, "val": val}[key]
+            order = current.sort(dim=0, stable=True, descending=key == "val").indices
+            val, text, pos = val.gather(0, order), text.gather(0, order), pos.gather(0, order)
+        k = self.top_k
+        self.top_value[layer], self.top_text[layer], self.top_pos[layer] = val[:k], text[:k], pos[:k]
+
+    def merge(self, other: "ScoreAccumulator") -> "ScoreAccumulator":
+        """Fold in a shard computed on later texts: its text indices are shifted by this shard's text count."""
+        if (other.layers, other.d_mlp, other.top_k) != (self.layers, self.d_mlp, self.top_k):
+            raise ValueError("can only merge score accumulators over the same layers, d_mlp and top_k.")
+        self.stats.merge(other.stats)
+        self.sum_grad += other.sum_grad
+        self.sum_grad_act += other.sum_grad_act
+        self.n_targets += other.n_targets
+        shifted = torch.where(other.top_text >= 0, other.top_text + self.n_texts, other.top_text)
+        for layer in self.layers:
+            self._keep_top(layer, other.top_value[layer], shifted[layer], other.top_pos[layer])
+        self.n_texts += other.n_texts
+        return self
+
+    def table(self, model) -> pd.DataFrame:
+        """The per-neuron score table (columns :data:`SCORE_COLUMNS`)."""
+        weights = neuron_weight_table(model)
+        table = self.stats.table()
+        table.insert(3, "w_in_norm", weights["w_in_norm"].to_numpy())
+        table.insert(4, "w_out_norm", weights["w_out_norm"].to_numpy())
+        n = max(self.n_targets, 1)
+        sum_ga = self.sum_grad_act.reshape(-1).numpy()
+        table["wanda"] = table["w_out_norm"] * table["rms"]
+        table["fluctuation"] = table["var"] * table["w_out_norm"] ** 2
+        table["taylor_zero"] = -sum_ga / n
+        table["taylor_mean"] = (table["mean"].to_numpy() * self.sum_grad.reshape(-1).numpy() - sum_ga) / n
+        return table[list(SCORE_COLUMNS)]
+
+
+@dataclass
+class ScorePass:
+    """Everything one scoring pass produced: the table, the mergeable state, and the tokens for contexts."""
+
+    table: pd.DataFrame = field(repr=False)
+    accumulator: ScoreAccumulator = field(repr=False)
+    token_lists: List[Tensor] = field(repr=False)
+    tokenizer: object = field(repr=False)
+    n_tokens: int = 0
+
+
+def accumulate_scores(
+    model,
+    token_lists: Sequence[Tensor],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    top_k_contexts: int = DEFAULT_TOP_K,
+    progress: bool = False,
+) -> ScoreAccumulator:
+    """The streaming pass: per batch, one forward with capture hooks on every ``mlp.hook_post``, one backward."""
+    batch_size = check_batch_size(batch_size)
+    if not isinstance(top_k_contexts, int) or top_k_contexts < 1:
+        raise ValueError(f"top_k_contexts must be an integer >= 1, got {top_k_contexts!r}.")
+    info = mlp_info(model)
+    acc = ScoreAccumulator(info.n_layers, info.d_mlp, top_k_contexts)
+    acc.n_texts = len(token_lists)
+    captured: Dict[int, Tensor] = {}
+
+    def capture(layer):
+        def hook(act, hook=None):
+            if not act.requires_grad:  # nothing upstream needs a gradient: make this activation the leaf
+                act = act.detach().requires_grad_(True)
+            captured[layer] = act
+            return act
+
+        return hook
+
+    hooks = [(mlp_post_name(l), capture(l)) for l in acc.layers]
+    with attached_hooks(model, hooks), torch.enable_grad():
+        for p in model.parameters():
+            p.requires_grad_(False)  # attached_hooks restores the flags
+        for batch in tqdm(list(batches(model, token_lists, batch_size)), desc="scores", disable=not progress):
+            captured.clear()
+            logits = model(batch.tokens)
+            tmask = batch.target_mask()
+            loss = nll_from_log_probs(log_probs(logits), batch.tokens)[tmask].sum()
+            del logits
+            grads = torch.autograd.grad(loss, [captured[l] for l in acc.layers])
+            acc.n_targets += int(tmask.sum())
+            rows, pos = batch.mask.nonzero(as_tuple=True)
+            text = torch.as_tensor(batch.text_index)[rows]
+            for layer, g in zip(acc.layers, grads):
+                a = captured[layer].detach()
+                acc.update(layer, a[batch.mask], g[batch.mask], text, pos)
+            captured.clear()
+    return acc
+
+
+def score_pass(
+    model,
+    texts: Sequence[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: Optional[int] = None,
+    top_k_contexts: int = DEFAULT_TOP_K,
+    progress: bool = False,
+) -> ScorePass:
+    """Score every neuron over ``texts`` (first ``max_tokens`` tokens) and keep the top contexts."""
+    check_batch_size(batch_size)
+    token_lists = tokenize(model, texts, max_tokens=max_tokens)
+    acc = accumulate_scores(model, token_lists, batch_size, top_k_contexts, progress)
+    return ScorePass(acc.table(model), acc, token_lists, model.tokenizer, sum(int(t.numel()) for t in token_lists))
+
+
+def score_neurons(
+    model,
+    texts: Sequence[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: Optional[int] = None,
+    top_k_contexts: int = DEFAULT_TOP_K,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """One row per (layer, neuron) of every layer with the columns :data:`SCORE_COLUMNS` (see module docstring)."""
+    return score_pass(model, texts, batch_size, max_tokens, top_k_contexts, progress).table
+
+
+def top_contexts(result: ScorePass, layer: int, neuron: int, window: int = DEFAULT_CONTEXT) -> pd.DataFrame:
+    """The neuron's top-k activating tokens, highest first: activation, text index, position, token, context."""
+    acc = result.accumulator
+    if not (0 <= layer < len(acc.layers) and 0 <= neuron < acc.d_mlp):
+        raise ValueError(f"(layer, neuron) = ({layer}, {neuron}) is out of range; layers 0..{len(acc.layers) - 1}, neurons 0..{acc.d_mlp - 1}.")
+    rows = []
+    for value, t, p in zip(acc.top_value[layer, :, neuron].tolist(), acc.top_text[layer, :, neuron].tolist(), acc.top_pos[layer, :, neuron].tolist()):
+        if t < 0:
+            continue
+        ids = result.token_lists[t]
+        decode = lambda s: result.tokenizer.decode([int(i) for i in s])
+        rows.append({
+            "activation": value, "text_index": t, "position": p, "token": decode(ids[p : p + 1]),
+            "left": decode(ids[max(0, p - window) : p]), "right": decode(ids[p + 1 : p + 1 + window]),
+        })
+    return pd.DataFrame(rows, columns=["activation", "text_index", "position", "token", "left", "right"])
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def rank_average(x: Tensor) -> Tensor:
+    """Ranks 1..n of a 1-D tensor, ties sharing their average rank (as ``scipy.stats.rankdata``)."""
+    x = x.double()
+    order = x.argsort()
+    sorted_x = x[order]
+    # group equal values: each run of ties gets the mean of the ranks it spans
+    new_group = torch.ones_like(sorted_x, dtype=torch.bool)
+    new_group[1:] = sorted_x[1:] != sorted_x[:-1]
+    group = new_group.cumsum(0) - 1
+    positions = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    mean_rank = torch.zeros(int(group[-1]) + 1, dtype=torch.float64).index_add_(0, group, positions)
+    mean_rank /= torch.bincount(group).double()
+    ranks = torch.empty_like(x)
+    ranks[order] = mean_rank[group]
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks. NaN when either is constant."""
+    rx = rank_average(torch.tensor(np.array(x, dtype=np.float64)))
+    ry = rank_average(torch.tensor(np.array(y, dtype=np.float64)))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
+
+
+@dataclass
+class ScoreValidation(Result):
+    """Spearman correlation of each cheap score with the exactly measured loss change (``ablate_each``).
+
+    Attributes:
+        spearman_candidates: per score, rho over that score's ``n`` lowest-scored neurons (its pruning candidates).
+        spearman_random: per score, rho over the same ``n`` random neurons (seeded).
+        measured: every measured neuron: its scores, loss_change, kl, and ``random`` (in the random set).
+    """
+
+    ablation: str
+    n: int
+    seed: int
+    n_tokens: int
+    spearman_candidates: Dict[str, float]
+    spearman_random: Dict[str, float]
+    measured: pd.DataFrame = field(repr=False)
+
+
+def validate_scores(
+    model,
+    table: pd.DataFrame,
+    texts: Sequence[str],
+    n: int = 200,
+    scores: Sequence[str] = CHEAP_SCORES,
+    ablation: str = "zero",
+    max_tokens: Optional[int] = 256,
+    seed: int = 0,
+    calib_texts: Optional[Sequence[str]] = None,
+    progress: bool = False,
+) -> ScoreValidation:
+    """Measure candidates and random neurons exactly and correlate each score with the measured loss change."""
+    scores = list(scores)
+    unknown = [s for s in scores if s not in table.columns]
+    if not scores or unknown:
+        raise ValueError(f"unknown score(s) {unknown or scores}; valid scores are columns of the table such as {', '.join(CHEAP_SCORES)}.")
+    if not isinstance(n, int) or not 2 <= n <= len(table):
+        raise ValueError(f"n must be an integer in [2, {len(table)}], got {n!r}.")
+    table = table.reset_index(drop=True)
+    candidates = {s: table.nsmallest(n, s, keep="first").index.tolist() for s in scores}
+    random_rows = sorted(random.Random(seed).sample(range(len(table)), n))
+    rows = sorted(set(random_rows).union(*candidates.values()))
+    sub = table.loc[rows]
+    exact = ablate_each(model, list(zip(sub["layer"], sub["neuron"])), texts, ablation, calib_texts, max_tokens, progress=progress)
+    measured = sub[["layer", "neuron", "label"] + scores].copy()
+    measured["loss_change"] = exact["loss_change"].to_numpy()
+    measured["kl"] = exact["kl"].to_numpy()
+    measured["random"] = measured.index.isin(random_rows)
+    rho = lambda idx, s: spearman(measured.loc[idx, s], measured.loc[idx, "loss_change"])
+    n_tokens = sum(int(t.numel()) for t in tokenize(model, texts, max_tokens=max_tokens))
+    return ScoreValidation(
+        ablation=ablation, n=n, seed=seed, n_tokens=n_tokens,
+        spearman_candidates={s: rho(candidates[s], s) for s in scores},
+        spearman_random={s: rho(random_rows, s) for s in scores},
+        measured=measured.reset_index(drop=True),
+    )

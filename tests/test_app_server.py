@@ -88,6 +88,18 @@ def test_gradio_weights_candidates_importance_batch_export(gclient, model):
     assert doc["kind"] == "batch_analysis"
 
 
+def test_gradio_top_contexts_equal_scoring_pass(gclient, model):
+    from neuronscope_tl import scoring
+
+    note, table = gclient.predict(1, 5, "\n".join(ns.EXAMPLE_TEXTS), api_name="/contexts")
+    expected = scoring.top_contexts(scoring.score_pass(model, ns.EXAMPLE_TEXTS), 1, 5)
+    assert "L1N5" in note and len(table["data"]) == len(expected) > 0
+    assert [row[0] for row in table["data"]] == pytest.approx(expected["activation"].tolist())
+    assert [row[3] for row in table["data"]] == (expected["left"] + "[" + expected["token"] + "]" + expected["right"]).tolist()
+    with pytest.raises(AppError, match="out of range"):
+        gclient.predict(1, 10_000, "some text", api_name="/contexts")
+
+
 def rest(url, method, path, body=None):
     with httpx.Client(base_url=url, timeout=120) as c:
         r = c.request(method, P + path, json=body)

@@ -20,7 +20,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
-from .. import activations, impact, texts, weights
+from .. import activations, impact, scoring, texts, weights
 from ..impact import BatchAnalysis, ImpactResult
 from ..metrics import ImpactThresholds
 from ..models import mlp_info, model_name
@@ -87,6 +87,7 @@ class AppState:
         self._weight_summary: Optional[dict] = None
         self.last_impact: Optional[Union[ImpactResult, BatchAnalysis]] = None
         self._downloads: Optional[Path] = None
+        self._score_pass: Optional[Tuple[Tuple[str, ...], scoring.ScorePass]] = None
 
     def downloads_dir(self) -> Path:
         """A private temporary directory for the UI's download files (never a path a client chose)."""
@@ -180,6 +181,16 @@ class AppState:
             )
             self.last_impact = result
             return result
+
+    def top_contexts(self, layer_index: int, neuron_index: int, input_texts: Sequence[str], window: int = scoring.DEFAULT_CONTEXT) -> pd.DataFrame:
+        """A neuron's top-activating token contexts over the texts, from one scoring pass (kept for the same texts)."""
+        impact.check_layer(self.model, layer_index)
+        impact.check_neurons(self.model, [neuron_index], layer_index)
+        with self.model_work():
+            checked = tuple(self.check_texts(input_texts))
+            if self._score_pass is None or self._score_pass[0] != checked:
+                self._score_pass = (checked, scoring.score_pass(self.model, list(checked)))
+            return scoring.top_contexts(self._score_pass[1], layer_index, neuron_index, window)
 
     def export_document(self, export_type: str) -> Tuple[str, dict]:
         """(file name, JSON document) of the weight analysis or of the last impact or batch analysis."""

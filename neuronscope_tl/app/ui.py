@@ -140,6 +140,14 @@ def build_ui(state: AppState) -> gr.Blocks:
         return score, changes, shaded, tokens
 
     @ui_errors
+    def run_contexts(layer, neuron, texts, progress=gr.Progress(track_tqdm=True)):
+        progress(0, desc="waiting for the model")
+        table = state.top_contexts(as_int(layer, "layer"), as_int(neuron, "neuron"), split_texts(texts))
+        note = f"Top {len(table)} activating tokens of L{as_int(layer, 'layer')}N{as_int(neuron, 'neuron')} (token in context: left [token] right)."
+        shown = table.assign(context=table["left"] + "[" + table["token"] + "]" + table["right"])
+        return note, shown[["activation", "text_index", "position", "context"]]
+
+    @ui_errors
     def run_importance(layer, texts, top_k, progress=gr.Progress(track_tqdm=True)):
         progress(0, desc="waiting for the model")
         r = state.importance(as_int(layer, "layer"), split_texts(texts), as_int(top_k, "top k"), progress=True)
@@ -225,6 +233,16 @@ def build_ui(state: AppState) -> gr.Blocks:
                 m_plot = gr.LinePlot(x="neuron", y="importance", label="Importance per neuron")
                 m_critical = gr.Dataframe(label="Critical neurons", interactive=False)
                 m_btn.click(run_importance, [m_layer, m_texts, m_top], [m_note, m_plot, m_critical], api_name="importance")
+
+            with gr.Tab("Neuron contexts", id="contexts"):
+                with gr.Row():
+                    x_layer = gr.Number(value=0, precision=0, label=f"Layer ({layer_help})")
+                    x_neuron = gr.Number(value=0, precision=0, label=f"Neuron (0..{info.d_mlp - 1})")
+                x_texts = gr.Textbox(value="\n".join(EXAMPLE_TEXTS), lines=5, label="Texts, one per line")
+                x_btn = gr.Button("Show top contexts", variant="primary")
+                x_note = gr.Markdown()
+                x_table = gr.Dataframe(label="Top-activating token contexts", interactive=False)
+                x_btn.click(run_contexts, [x_layer, x_neuron, x_texts], [x_note, x_table], api_name="contexts")
 
             with gr.Tab("Batch", id="batch"):
                 b_table = gr.Dataframe(

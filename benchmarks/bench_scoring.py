@@ -99,7 +99,7 @@ def main() -> dict:
     total = f_clean + sum((info.n_layers - layer) * f_layer + f_head for layer, _ in pairs)
     peak = matmul_peak_gflops(ablation.DEFAULT_STACK * ids.shape[1], info.d_model, info.d_mlp)
 
-    validation = scoring.validate_scores(model, scores.table, calib, n=validate_n, max_tokens=256) if validate_n else None
+    validation = scoring.validate_scores(model, None, calib, n=validate_n, max_tokens=256) if validate_n else None
     result = {
         "score_all_s": round(score_s, 2),
         "score_all_peak_rss_mb": round(rss, 1),

@@ -316,7 +316,7 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
     summary = {"model": models.model_name(model), "config": settings, "score_s": score_s, "n_tokens": result.n_tokens}
     if cfg.validate_n:
         t = time.perf_counter()
-        v = scoring.validate_scores(model, result.table, calib, cfg.validate_n, scores, cfg.ablation, cfg.validate_tokens, cfg.seed)
+        v = scoring.validate_scores(model, None, calib, cfg.validate_n, scores, cfg.ablation, cfg.validate_tokens, cfg.seed)
         summary["validate_s"] = time.perf_counter() - t
         files.append(str(write_csv(out / "validation_measured.csv", v.measured)))
         doc = {k: val for k, val in v.to_dict().items() if k != "measured"}

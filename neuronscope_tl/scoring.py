@@ -283,7 +283,7 @@ class ScoreValidation(Result):
 
 def validate_scores(
     model,
-    table: pd.DataFrame,
+    table: Optional[pd.DataFrame],
     texts: Sequence[str],
     n: int = 200,
     scores: Sequence[str] = CHEAP_SCORES,
@@ -293,7 +293,15 @@ def validate_scores(
     calib_texts: Optional[Sequence[str]] = None,
     progress: bool = False,
 ) -> ScoreValidation:
-    """Measure candidates and random neurons exactly and correlate each score with the measured loss change."""
+    """Measure candidates and random neurons exactly and correlate each score with the measured loss change.
+
+    ``table=None`` (recommended) scores the neurons on exactly the tokens that are ablated (``texts``, first
+    ``max_tokens``), so estimate and measurement describe the same data; a table scored on other tokens mixes the
+    scores' error with the difference between the two samples (on SmolLM2, taylor_zero on random neurons: rho 0.99
+    on the same 256 tokens against 0.26 when scored on 2,048 other tokens).
+    """
+    if table is None:
+        table = score_neurons(model, texts, max_tokens=max_tokens, batch_size=1)
     scores = list(scores)
     unknown = [s for s in scores if s not in table.columns]
     if not scores or unknown:

@@ -209,6 +209,16 @@ def test_validate_scores_against_simulate_pruning_and_scipy(tiny_model):
     assert row["kl"] == pytest.approx(exact.impact_score, abs=1e-6)
 
 
+@pytest.mark.parametrize("tiny_kind", ["llama"])
+def test_validate_without_table_scores_the_ablated_tokens(tiny_model):
+    """table=None scores exactly the validation tokens; on the same tokens the first-order estimate tracks the truth."""
+    v = scoring.validate_scores(tiny_model, None, TEXTS[:2], n=8, scores=["taylor_zero"], max_tokens=None)
+    same = scoring.validate_scores(tiny_model, scoring.score_neurons(tiny_model, TEXTS[:2]), TEXTS[:2], n=8, scores=["taylor_zero"], max_tokens=None)
+    assert v.spearman_random == pytest.approx(same.spearman_random)
+    pd_cols = ["label", "taylor_zero", "loss_change"]
+    assert v.measured[pd_cols].equals(same.measured[pd_cols])
+
+
 def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
     import json
 

@@ -11,7 +11,7 @@ from neuronscope_tl.hooks import attached_hooks, hook_count
 
 from conftest import PROBE_TEXT, zero_output_weights
 
-CALIB = [w for a in ns.lee_articles()[:2] for w in (" ".join(a.split()[i : i + 20]) for i in range(0, len(a.split()), 20))]
+CALIB = [w for a in ns.lee_articles()[:1] for w in (" ".join(a.split()[i : i + 20]) for i in range(0, len(a.split()), 20))]
 
 
 def _neurons(model, per_layer: int, seed: int = 0):

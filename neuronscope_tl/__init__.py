@@ -5,6 +5,7 @@ A plugin for TransformerLens 4.x: every analysis takes a ``TransformerBridge`` a
 """
 
 from .activations import NeuronAccumulator, NeuronImportance, neuron_importance, stream_activations
+from .curves import CurveResult, SearchResult, evaluate_perplexity, prune_curve, search_pruning
 from .export import SCHEMA_VERSION, report_document, write_csv, write_json
 from .hooks import attached_hooks, hook_count
 from .impact import (
@@ -17,6 +18,7 @@ from .impact import (
     simulate_pruning,
 )
 from .metrics import ImpactThresholds, token_kl, token_nll
+from .surgery import PrunedModel, PruneSpec, prune_model
 from .models import DEFAULT_MODEL_NAME, MultiModelLoader, load_model, mlp_info
 from .texts import EXAMPLE_TEXTS, calibration_texts, evaluation_texts, lee_articles
 from .weights import WeightAnalysis, WeightAnalyzer, analyze_weights, export_weights, neuron_weight_table, pruning_candidates
@@ -25,6 +27,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchAnalysis",
+    "CurveResult",
+    "PruneSpec",
+    "PrunedModel",
+    "SearchResult",
+    "evaluate_perplexity",
+    "prune_curve",
+    "prune_model",
+    "search_pruning",
     "DEFAULT_MODEL_NAME",
     "EXAMPLE_TEXTS",
     "ImpactResult",

@@ -121,3 +121,36 @@ def test_bad_input(tiny_model, cal):
         curves.search_pruning(tiny_model, loss_budget=0.0, calibration=cal)
     with pytest.raises(ValueError, match="valid scopes"):
         curves.prune_curve(tiny_model, scope="row", calibration=cal)
+
+
+def test_cli_parses_and_refuses_bad_input(tmp_path):
+    from neuronscope_tl import cli
+
+    name, cfg = cli.parse_args(["prune", "--sparsity", "0.2", "--out", str(tmp_path / "p")])
+    assert name == "prune" and cfg.method == curves.RECOMMENDED_METHOD and cfg.ablation == curves.RECOMMENDED_ABLATION
+    name, cfg = cli.parse_args(["curve", "--out", str(tmp_path / "c"), "--methods", "wanda,random", "--sparsities", "0.1,0.3"])
+    assert cfg.methods == ["wanda", "random"] and cfg.sparsities == [0.1, 0.3]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "f").write_text("x")
+    bad = [
+        ["prune", "--sparsity", "1.0", "--out", str(tmp_path / "p")],
+        ["prune", "--sparsity", "0.2", "--method", "snip", "--out", str(tmp_path / "p")],
+        ["prune", "--sparsity", "0.2", "--scope", "rows", "--out", str(tmp_path / "p")],
+        ["prune", "--sparsity", "0.2", "--out", str(busy)],
+        ["curve", "--sparsities", "0.5,1.5", "--out", str(tmp_path / "c")],
+    ]
+    for argv in bad:
+        with pytest.raises(ValueError):
+            cli.parse_args(argv)
+        assert cli.main(argv) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+    # overwrite lets a non-empty directory through validation
+    assert cli.parse_args(["prune", "--sparsity", "0.2", "--out", str(busy), "--overwrite"])[1].overwrite
+
+
+def test_plot_and_csv(tiny_model, cal, tmp_path):
+    res = curves.prune_curve(tiny_model, ["wanda", "random"], [0.1, 0.3], eval_texts=EVAL, window=WINDOW, every=2,
+                             calibration=cal, precision="fp32", seeds=(0, 1))
+    png = curves.plot_curve(res, tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["curve.png"]

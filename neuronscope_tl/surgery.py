@@ -81,7 +81,7 @@ class PruneSpec:
         return [n for n in range(self.d_mlp) if n not in gone]
 
 
-def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: bool, damp: float = 0.01) -> Tuple[Tensor, Optional[Tensor]]:
     """Least-squares refit of the kept neurons' output weights after removing ``pruned`` (ZipLM/SparseGPT OBS).
 
     Args:
@@ -105,8 +105,7 @@ def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: 
     g_kk = g[k][:, k]
     g_kp = g[k][:, p]
     # Dampening as in SparseGPT (1% of the mean diagonal) keeps the solve stable for dead neurons.
-    damp = 0.01 * g_kk.diagonal().mean().clamp_min(1e-12)
-    g_kk = g_kk + damp * torch.eye(len(k), dtype=g.dtype)
+    g_kk = g_kk + damp * g.diagonal()[:d].mean().clamp_min(1e-12) * torch.eye(len(k), dtype=g.dtype)
     update = torch.linalg.solve(g_kk, g_kp @ w_out.double()[p])  # [|K|(+1), d_model]
     delta = torch.zeros_like(w_out, dtype=torch.float64)
     n_kept = int(mask.sum())
@@ -115,38 +114,50 @@ def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: 
     return delta.float(), bias
 
 
-def obs_order(gram: Tensor, w_out: Tensor, n_remove: int, keep_constant: bool = True) -> Tuple[List[int], List[float]]:
-    """Greedy structured OBS (ZipLM, Kurtic et al. 2023): remove, one at a time, the neuron whose removal after the
-    optimal refit of the others adds the least output error ``||w_i||^2 / [G^-1]_ii``.
+def obs_order(gram: Tensor, w_out: Tensor, n_remove: int, keep_constant: bool = True,
+              block: Optional[int] = None, damp: float = 0.01) -> Tuple[List[int], List[float]]:
+    """Greedy structured OBS (ZipLM, Kurtic et al. 2023): repeatedly remove the neurons whose removal, after the
+    optimal refit of the others, adds the least output error ``||w_i||^2 / [G^-1]_ii``.
 
-    Returns the removal order and the cumulative squared reconstruction error after each removal (per token).
-    The constant input (last index of ``gram``) is never removed when ``keep_constant``.
+    ``block`` neurons are removed per step with the exact block update (default ``d_mlp // 128``, at least 1:
+    about 12x fewer updates on SmolLM2 for a small loss in greediness). Returns the removal order and the
+    cumulative squared reconstruction error per token after each removal (exact at block ends). The constant
+    input (last index of ``gram``) is never removed when ``keep_constant``; otherwise it is dropped.
     """
     d = w_out.shape[0]
+    block = max(1, d // 128) if block is None else max(1, int(block))
     g = gram.double().clone()
     if not keep_constant:
         g = g[:d, :d]
     size = g.shape[0]
-    g += 0.01 * g.diagonal()[:d].mean().clamp_min(1e-12) * torch.eye(size, dtype=g.dtype)
+    g += damp * g.diagonal()[:d].mean().clamp_min(1e-12) * torch.eye(size, dtype=g.dtype)
     h_inv = torch.linalg.inv(g)
     w = torch.zeros(size, w_out.shape[1], dtype=torch.float64)
     w[:d] = w_out.double()
     alive = torch.ones(size, dtype=torch.bool)
     alive[d:] = False  # the constant can absorb error but is never a candidate
-    order, errors, total = [], [], 0.0
-    for _ in range(n_remove):
-        diag = h_inv.diagonal()
-        err = w.square().sum(1) / diag
+    order: List[int] = []
+    errors: List[float] = []
+    total = 0.0
+    while len(order) < n_remove:
+        err = w.square().sum(1) / h_inv.diagonal()
         err[~alive] = torch.inf
-        i = int(err.argmin())
-        total += float(err[i])
-        order.append(i)
-        errors.append(total)
-        col = h_inv[:, i].clone()
-        w -= col[:, None] * (w[i] / col[i])[None, :]
-        h_inv -= col[:, None] * col[None, :] / col[i]
-        alive[i] = False
-        w[i] = 0.0
+        b = min(block, n_remove - len(order))
+        idx = err.topk(b, largest=False).indices
+        h_bb_inv = torch.linalg.inv(h_inv[idx][:, idx])
+        w_b = w[idx]
+        step_err = float(torch.einsum("ik,ij,jk->", w_b, h_bb_inv, w_b))
+        singles = err[idx]
+        share = (singles / singles.sum().clamp_min(1e-30)).tolist()
+        for i, frac in zip(idx.tolist(), share):
+            order.append(i)
+            total += step_err * frac
+            errors.append(total)
+        cols = h_inv[:, idx]
+        w -= cols @ (h_bb_inv @ w_b)
+        h_inv -= cols @ h_bb_inv @ cols.t()
+        alive[idx] = False
+        w[idx] = 0.0
     return order, errors
 
 

@@ -122,3 +122,24 @@ def test_bad_input_writes_nothing(tiny_model, tmp_path):
         surgery.prune_model(model, {0: [1]}, out=busy)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
     assert [p.name for p in busy.iterdir()] == ["x.txt"]
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_obs_error_equals_refit_error(block):
+    """The greedy OBS bookkeeping equals the reconstruction error of the least-squares refit of the same set."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(3000, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2, 16, dtype=torch.float64)
+    w = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    aug = torch.cat([a, torch.ones(3000, 1, dtype=torch.float64)], 1)
+    gram = aug.t() @ aug / 3000
+    order, err = surgery.obs_order(gram, w, 8, keep_constant=True, block=block, damp=0.0)
+    assert len(set(order)) == 8 and all(0 <= i < 16 for i in order)
+    for n in (4, 8):
+        delta, bias = surgery.refit_output(gram, w, order[:n], with_bias=True, damp=0.0)
+        keep = [i for i in range(16) if i not in order[:n]]
+        recon = a[:, keep] @ (w[keep] + delta[keep].double()) + bias.double()
+        true = (recon - a @ w).square().sum(1).mean()
+        assert err[n - 1] == pytest.approx(float(true), rel=0.05)
+    if block == 1:  # the first pick is the single neuron with the least refit error
+        singles = [((lambda d_, b_: ((a[:, [j for j in range(16) if j != i]] @ (w[[j for j in range(16) if j != i]] + d_[[j for j in range(16) if j != i]].double()) + b_.double()) - a @ w).square().sum(1).mean())(*surgery.refit_output(gram, w, [i], True, 0.0))) for i in range(16)]
+        assert order[0] == int(torch.tensor(singles).argmin())

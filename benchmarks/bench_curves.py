@@ -39,19 +39,24 @@ def main(argv=None) -> dict:
     t1 = time.perf_counter()
     cal = curves.calibrate(model)
     t_cal = time.perf_counter() - t1
-    zero = curves.prune_curve(model, curves.METHODS, ablation="zero", calibration=cal)
-    mean = curves.prune_curve(model, ["fluctuation", "wanda", "obs"], ablation="mean", calibration=cal)
+    def log(row):
+        print(json.dumps({"run": row, "elapsed_s": round(time.perf_counter() - t1, 1)}), file=sys.stderr, flush=True)
+
+    print(json.dumps({"calibration_s": t_cal}), file=sys.stderr, flush=True)
+    mean = curves.prune_curve(model, ["obs", "fluctuation", "wanda"], ablation="mean", calibration=cal, on_run=log)
+    precision = "bf16" if mean.dense_perplexity == mean.dense_bf16 else "fp32"
+    zero = curves.prune_curve(model, curves.METHODS, ablation="zero", calibration=cal, precision=precision, on_run=log)
     t_curve = time.perf_counter() - t1
-    table = pd.concat([zero.table, mean.table], ignore_index=True)
+    table = pd.concat([mean.table, zero.table], ignore_index=True)
     rec = curves.recommend(table)
 
     out = {
         "model": zero.protocol["model"],
         "protocol": zero.protocol,
-        "dense_perplexity": zero.dense_perplexity,
-        "dense_fp32": zero.dense_fp32,
-        "dense_bf16": zero.dense_bf16,
-        "bf16_rel_diff": None if zero.dense_bf16 is None else zero.dense_bf16 / zero.dense_fp32 - 1,
+        "dense_perplexity": mean.dense_perplexity,
+        "dense_fp32": mean.dense_fp32,
+        "dense_bf16": mean.dense_bf16,
+        "bf16_rel_diff": None if mean.dense_bf16 is None else mean.dense_bf16 / mean.dense_fp32 - 1,
         "table": [
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
             for r in table[["method", "ablation", "sparsity", "perplexity", "ratio", "perplexity_min", "perplexity_max", "n_seeds"]].to_dict("records")

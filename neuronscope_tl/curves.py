@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -372,10 +372,12 @@ def prune_curve(
     precision: str = "auto",
     calibration: Optional[Calibration] = None,
     progress: bool = False,
+    on_run: Optional[Callable[[dict], None]] = None,
 ) -> CurveResult:
     """Perplexity against sparsity for each method (and ablation), with pruning simulated through hooks.
 
     ``precision``: ``fp32``, ``bf16`` or ``auto`` (bf16 when dense bf16 is within 0.5% of dense fp32).
+    ``on_run`` is called with each run's row as soon as it is measured (progress reporting).
     """
     import time
 
@@ -405,6 +407,8 @@ def prune_curve(
         ppl = perplexity(*window_nll(model, wins, hooks, use_bf16))
         runs.append({"method": method, "sparsity": sparsity, "scope": scope, "ablation": abl, "seed": seed,
                      "n_pruned": spec.n_pruned if spec else 0, "perplexity": ppl})
+        if on_run is not None:
+            on_run(dict(runs[-1], dense=dense))
     runs_df = pd.DataFrame(runs)
     table = summarise_runs(runs_df, dense)
     protocol = protocol_record(model, wins, int(seeds[0]) if len(seeds) else 0, "bf16-autocast" if use_bf16 else "fp32", cal.record)

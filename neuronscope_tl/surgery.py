@@ -186,8 +186,11 @@ def fresh_hf_copy(model):
     """A plain HF model with the bridge's current weights (the bridge wraps its HF model in place, so we rebuild)."""
     from transformers import AutoModelForCausalLM
 
+    import copy as _copy
+
     hf = model.original_model
-    copy = AutoModelForCausalLM.from_config(hf.config, attn_implementation="eager")
+    # from_config keeps the config object it is given: copy it, or the surgery would edit the bridge's config.
+    copy = AutoModelForCausalLM.from_config(_copy.deepcopy(hf.config), attn_implementation="eager")
     want = copy.state_dict()
     state = {}
     for key, value in hf.state_dict().items():

@@ -49,6 +49,9 @@ def test_saved_model_equals_hook_simulation(tiny_model, tmp_path, ablation):
     assert result.d_mlp_after == d - 8 and not result.masked
     assert result.mlp_parameters_after < result.mlp_parameters_before
     assert result.parameters_after == sum(p.numel() for p in hf.parameters())  # tied embeddings counted once
+    cfg = model.original_model.config  # the bridge's own config is untouched by the surgery
+    assert getattr(cfg, "intermediate_size", None) in (None, d) and getattr(cfg, "n_inner", d) in (None, d)
+    assert not getattr(cfg, "mlp_bias", False)
     # Zero ablation is the same as zeroing the output weights in a fresh dense copy (independent route).
     if ablation == "zero":
         from transformers import AutoModelForCausalLM

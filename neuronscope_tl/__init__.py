@@ -6,6 +6,7 @@ A plugin for TransformerLens 4.x: every analysis takes a ``TransformerBridge`` a
 
 from .ablation import ablate_each
 from .activations import NeuronAccumulator, NeuronImportance, neuron_importance, stream_activations
+from .curves import CurveResult, SearchResult, evaluate_perplexity, prune_curve, search_pruning
 from .export import SCHEMA_VERSION, report_document, write_csv, write_json
 from .hooks import attached_hooks, hook_count
 from .impact import (
@@ -18,6 +19,7 @@ from .impact import (
     simulate_pruning,
 )
 from .metrics import ImpactThresholds, token_kl, token_nll
+from .surgery import PrunedModel, PruneSpec, prune_model
 from .models import DEFAULT_MODEL_NAME, MultiModelLoader, load_model, mlp_info
 from .scoring import ScoreAccumulator, ScorePass, score_neurons, score_pass, top_contexts, validate_scores
 from .texts import EXAMPLE_TEXTS, calibration_texts, evaluation_texts, lee_articles
@@ -35,6 +37,14 @@ __all__ = [
     "top_contexts",
     "validate_scores",
     "BatchAnalysis",
+    "CurveResult",
+    "PruneSpec",
+    "PrunedModel",
+    "SearchResult",
+    "evaluate_perplexity",
+    "prune_curve",
+    "prune_model",
+    "search_pruning",
     "DEFAULT_MODEL_NAME",
     "EXAMPLE_TEXTS",
     "ImpactResult",

@@ -10,6 +10,8 @@ library functions; no analysis logic lives here.
 * ``score``: every neuron scored in one pass (``scoring.score_pass``), the cheap scores validated against exact
   ablation (``scoring.validate_scores``); writes ``scores.csv``, ``scores.json``, ``validation.json`` and
   ``validation_measured.csv`` to ``--out`` and prints the Spearman correlations.
+* ``curve``: pruning curves of every method against random (table CSV, protocol JSON, PNG plot).
+* ``prune``: a physically smaller Hugging Face model directory (``save_pretrained`` + tokenizer).
 """
 
 from __future__ import annotations
@@ -276,6 +278,60 @@ class ScoreConfig:
             raise ValueError(f"--out {self.out} exists and is not a directory.")
 
 
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> List[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+@dataclass
+class CurveConfig:
+    """Settings of ``neuronscope-tl curve``.
+
+    Args:
+        model: HF model id or local directory; None for the embedded default.
+        out: output directory for curve.csv, curve_runs.csv, protocol.json and curve.png.
+        methods: ranking methods (default: all, see :data:`neuronscope_tl.curves.METHODS`).
+        sparsities: fractions of MLP neurons in [0, 1).
+        scope: ``per_layer`` or ``global``.
+        ablations: ``zero`` and/or ``mean``.
+        every: score every n-th 512-token window of the evaluation split (3: the default protocol, ~8k tokens).
+        calib_tokens: calibration tokens of the Lee calibration split.
+        precision: ``auto`` (bf16 when within 0.5% of fp32 on the dense model), ``fp32`` or ``bf16``.
+    """
+
+    model: Optional[str] = None
+    out: str = "neuronscope_curve"
+    methods: List[str] = field(default_factory=lambda: list(_curves().METHODS))
+    sparsities: List[float] = field(default_factory=lambda: list(_curves().DEFAULT_SPARSITIES))
+    scope: str = "per_layer"
+    ablations: List[str] = field(default_factory=lambda: ["zero", "mean"])
+    every: int = 3
+    calib_tokens: int = 8192
+    precision: str = "auto"
+
+    def __post_init__(self):
+        from .impact import check_ablation
+
+        c = _curves()
+        for m in self.methods:
+            c.check_method(m)
+        for s in self.sparsities:
+            c.check_sparsity(s)
+        c.check_scope(self.scope)
+        for a in self.ablations:
+            check_ablation(a)
+        if self.every < 1 or self.calib_tokens < 1:
+            raise ValueError(f"every and calib_tokens must be >= 1, got {self.every}, {self.calib_tokens}.")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} exists and is not a directory.")
+
+
 def add_score_args(p: argparse.ArgumentParser) -> None:
     d = ScoreConfig()
     p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
@@ -334,10 +390,139 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
     return summary
 
 
+def _curves():
+    from . import curves
+
+    return curves
+
+
+def add_curve_args(p: argparse.ArgumentParser) -> None:
+    c = _curves()
+    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default="neuronscope_curve", help="output directory")
+    p.add_argument("--methods", type=_names, default=list(c.METHODS), help=f"comma-separated, from {','.join(c.METHODS)}")
+    p.add_argument("--sparsities", type=_floats, default=list(c.DEFAULT_SPARSITIES), help="comma-separated fractions in [0, 1)")
+    p.add_argument("--scope", default="per_layer", help="per_layer or global")
+    p.add_argument("--ablations", type=_names, default=["zero", "mean"], help="comma-separated: zero,mean")
+    p.add_argument("--every", type=int, default=3, help="score every n-th 512-token evaluation window (default 3)")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
+
+
+def run_curve(cfg: CurveConfig, log=print) -> dict:
+    """Measure the curve and write curve.csv, curve_runs.csv, protocol.json and curve.png into ``cfg.out``."""
+    from . import curves, models
+    from .export import write_csv, write_json
+
+    model = models.load_model(cfg.model)
+    res = curves.prune_curve(
+        model, cfg.methods, cfg.sparsities, cfg.scope, cfg.ablations, every=cfg.every, calib_tokens=cfg.calib_tokens,
+        precision=cfg.precision, progress=True,
+    )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_csv(out / "curve.csv", res.table), write_csv(out / "curve_runs.csv", res.runs)]
+    doc = {"protocol": res.protocol, "dense_perplexity": res.dense_perplexity, "dense_fp32": res.dense_fp32,
+           "dense_bf16": res.dense_bf16, "recommended": res.recommended, "timings": res.timings, "config": asdict(cfg)}
+    files.append(write_json(out / "protocol.json", doc))
+    files.append(curves.plot_curve(res, out / "curve.png"))
+    for row in res.table.itertuples():
+        spread = f" (seeds {row.perplexity_min:.1f}-{row.perplexity_max:.1f})" if row.n_seeds > 1 else ""
+        log(f"{row.method:12s} {row.ablation:5s} {row.sparsity:.2f}: ppl {row.perplexity:10.2f}  x{row.ratio:.2f}{spread}")
+    log(f"dense {res.dense_perplexity:.2f}; recommended {res.recommended}; wrote {len(files)} files to {out}")
+    return {"files": [str(f) for f in files], "recommended": res.recommended, "dense_perplexity": res.dense_perplexity}
+
+
+@dataclass
+class PruneConfig:
+    """Settings of ``neuronscope-tl prune``.
+
+    Args:
+        model: HF model id or local directory; None for the embedded default.
+        method: ranking method; None for the project's recommendation (the best on its own curve).
+        sparsity: fraction of MLP neurons to remove, in [0, 1).
+        scope: ``per_layer`` (one smaller intermediate size) or ``global`` (masked checkpoint, same shapes).
+        ablation: ``zero`` or ``mean`` (mean activation folded into an output bias); None: the recommendation's.
+        out: a new or empty directory (or any directory with ``overwrite``).
+        overwrite: replace a non-empty ``out``.
+        calib_tokens: calibration tokens (scores, means and the least-squares refit).
+        evaluate: also measure dense and pruned perplexity on the default protocol (bf16, every third window).
+    """
+
+    sparsity: float = 0.2
+    out: str = "neuronscope_pruned"
+    model: Optional[str] = None
+    method: Optional[str] = None
+    scope: str = "per_layer"
+    ablation: Optional[str] = None
+    overwrite: bool = False
+    calib_tokens: int = 8192
+    evaluate: bool = True
+
+    def __post_init__(self):
+        from .impact import check_ablation
+        from .surgery import check_out_dir
+
+        c = _curves()
+        if self.method is None:
+            self.method = c.RECOMMENDED_METHOD
+            self.ablation = self.ablation or c.RECOMMENDED_ABLATION
+        self.ablation = self.ablation or "zero"
+        c.check_method(self.method)
+        c.check_sparsity(self.sparsity)
+        c.check_scope(self.scope)
+        check_ablation(self.ablation)
+        check_out_dir(self.out, self.overwrite)
+
+
+def add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default=None, help="ranking method (default: the project's recommended method)")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of MLP neurons to remove, in [0, 1)")
+    p.add_argument("--scope", default="per_layer", help="per_layer or global")
+    p.add_argument("--ablation", default=None, help="zero or mean (default: the recommended method's)")
+    p.add_argument("--out", required=True, help="new or empty output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the perplexity check")
+
+
+def run_prune(cfg: PruneConfig, log=print) -> dict:
+    """Select, prune, save the smaller model and write ``pruning_report.json`` beside its files."""
+    from . import curves, models, surgery
+    from .export import write_json
+
+    model = models.load_model(cfg.model)
+    cal = curves.calibrate(model, calib_tokens=cfg.calib_tokens, with_grams=cfg.method == "obs")
+    spec = curves.build_spec(model, cal, cfg.method, cfg.sparsity, cfg.scope, cfg.ablation)
+    if spec is None:
+        raise ValueError(f"sparsity {cfg.sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")
+    report = {"method": cfg.method, "ablation": cfg.ablation, "scope": cfg.scope, "sparsity": cfg.sparsity}
+    if cfg.evaluate:
+        wins = curves.eval_windows(model, None, curves.DEFAULT_WINDOW, curves.DEFAULT_EVERY)
+        dense = curves.perplexity(*curves.window_nll(model, wins, bf16=True))
+        pruned = curves.perplexity(*curves.window_nll(model, wins, surgery.simulation_hooks(spec), bf16=True))
+        report.update({"dense_perplexity": dense, "pruned_perplexity": pruned, "ratio": pruned / dense,
+                       "protocol": curves.protocol_record(model, wins, 0, "bf16-autocast", cal.record)})
+    result = surgery.prune_model(model, None, cfg.ablation, out=cfg.out, overwrite=cfg.overwrite, spec=spec)
+    report["model"] = result.to_dict()
+    write_json(Path(cfg.out) / "pruning_report.json", report)
+    if result.masked:
+        log("widths differ per layer: wrote a MASKED checkpoint of the original shapes (pruned weights set to zero); it is not smaller.")
+    log(f"pruned {result.n_pruned} neurons ({cfg.method}, {cfg.ablation}, {cfg.scope}); d_mlp {result.d_mlp_before} -> {result.d_mlp_after}; "
+        f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; file {result.file_bytes_before/1e6:.1f} -> {result.file_bytes_after/1e6:.1f} MB; "
+        f"latency {result.latency_s_before*1e3:.0f} -> {result.latency_s_after*1e3:.0f} ms / {result.latency_tokens} tokens")
+    if cfg.evaluate:
+        log(f"perplexity {report['dense_perplexity']:.2f} -> {report['pruned_perplexity']:.2f} (x{report['ratio']:.3f})")
+    return report
+
+
 COMMANDS = {
     "analyze": (add_analyze_args, AnalyzeConfig, run_analyze, "run the seed's whole workflow and write a report"),
     "serve": (add_serve_args, ServeConfig, run_serve, "start the web app (Gradio demo and REST API) on 127.0.0.1"),
     "score": (add_score_args, ScoreConfig, run_score, "score every neuron in one pass and validate against exact ablation"),
+    "curve": (add_curve_args, CurveConfig, run_curve, "pruning curves of every method against random"),
+    "prune": (add_prune_args, PruneConfig, run_prune, "write a physically smaller pruned model"),
 }
 
 

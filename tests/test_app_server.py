@@ -100,6 +100,52 @@ def test_gradio_top_contexts_equal_scoring_pass(gclient, model):
         gclient.predict(1, 10_000, "some text", api_name="/contexts")
 
 
+@pytest.fixture(scope="module")
+def long_ctx_model(tmp_path_factory):
+    """A tiny GPT-2 with a 1024-token context, so the Lee articles fit (the default protocol's calibration)."""
+    from conftest import save_tiny
+
+    return ns.load_model(save_tiny(tmp_path_factory.mktemp("tiny-gpt2-1024"), "gpt2", n_positions=1024))
+
+
+def test_gradio_pruning_curve_and_pruned_download(long_ctx_model, tmp_path):
+    """The curve tab equals prune_curve on the same calibration; the zip reloads in plain transformers and its
+    logits equal the hook-simulated pruning."""
+    with LiveServer(long_ctx_model) as srv:
+        _check_curve_and_prune(Client(srv.url + "/", verbose=False), long_ctx_model, tmp_path)
+
+
+def _check_curve_and_prune(gclient, model, tmp_path):
+    import zipfile
+
+    from transformers import AutoModelForCausalLM
+
+    from neuronscope_tl import curves, surgery
+
+    note, png, table = gclient.predict(["wanda", "random"], "0.25", "per_layer", "mean", 256, api_name="/curve")
+    cal = curves.calibrate(model, calib_tokens=256, with_grams=False)
+    expected = curves.prune_curve(model, ["wanda", "random"], [0.25], "per_layer", "mean", calibration=cal)
+    got = dict(zip([r[0] for r in table["data"]], [r[table["headers"].index("perplexity")] for r in table["data"]]))
+    for row in expected.table.itertuples():
+        assert got[row.method] == pytest.approx(row.perplexity, rel=1e-6)
+    assert f"{expected.dense_perplexity:.2f}" in note and open(png, "rb").read(4) == b"\x89PNG"
+
+    archive = gclient.predict("wanda", 0.25, "per_layer", "mean", 256, api_name="/prune")
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp_path / "pruned")
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    spec = curves.build_spec(model, cal, "wanda", 0.25, "per_layer", "mean")
+    assert pruned.config.n_inner == ns.mlp_info(model).d_mlp - len(spec.neurons[0])
+    toks = model.to_tokens(ns.EXAMPLE_TEXTS[0])
+    from neuronscope_tl.hooks import attached_hooks
+
+    with torch.no_grad(), attached_hooks(model, surgery.simulation_hooks(spec)):
+        simulated = model(toks)
+    torch.testing.assert_close(pruned(toks).logits, simulated, atol=1e-4, rtol=0)
+    with pytest.raises(AppError, match=r"\[0, 1\)"):
+        gclient.predict(["wanda"], "1.5", "per_layer", "zero", 256, api_name="/curve")
+
+
 def rest(url, method, path, body=None):
     with httpx.Client(base_url=url, timeout=120) as c:
         r = c.request(method, P + path, json=body)

@@ -20,7 +20,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
-from .. import activations, impact, scoring, texts, weights
+from .. import activations, curves, impact, scoring, surgery, texts, weights
 from ..impact import BatchAnalysis, ImpactResult
 from ..metrics import ImpactThresholds
 from ..models import mlp_info, model_name
@@ -40,6 +40,7 @@ class AppSettings:
         max_batch_size: texts per forward pass.
         max_top_k: critical neurons returned by neuron importance.
         max_body_bytes: size of a REST request body.
+        max_calib_tokens: calibration tokens of a pruning curve or a pruned download in the demo.
         lock_timeout_s: how long a request waits for the model before it is refused (HTTP 503).
         ui_concurrency: Gradio events handled at once (they still queue on the model lock).
         thresholds: verdict thresholds of every impact result.
@@ -51,12 +52,13 @@ class AppSettings:
     max_batch_size: int = 16
     max_top_k: int = 100
     max_body_bytes: int = 1_000_000
+    max_calib_tokens: int = 8192
     lock_timeout_s: float = 120.0
     ui_concurrency: int = 4
     thresholds: ImpactThresholds = field(default_factory=ImpactThresholds)
 
     def __post_init__(self):
-        for name in ("max_texts", "max_tokens", "max_candidates", "max_batch_size", "max_top_k", "max_body_bytes", "ui_concurrency"):
+        for name in ("max_texts", "max_tokens", "max_candidates", "max_batch_size", "max_top_k", "max_body_bytes", "max_calib_tokens", "ui_concurrency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
@@ -88,6 +90,7 @@ class AppState:
         self.last_impact: Optional[Union[ImpactResult, BatchAnalysis]] = None
         self._downloads: Optional[Path] = None
         self._score_pass: Optional[Tuple[Tuple[str, ...], scoring.ScorePass]] = None
+        self._calibration: dict = {}  # (calib_tokens, with_grams) -> curves.Calibration
 
     def downloads_dir(self) -> Path:
         """A private temporary directory for the UI's download files (never a path a client chose)."""
@@ -191,6 +194,52 @@ class AppState:
             if self._score_pass is None or self._score_pass[0] != checked:
                 self._score_pass = (checked, scoring.score_pass(self.model, list(checked)))
             return scoring.top_contexts(self._score_pass[1], layer_index, neuron_index, window)
+
+    def _calibrate(self, calib_tokens: int, with_grams: bool) -> "curves.Calibration":
+        if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or not 1 <= calib_tokens <= self.settings.max_calib_tokens:
+            raise LimitExceeded(f"calibration tokens must be an integer in [1, {self.settings.max_calib_tokens}], got {calib_tokens!r}.")
+        key = (calib_tokens, with_grams)
+        if key not in self._calibration:
+            have = next((c for (t, g), c in self._calibration.items() if t == calib_tokens and g), None)
+            self._calibration[key] = have or curves.calibrate(self.model, calib_tokens=calib_tokens, with_grams=with_grams)
+        return self._calibration[key]
+
+    def curve(self, methods: Sequence[str], sparsities: Sequence[float], scope: str, ablation: str, calib_tokens: int,
+              every: int = curves.DEFAULT_EVERY, progress: bool = False) -> "curves.CurveResult":
+        """A pruning curve on the default evaluation protocol (one calibration pass kept per token budget)."""
+        methods = [curves.check_method(m) for m in methods]
+        if not methods:
+            raise ValueError(f"choose at least one method of {', '.join(curves.METHODS)}.")
+        if not sparsities:
+            raise ValueError("give at least one sparsity in [0, 1).")
+        for x in sparsities:
+            curves.check_sparsity(x)
+        curves.check_scope(scope)
+        impact.check_ablation(ablation)
+        with self.model_work():
+            cal = self._calibrate(calib_tokens, "obs" in methods)
+            window = min(curves.DEFAULT_WINDOW, self.info.n_ctx)
+            return curves.prune_curve(
+                self.model, methods, sparsities, scope, ablation, window=window, every=every, calibration=cal, progress=progress
+            )
+
+    def prune(self, method: str, sparsity: float, scope: str, ablation: str, calib_tokens: int) -> Path:
+        """Physically prune a copy of the model into a fresh private directory and return a zip of it."""
+        import shutil
+
+        curves.check_method(method)
+        curves.check_sparsity(sparsity)
+        curves.check_scope(scope)
+        impact.check_ablation(ablation)
+        with self.model_work():
+            cal = self._calibrate(calib_tokens, method == "obs")
+            spec = curves.build_spec(self.model, cal, method, sparsity, scope, ablation)
+            if spec is None:
+                raise ValueError(f"sparsity {sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")
+            work = Path(tempfile.mkdtemp(prefix="pruned_", dir=self.downloads_dir()))
+            out = work / f"pruned-{method}-{ablation}-{scope}-{sparsity:g}"
+            surgery.prune_model(self.model, None, ablation, out=out, spec=spec, measure_latency=False)
+            return Path(shutil.make_archive(str(out), "zip", root_dir=out))
 
     def export_document(self, export_type: str) -> Tuple[str, dict]:
         """(file name, JSON document) of the weight analysis or of the last impact or batch analysis."""

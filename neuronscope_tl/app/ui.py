@@ -1,4 +1,5 @@
-"""The Gradio demo: six tabs that mirror the seed's workflow over the same :class:`.AppState` operations as the REST API.
+"""The Gradio demo: tabs that mirror the seed's workflow (weights, candidates, impact, importance, neuron contexts,
+batch, pruning curve with prune-and-download, export) over the same :class:`.AppState` operations as the REST API.
 
 Each handler converts widget values to library arguments, calls one operation and converts the result into
 widgets; no number is computed here beyond scaling for display. Library refusals become ``gr.Error`` with the
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import re
+import tempfile
 from pathlib import Path
 from typing import List
 
 import gradio as gr
 import pandas as pd
 
+from ..curves import METHODS, RECOMMENDED_METHOD, SCOPES, plot_curve
 from ..export import write_csv, write_json
 from ..texts import EXAMPLE_TEXTS
 from ..weights import candidate_records
@@ -44,6 +47,15 @@ def parse_ints(text, what: str) -> List[int]:
         return [int(p) for p in parts]
     except ValueError:
         raise ValueError(f"{what} must be integers separated by commas, got {text!r}.") from None
+
+
+def parse_floats(text, what: str) -> List[float]:
+    """``"0.1, 0.2"`` -> [0.1, 0.2]; anything else is refused with a message."""
+    parts = [p for p in re.split(r"[\s,;]+", str(text or "").strip()) if p]
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"{what} must be numbers separated by commas, got {text!r}.") from None
 
 
 def split_texts(text) -> List[str]:
@@ -146,6 +158,23 @@ def build_ui(state: AppState) -> gr.Blocks:
         note = f"Top {len(table)} activating tokens of L{as_int(layer, 'layer')}N{as_int(neuron, 'neuron')} (token in context: left [token] right)."
         shown = table.assign(context=table["left"] + "[" + table["token"] + "]" + table["right"])
         return note, shown[["activation", "text_index", "position", "context"]]
+
+    @ui_errors
+    def run_curve(methods, sparsities, scope, ablation, calib_tokens, progress=gr.Progress(track_tqdm=True)):
+        progress(0, desc="waiting for the model")
+        result = state.curve(list(methods or []), parse_floats(sparsities, "sparsities"), scope, ablation, as_int(calib_tokens, "calibration tokens"), progress=True)
+        png = plot_curve(result, Path(tempfile.mkdtemp(dir=downloads)) / "curve.png")
+        rec = result.recommended
+        note = (
+            f"Dense perplexity {result.dense_perplexity:.2f} on {result.protocol['n_tokens_scored']} tokens "
+            f"({result.protocol['precision']}); best on this curve: **{rec.get('method')} ({rec.get('ablation')})**."
+        )
+        return note, str(png), result.table
+
+    @ui_errors
+    def run_prune(method, sparsity, scope, ablation, calib_tokens, progress=gr.Progress()):
+        progress(0, desc="waiting for the model")
+        return str(state.prune(method, float(sparsity), scope, ablation, as_int(calib_tokens, "calibration tokens")))
 
     @ui_errors
     def run_importance(layer, texts, top_k, progress=gr.Progress(track_tqdm=True)):
@@ -260,6 +289,27 @@ def build_ui(state: AppState) -> gr.Blocks:
                 b_rec = gr.JSON(label="Recommendations")
                 b_btn.click(run_batch, [b_table, b_texts, b_size, b_ablation], [b_note, b_individual, b_curve, b_rec], api_name="batch")
                 c_send.click(send_to_batch, [c_threshold, c_n], [b_table, tabs], api_name="send_to_batch")
+
+            with gr.Tab("Pruning curve", id="curve"):
+                with gr.Row():
+                    p_methods = gr.CheckboxGroup(list(METHODS), value=["magnitude", "wanda", "fluctuation", "random", "obs"], label="Methods")
+                    p_sparsities = gr.Textbox(value="0.1, 0.2, 0.3", label="Sparsities in [0, 1), comma separated")
+                with gr.Row():
+                    p_scope = gr.Radio(list(SCOPES), value="per_layer", label="Scope")
+                    p_ablation = gr.Radio(["zero", "mean"], value="mean", label="Ablation")
+                    p_calib = gr.Number(value=1024, precision=0, label=f"Calibration tokens (1..{state.settings.max_calib_tokens})")
+                p_btn = gr.Button("Measure pruning curve", variant="primary")
+                p_note = gr.Markdown()
+                p_plot = gr.Image(label="Perplexity against sparsity (random's spread shaded)", type="filepath")
+                p_table = gr.Dataframe(label="Curve", interactive=False)
+                p_btn.click(run_curve, [p_methods, p_sparsities, p_scope, p_ablation, p_calib], [p_note, p_plot, p_table], api_name="curve")
+                gr.Markdown("### Prune and download\nA physically smaller Hugging Face directory (zip) that plain transformers loads.")
+                with gr.Row():
+                    d_method = gr.Dropdown(list(METHODS), value=RECOMMENDED_METHOD, label="Method")
+                    d_sparsity = gr.Number(value=0.2, label="Sparsity")
+                d_btn = gr.Button("Prune and download")
+                d_file = gr.File(label="Pruned model (zip)")
+                d_btn.click(run_prune, [d_method, d_sparsity, p_scope, p_ablation, p_calib], [d_file], api_name="prune")
 
             with gr.Tab("Export", id="export"):
                 e_kind = gr.Radio(["weight", "impact"], value="weight", label="What to export")

@@ -143,6 +143,42 @@ def test_keyboard_interrupt_mid_activation_pass(model, reference, monkeypatch, f
     assert ns.neuron_importance(model, TEXTS, progress=False).table["importance"].tolist() == reference["importance"]
 
 
+@pytest.mark.parametrize("where", ["update", "backward"])
+def test_keyboard_interrupt_mid_scoring_pass(model, reference, monkeypatch, where):
+    """Ctrl-C in the 2nd batch of the one-pass scoring (forward + backward): no hooks, no .grad, same scores after."""
+    from neuronscope_tl import scoring
+
+    clean = scoring.score_neurons(model, TEXTS)
+    calls = {"n": 0}
+    if where == "update":
+        original = scoring.ScoreAccumulator.update
+
+        def interrupted(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(scoring.ScoreAccumulator, "update", interrupted)
+    else:
+        original = torch.autograd.grad
+
+        def interrupted(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(scoring.torch.autograd, "grad", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scoring.score_neurons(model, TEXTS)
+    monkeypatch.undo()
+    assert_intact(model, reference)
+    assert all(p.grad is None for p in model.parameters())
+    again = scoring.score_neurons(model, TEXTS)
+    assert again.drop(columns="label").equals(clean.drop(columns="label"))
+
+
 def test_keyboard_interrupt_mid_impact_forward(model, reference, monkeypatch):
     """Ctrl-C during the ablated forward of a simulation (mean ablation: after its calibration pass)."""
     original = hooks.ablation_hook

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .activations import check_layers, mean_activations
-from .export import Result, report_document, write_csv, write_json
+from .export import Result, report_document, write_csv, write_json, write_set
 from .hooks import ablation_hooks, attached_hooks, capture_hook, resid_post_name
 from .metrics import HIGH, MODERATE, SAFE, ImpactThresholds, RunningMean, kl_from_log_probs, log_probs, nll_from_log_probs, top1_agree
 from .models import mlp_info, model_name
@@ -415,13 +415,14 @@ def impact_document(result: Union[ImpactResult, BatchAnalysis], settings: Option
 
 def export_impact(result: Union[ImpactResult, BatchAnalysis], path: Union[str, Path], settings: Optional[dict] = None) -> List[Path]:
     """Write the impact JSON at ``path``; a batch analysis also writes its tables as ``*_individual.csv`` and
-    ``*_cumulative.csv`` beside it."""
+    ``*_cumulative.csv`` beside it. The files are written as one set (:func:`~neuronscope_tl.export.write_set`):
+    all of them are new, or on any error all are as they were."""
     path = Path(path)
-    written = [write_json(path, impact_document(result, settings))]
+    files: Dict[Path, Any] = {path: impact_document(result, settings)}
     if isinstance(result, BatchAnalysis):
-        written.append(write_csv(path.with_name(path.stem + "_individual.csv"), result.individual))
-        written.append(write_csv(path.with_name(path.stem + "_cumulative.csv"), result.cumulative))
-    return written
+        files[path.with_name(path.stem + "_individual.csv")] = result.individual
+        files[path.with_name(path.stem + "_cumulative.csv")] = result.cumulative
+    return write_set(files)
 
 
 class PruningImpactAnalyzer:

@@ -5,14 +5,15 @@ A plugin for TransformerLens 4.x: every analysis takes a ``TransformerBridge`` a
 """
 
 from .ablation import ablate_each
-from .activations import NeuronAccumulator, NeuronImportance, neuron_importance, stream_activations
+from .analyzers import MultiModelLoader, PruningImpactAnalyzer, WeightAnalyzer
+from .candidates import PruningCandidate, activation_evidence, assess_candidates
+from .activations import NeuronAccumulator, calibration_stats, NeuronImportance, neuron_importance, stream_activations
 from .curves import CurveResult, SearchResult, evaluate_perplexity, prune_curve, search_pruning
 from .export import SCHEMA_VERSION, report_document, write_csv, write_json
 from .hooks import attached_hooks, hook_count
 from .impact import (
     BatchAnalysis,
     ImpactResult,
-    PruningImpactAnalyzer,
     batch_analysis,
     export_impact,
     impact_document,
@@ -20,15 +21,14 @@ from .impact import (
 )
 from .metrics import ImpactThresholds, token_kl, token_nll
 from .surgery import PrunedModel, PruneSpec, prune_model
-from .models import DEFAULT_MODEL_NAME, MultiModelLoader, load_model, mlp_info
+from .models import DEFAULT_MODEL_NAME, load_model, mlp_info
 from .scoring import ScoreAccumulator, ScorePass, score_neurons, score_pass, top_contexts, validate_scores
 from .texts import EXAMPLE_TEXTS, calibration_texts, evaluation_texts, lee_articles
-from .weights import WeightAnalysis, WeightAnalyzer, analyze_weights, export_weights, neuron_weight_table, pruning_candidates
+from .weights import WeightAnalysis, analyze_weights, export_weights, neuron_weight_table, pruning_candidates
 
 __version__ = "0.1.0"
 
 __all__ = [
-    # one-pass scoring and exact ablation (issue 5)
     "ScoreAccumulator",
     "ScorePass",
     "ablate_each",
@@ -36,6 +36,10 @@ __all__ = [
     "score_pass",
     "top_contexts",
     "validate_scores",
+    "PruningCandidate",
+    "activation_evidence",
+    "assess_candidates",
+    "calibration_stats",
     "BatchAnalysis",
     "CurveResult",
     "PruneSpec",

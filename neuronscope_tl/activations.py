@@ -10,6 +10,7 @@ texts merge into exactly the single-pass result (up to float64 rounding).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -22,9 +23,24 @@ from tqdm.auto import tqdm
 from .export import Result
 from .hooks import attached_hooks, mlp_post_name
 from .models import mlp_info, model_name
-from .texts import DEFAULT_BATCH_SIZE, batches, check_batch_size, check_texts, tokenize
+from .texts import (
+    DEFAULT_BATCH_SIZE, as_finite_real, batches, calibration_texts, calibration_tokens, check_batch_size, check_int, check_max_tokens, check_texts,
+    show, tokenize,
+)
 
 DEFAULT_ACTIVE_THRESHOLD = 0.01
+
+
+def check_active_threshold(active_threshold) -> float:
+    """The |a| above which a neuron counts as active: a finite number >= 0."""
+    value = as_finite_real(active_threshold)
+    if value is None or value < 0:
+        raise ValueError(f"active_threshold must be a finite number >= 0, got {show(active_threshold)}.")
+    return value
+
+
+# Calibration tokens for mean values and candidate evidence: the first 8,192 tokens of the calibration texts.
+DEFAULT_CALIB_TOKENS = 8192
 
 
 def check_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
@@ -55,7 +71,7 @@ class NeuronAccumulator:
     def __init__(self, layers: Sequence[int], d_mlp: int, active_threshold: float = DEFAULT_ACTIVE_THRESHOLD):
         self.layers = list(layers)
         self.d_mlp = d_mlp
-        self.active_threshold = float(active_threshold)
+        self.active_threshold = check_active_threshold(active_threshold)
         shape = (len(self.layers), d_mlp)
         z = lambda: torch.zeros(shape, dtype=torch.float64)
         self.count = torch.zeros(len(self.layers), dtype=torch.float64)
@@ -134,7 +150,18 @@ def stream_activations(
     """One streaming pass over ``texts``: per-neuron activation statistics for all requested layers."""
     layers = check_layers(model, layers)
     batch_size = check_batch_size(batch_size)
-    token_lists = tokenize(model, texts, max_tokens=max_tokens)
+    return stream_tokens(model, tokenize(model, texts, max_tokens=max_tokens), layers, batch_size, active_threshold, progress)
+
+
+def stream_tokens(
+    model,
+    token_lists: Sequence[Tensor],
+    layers: Sequence[int],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    active_threshold: float = DEFAULT_ACTIVE_THRESHOLD,
+    progress: bool = False,
+) -> NeuronAccumulator:
+    """The pass behind :func:`stream_activations`, over already tokenized sequences (validated layers)."""
     acc = NeuronAccumulator(layers, mlp_info(model).d_mlp, active_threshold)
     current = {}
 
@@ -191,10 +218,15 @@ def neuron_importance(
     if layer_index is not None and layers is not None:
         raise ValueError("give layer_index or layers, not both.")
     chosen = check_layers(model, [layer_index] if layer_index is not None else layers)
-    if isinstance(top_k, bool) or not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
+    top_k = check_int(top_k, "top_k", 1)
+    batch_size = check_batch_size(batch_size)
+    active_threshold = check_active_threshold(active_threshold)
+    max_tokens = check_max_tokens(max_tokens)
     texts = check_texts(texts)
-    acc = stream_activations(model, texts, chosen, batch_size, max_tokens, active_threshold, progress)
+    if chosen == check_layers(model, None) and active_threshold == DEFAULT_ACTIVE_THRESHOLD:
+        acc = calibration_stats(model, texts, max_tokens)  # the same pass as mean values and candidate evidence
+    else:
+        acc = stream_activations(model, texts, chosen, batch_size, max_tokens, active_threshold, progress)
     table = acc.table()
     w_out = model.W_out.detach().float().cpu().norm(dim=2)  # [L, d_mlp]
     table["w_out_norm"] = w_out[chosen].reshape(-1).numpy()
@@ -211,6 +243,25 @@ def neuron_importance(
         table=table,
         critical=critical,
     )
+
+
+_CALIBRATION_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def calibration_stats(model, texts: Optional[Sequence[str]] = None, max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS) -> NeuronAccumulator:
+    """Activation statistics of every layer over the calibration texts (default: the Lee calibration split),
+    first ``max_tokens`` tokens (texts longer than the model's context are cut into context-sized pieces);
+    computed once per model and text set, then served from a cache.
+
+    Mean-ablation values and the candidates' activation evidence both come from here, so one pass serves both.
+    """
+    chosen = tuple(check_texts(list(texts))) if texts is not None else tuple(calibration_texts())
+    cache = _CALIBRATION_CACHE.setdefault(model, {})
+    key = (chosen, max_tokens)
+    if key not in cache:
+        tokens = calibration_tokens(model, list(chosen), max_tokens)
+        cache[key] = stream_tokens(model, tokens, check_layers(model, None))
+    return cache[key]
 
 
 def mean_activations(model, texts: Sequence[str], layers: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: Optional[int] = None) -> Dict[int, Tensor]:

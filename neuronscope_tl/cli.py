@@ -88,7 +88,7 @@ def add_analyze_args(p: argparse.ArgumentParser) -> None:
 
 def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     """Run the seed's workflow and write the report files; returns the summary written to ``report.json``."""
-    from . import activations, impact, models, texts, weights
+    from . import activations, candidates, impact, models, texts, weights
     from .export import write_csv, write_json, report_document
 
     t0 = time.perf_counter()
@@ -112,11 +112,17 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     timings["weights_s"] = time.perf_counter() - t
     log(f"weights: {wa.total_parameters:,} parameters, sparsity {wa.overall_sparsity:.4%} exactly zero, {wa.near_zero_fraction:.2%} |w| < {wa.near_zero_threshold}")
 
-    cands = weights.pruning_candidates(model, cfg.threshold, wa.neurons)
+    t = time.perf_counter()
+    cands = candidates.assess_candidates(model, cfg.threshold, calib_texts=calib, weight_table=wa.neurons)
     files.append(str(write_csv(out / "candidates.csv", cands)))
-    first = cands.sort_values(["rank_in_layer", "layer"]).head(cfg.n_candidates)
+    first = candidates.first_candidates(cands, cfg.n_candidates)
+    if first.empty:
+        first = candidates.first_candidates(cands, cfg.n_candidates, safe_only=False)
     pairs = [(int(r.layer), int(r.neuron)) for r in first.itertuples()]
-    log(f"candidates: {len(cands)} neurons at or below the {cfg.threshold:g}th percentile of mean |w| in their layer")
+    timings["candidates_s"] = time.perf_counter() - t
+    log(f"candidates: {len(cands)} neurons at or below the {cfg.threshold:g}th percentile of mean |w| in their layer, "
+        f"{int(cands['is_pruning_candidate'].sum())} flagged safe by their activation evidence")
+    log("  " + candidates.WEIGHT_ONLY_LIMITS.format(safe=candidates.DEFAULT_SAFE_PERCENTILE))
 
     t = time.perf_counter()
     sims = []
@@ -128,7 +134,7 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     timings["impact_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    imp = activations.neuron_importance(model, calib, batch_size=cfg.batch_size)
+    imp = activations.neuron_importance(model, calib, batch_size=cfg.batch_size, max_tokens=activations.DEFAULT_CALIB_TOKENS)
     files.append(str(write_csv(out / "neuron_importance.csv", imp.table)))
     imp_doc = report_document(
         "neuron_importance", imp.model, {"active_threshold": imp.active_threshold, "layers": imp.layers},
@@ -152,6 +158,8 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
         "overall_sparsity": wa.overall_sparsity,
         "total_parameters": wa.total_parameters,
         "n_candidates": len(cands),
+        "n_safe_candidates": int(cands["is_pruning_candidate"].sum()),
+        "candidate_limits": candidates.WEIGHT_ONLY_LIMITS.format(safe=candidates.DEFAULT_SAFE_PERCENTILE),
         "impacts": [{"layer_index": r.layer_index, "neuron_indices": r.neuron_indices, "impact_score": r.impact_score, "verdict": r.verdict} for r in sims],
         "recommendations": rec,
         "timings": timings,

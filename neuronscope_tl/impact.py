@@ -6,13 +6,11 @@ never stored beyond the batch. Metric definitions live in :mod:`neuronscope_tl.m
 
 * :func:`simulate_pruning`: one set of neurons in one layer (the seed's ``simulate_neuron_pruning``).
 * :func:`batch_analysis`: each candidate alone, then cumulatively in the given order, with recommendations.
-* :class:`PruningImpactAnalyzer`: the seed's class over both.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -23,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .activations import check_layers, mean_activations
+from .activations import DEFAULT_CALIB_TOKENS, calibration_stats, check_layers
 from .export import Result, report_document, write_csv, write_json, write_set
 from .hooks import ablation_hooks, attached_hooks, capture_hook, resid_post_name
 from .metrics import HIGH, MODERATE, SAFE, ImpactThresholds, RunningMean, kl_from_log_probs, log_probs, nll_from_log_probs, top1_agree
@@ -31,7 +29,6 @@ from .models import mlp_info, model_name
 from .texts import DEFAULT_BATCH_SIZE, batches, calibration_texts, check_batch_size, check_texts, tokenize
 
 ABLATIONS = ("zero", "mean")
-DEFAULT_MEAN_MAX_TOKENS = 8192
 Plan = Dict[int, Tuple[List[int], Optional[Tensor]]]  # {layer: (neurons, replacement values or None)}
 
 
@@ -100,32 +97,24 @@ def check_candidates(model, candidates: Any) -> List[Tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------------- mean values
 
-_MEAN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def ablation_values(
     model,
     layers: Sequence[int],
     ablation: str,
     calib_texts: Optional[Sequence[str]] = None,
-    max_tokens: Optional[int] = DEFAULT_MEAN_MAX_TOKENS,
+    max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS,
 ) -> Dict[int, Optional[Tensor]]:
     """Replacement values per layer: None for zero ablation; each neuron's mean activation for mean ablation.
 
-    Means are taken over ``calib_texts`` (default: the Lee calibration split, first ``max_tokens`` tokens) and
-    cached per model and text set, so repeated mean ablations pay for the calibration pass once.
+    Means come from :func:`~neuronscope_tl.activations.calibration_stats` over ``calib_texts`` (default: the Lee
+    calibration split, first ``max_tokens`` tokens), cached per model and text set, so repeated mean ablations pay
+    for the calibration pass once.
     """
     check_ablation(ablation)
     if ablation == "zero":
         return {layer: None for layer in layers}
-    texts = tuple(check_texts(list(calib_texts))) if calib_texts is not None else tuple(calibration_texts())
-    cache = _MEAN_CACHE.setdefault(model, {})
-    key = (hash(texts), max_tokens)
-    have = cache.setdefault(key, {})
-    missing = [l for l in layers if l not in have]
-    if missing:
-        have.update(mean_activations(model, list(texts), missing, max_tokens=max_tokens))
-    return {layer: have[layer] for layer in layers}
+    stats = calibration_stats(model, calib_texts, max_tokens)
+    return {layer: stats.mean[stats.layers.index(layer)].float() for layer in layers}
 
 
 def make_plan(pairs: Sequence[Tuple[int, int]], values: Dict[int, Optional[Tensor]]) -> Plan:
@@ -423,33 +412,3 @@ def export_impact(result: Union[ImpactResult, BatchAnalysis], path: Union[str, P
         files[path.with_name(path.stem + "_individual.csv")] = result.individual
         files[path.with_name(path.stem + "_cumulative.csv")] = result.cumulative
     return write_set(files)
-
-
-class PruningImpactAnalyzer:
-    """The seed's impact analyzer: ``simulate_neuron_pruning`` and ``batch_pruning_analysis``."""
-
-    def __init__(self, model, tokenizer=None, thresholds: Optional[ImpactThresholds] = None, calib_texts: Optional[Sequence[str]] = None):
-        self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        self.thresholds = thresholds or ImpactThresholds()
-        self.calib_texts = calib_texts
-        self.last_result: Optional[Union[ImpactResult, BatchAnalysis]] = None
-
-    def simulate_neuron_pruning(self, layer_index: int, neuron_indices: Sequence[int], input_text: str, ablation: str = "zero") -> ImpactResult:
-        result = simulate_pruning(
-            self.model, layer_index, neuron_indices, input_text, ablation, thresholds=self.thresholds, calib_texts=self.calib_texts
-        )
-        self.last_result = result
-        return result
-
-    def batch_pruning_analysis(self, input_texts: Sequence[str], candidates: Any, batch_size: int = DEFAULT_BATCH_SIZE, ablation: str = "zero") -> BatchAnalysis:
-        result = batch_analysis(
-            self.model, candidates, input_texts, batch_size, ablation, thresholds=self.thresholds, calib_texts=self.calib_texts
-        )
-        self.last_result = result
-        return result
-
-    def export_impact_analysis(self, path: Union[str, Path]) -> List[Path]:
-        if self.last_result is None:
-            raise ValueError("no impact analysis has run yet; call simulate_neuron_pruning or batch_pruning_analysis first.")
-        return export_impact(self.last_result, path)

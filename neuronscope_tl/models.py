@@ -160,16 +160,3 @@ def mlp_info(model) -> MLPInfo:
 
 def model_name(model) -> str:
     return str(getattr(model.cfg, "model_name", None) or "unknown")
-
-
-class MultiModelLoader:
-    """The seed's loader: ``MultiModelLoader().load_model(name)`` returns ``(model, tokenizer)``."""
-
-    def __init__(self, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False):
-        self.dtype = dtype
-        self.device = device
-        self.trust_remote_code = trust_remote_code
-
-    def load_model(self, name: Optional[str] = None):
-        model = load_model(name, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code)
-        return model, model.tokenizer

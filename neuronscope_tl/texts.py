@@ -11,6 +11,8 @@ right padding changes no real token's activations; pad positions are simply mask
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -91,10 +93,58 @@ def check_texts(texts: Union[str, Sequence[str]]) -> List[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- numeric arguments
+
+
+def show(value: Any, limit: int = 40) -> str:
+    """A short repr for error messages (a 5,000-digit integer has no repr in Python 3.11, a long one is cut)."""
+    try:
+        text = repr(value)
+    except ValueError:  # int too large to print
+        text = f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_integer(value: Any) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def as_finite_real(value: Any) -> Optional[float]:
+    """``value`` as a finite float if it is a real number (not a bool, str or None) that has one, else None.
+
+    An integer too large for a float (``10**400``) has none: ``float()`` would raise OverflowError.
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        out = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def check_int(value: Any, name: str, low: int, high: Optional[int] = None) -> int:
+    """An integer in [low, high] (no upper bound when ``high`` is None); anything else is a ValueError naming the range."""
+    if not is_integer(value) or value < low or (high is not None and value > high):
+        valid = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {valid}, got {show(value)}.")
+    return int(value)
+
+
+def check_max_tokens(max_tokens: Any, name: str = "max_tokens") -> Optional[int]:
+    """A token budget: None (no limit) or an integer >= 1."""
+    if max_tokens is None:
+        return None
+    if not is_integer(max_tokens) or max_tokens < 1:
+        raise ValueError(f"{name} must be None (no limit) or an integer >= 1, got {show(max_tokens)}.")
+    return int(max_tokens)
+
+
 def check_batch_size(batch_size: Any) -> int:
     """Texts per forward pass: an integer >= 1."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    if not is_integer(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {show(batch_size)}.")
     return int(batch_size)
 
 
@@ -131,6 +181,7 @@ def tokenize(model, texts: Sequence[str], max_tokens: Optional[int] = None) -> L
     ``max_tokens`` (if given) stops once that many tokens have been collected; the last text is cut to fit.
     """
     texts = check_texts(texts)
+    max_tokens = check_max_tokens(max_tokens)
     n_ctx = int(model.cfg.n_ctx)
     out: List[Tensor] = []
     total = 0
@@ -166,8 +217,7 @@ def batches(model, token_lists: Sequence[Tensor], batch_size: int, by_length: bo
     ``by_length`` batches texts of similar length together (longest first) to waste little compute on padding;
     each row's ``text_index`` still names its text in the caller's list.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    batch_size = check_batch_size(batch_size)
     pid = pad_id(model)
     order = list(range(len(token_lists)))
     if by_length:
@@ -190,10 +240,36 @@ def windows(model, texts: Sequence[str], window: int) -> List[Tensor]:
 
     The last partial window is kept if it has at least two tokens. Used by the evaluation protocol.
     """
-    if window < 2:
-        raise ValueError(f"window must be >= 2 tokens, got {window}.")
-    if window > int(model.cfg.n_ctx):
-        raise ValueError(f"window must be in [2, {int(model.cfg.n_ctx)}] (the model's context), got {window}.")
+    window = check_window(model, window)
     stream = torch.cat([model.to_tokens(t, truncate=False)[0].cpu() for t in check_texts(texts)])
     chunks = list(stream.split(window))
     return [c for c in chunks if c.numel() >= 2]
+
+
+def check_window(model, window: Any) -> int:
+    """Tokens per evaluation window: an integer in [2, n_ctx] (the model's context)."""
+    n_ctx = int(model.cfg.n_ctx)
+    if not is_integer(window) or not 2 <= window <= n_ctx:
+        raise ValueError(f"window must be an integer in [2, {n_ctx}] (the model's context), got {show(window)}.")
+    return int(window)
+
+
+def calibration_tokens(model, texts: Sequence[str], max_tokens: Optional[int] = None) -> List[Tensor]:
+    """Tokenize calibration texts, cutting any text longer than the model's context into consecutive pieces of at
+    most ``n_ctx`` tokens (statistics need tokens, not whole documents); stop after ``max_tokens`` tokens."""
+    max_tokens = check_max_tokens(max_tokens)
+    n_ctx = int(model.cfg.n_ctx)
+    out: List[Tensor] = []
+    total = 0
+    for text in check_texts(texts):
+        ids = model.to_tokens(text, truncate=False)[0].cpu()
+        for piece in ids.split(n_ctx):
+            if max_tokens is not None:
+                piece = piece[: max_tokens - total]
+                if piece.numel() < 2 and out:
+                    return out
+            out.append(piece)
+            total += piece.numel()
+            if max_tokens is not None and total >= max_tokens:
+                return out
+    return out

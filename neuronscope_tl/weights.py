@@ -12,7 +12,6 @@ curves); the activation-aware scores are better.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -22,8 +21,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .export import Result, report_document, write_csv, write_json
+from .export import Result, report_document, write_set
 from .models import mlp_info, model_name
+from .texts import as_finite_real, show
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 BANDS = ((0.01, "very_low"), (0.05, "low"), (math.inf, "normal"))
@@ -37,15 +37,10 @@ def band_of(mean_abs: float) -> str:
     return "normal"
 
 
-def is_real(value: Any) -> bool:
-    """A real number (int, float or numpy scalar), not a bool or a string."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_percentile(threshold_percentile: float) -> float:
-    value = float(threshold_percentile) if is_real(threshold_percentile) else math.nan
-    if not (math.isfinite(value) and 0.0 < value <= 100.0):
-        raise ValueError(f"threshold_percentile must be in (0, 100], got {threshold_percentile!r}.")
+    value = as_finite_real(threshold_percentile)
+    if value is None or not 0.0 < value <= 100.0:
+        raise ValueError(f"threshold_percentile must be in (0, 100], got {show(threshold_percentile)}.")
     return value
 
 
@@ -198,8 +193,10 @@ class WeightAnalysis(Result):
 
 def analyze_weights(model, near_zero_threshold: float = 0.01, bins: int = 50) -> WeightAnalysis:
     """Sparsity over all parameters, and per-layer and per-neuron statistics of the MLP weights."""
-    if not (is_real(near_zero_threshold) and math.isfinite(near_zero_threshold) and near_zero_threshold > 0):
-        raise ValueError(f"near_zero_threshold must be a finite number > 0, got {near_zero_threshold!r}.")
+    threshold = as_finite_real(near_zero_threshold)
+    if threshold is None or threshold <= 0:
+        raise ValueError(f"near_zero_threshold must be a finite number > 0, got {show(near_zero_threshold)}.")
+    near_zero_threshold = threshold
     if isinstance(bins, bool) or not (isinstance(bins, int) and 1 <= bins <= 10_000):
         raise ValueError(f"bins must be an integer in [1, 10000], got {bins!r}.")
     total = zero = near = 0
@@ -234,47 +231,34 @@ def analyze_weights(model, near_zero_threshold: float = 0.01, bins: int = 50) ->
 
 
 def rank_within_layer(table: pd.DataFrame, score: str) -> pd.DataFrame:
-    """Add ``rank_in_layer`` (0 = lowest score) and ``safety_score`` = 1 - rank / (d_mlp - 1) in [0, 1].
-
-    The safety score is the neuron's position in its layer's ranking: 1.0 for the lowest-scored neuron (the
-    first to prune), 0.0 for the highest. Ties keep neuron order.
-    """
+    """Add ``rank_in_layer``: the position in the layer's ascending order of ``score`` (0 = lowest; ties keep
+    neuron order)."""
     out = table.copy()
     out["rank_in_layer"] = out.groupby("layer")[score].rank(method="first").astype(int) - 1
-    size = out.groupby("layer")[score].transform("size")
-    out["safety_score"] = 1.0 - out["rank_in_layer"] / (size - 1).clip(lower=1)
     return out
 
 
 def select_candidates(table: pd.DataFrame, score: str, threshold_percentile: float) -> pd.DataFrame:
     """Neurons whose ``score`` is at or below the layer's ``threshold_percentile``-th percentile (linear).
 
-    Returns the candidates sorted by layer, then rank within the layer, with ``rank_in_layer`` and
-    ``safety_score`` from :func:`rank_within_layer` and ``is_pruning_candidate`` = True.
+    Returns them sorted by layer, then ``rank_in_layer`` (see :func:`rank_within_layer`).
     """
     p = check_percentile(threshold_percentile)
     ranked = rank_within_layer(table, score)
     cutoff = ranked.groupby("layer")[score].transform(lambda s: np.percentile(s.to_numpy(), p))
-    cand = ranked[ranked[score] <= cutoff].copy()
-    cand["is_pruning_candidate"] = True
+    cand = ranked[ranked[score] <= cutoff]
     return cand.sort_values(["layer", "rank_in_layer"]).reset_index(drop=True)
 
 
 def pruning_candidates(model, threshold_percentile: float = 10.0, table: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """Weight-based pruning candidates: neurons at or below the percentile of mean |w| within their layer."""
+    """The weight-only ranking: neurons at or below the percentile of mean |w| within their layer, lowest first.
+
+    Weight magnitude says nothing about how strongly a neuron fires; :func:`neuronscope_tl.candidates.assess_candidates`
+    adds the activation evidence that decides ``is_pruning_candidate``.
+    """
     check_percentile(threshold_percentile)
     table = neuron_weight_table(model) if table is None else table
     return select_candidates(table, "mean_abs_weight", threshold_percentile)
-
-
-def candidate_records(candidates: pd.DataFrame) -> List[dict]:
-    """Candidates as the seed's item dicts (``layer_index``, ``neuron_index``, ``is_pruning_candidate``, ...)."""
-    recs = []
-    for row in candidates.to_dict(orient="records"):
-        rec = {"layer_index": int(row["layer"]), "neuron_index": int(row["neuron"])}
-        rec.update({k: v for k, v in row.items() if k not in ("layer", "neuron")})
-        recs.append(rec)
-    return recs
 
 
 def weight_document(analysis: WeightAnalysis, settings: Optional[dict] = None) -> dict:
@@ -291,32 +275,4 @@ def weight_document(analysis: WeightAnalysis, settings: Optional[dict] = None) -
 def export_weights(analysis: WeightAnalysis, path: Union[str, Path], settings: Optional[dict] = None) -> List[Path]:
     """Write the weight analysis as JSON at ``path`` and its per-neuron table as CSV beside it (``*_neurons.csv``)."""
     path = Path(path)
-    csv_path = path.with_name(path.stem + "_neurons.csv")
-    written = [write_json(path, weight_document(analysis, settings))]
-    written.append(write_csv(csv_path, analysis.neurons))
-    return written
-
-
-class WeightAnalyzer:
-    """The seed's weight analyzer over a TransformerLens model."""
-
-    def __init__(self, model, near_zero_threshold: float = 0.01):
-        self.model = model
-        self.near_zero_threshold = near_zero_threshold
-        self._analysis: Optional[WeightAnalysis] = None
-
-    @property
-    def analysis(self) -> WeightAnalysis:
-        if self._analysis is None:
-            self._analysis = analyze_weights(self.model, self.near_zero_threshold)
-        return self._analysis
-
-    def get_sparsity_analysis(self) -> dict:
-        """Summary dict: ``overall_sparsity``, ``total_parameters``, ``near_zero_fraction``, per-layer stats, ..."""
-        return self.analysis.summary()
-
-    def identify_pruning_candidates(self, threshold_percentile: float = 10.0) -> List[dict]:
-        return candidate_records(pruning_candidates(self.model, threshold_percentile, self.analysis.neurons))
-
-    def export_weight_analysis(self, path: Union[str, Path]) -> List[Path]:
-        return export_weights(self.analysis, path)
+    return write_set({path: weight_document(analysis, settings), path.with_name(path.stem + "_neurons.csv"): analysis.neurons})

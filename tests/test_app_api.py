@@ -59,6 +59,15 @@ def test_candidates_match_library(client, model):
     expected = weights.pruning_candidates(model, 10.0)
     assert body["total_candidates"] == len(expected) == len(body["candidates"])
     assert [(c["layer_index"], c["neuron_index"]) for c in body["candidates"]] == list(zip(expected["layer"], expected["neuron"]))
+    # the evidence is the library's, computed on the default calibration texts
+    evidence = ns.activation_evidence(model).set_index(["layer", "neuron"])
+    for c in body["candidates"]:
+        row = evidence.loc[(c["layer_index"], c["neuron_index"])]
+        assert c["is_pruning_candidate"] == bool(row.is_pruning_candidate)
+        assert c["safety_score"] == pytest.approx(float(row.safety_score), abs=0)
+        assert c["activation_score"] == pytest.approx(float(row.activation_score), rel=1e-12)
+    assert body["safe_candidates"] == sum(c["is_pruning_candidate"] for c in body["candidates"])
+    assert body["safe_percentile"] == 25.0 and "poor guide" in body["limits"]
     # default threshold is the seed's 10th percentile
     assert client.get(f"{P}/candidates").json()["total_candidates"] == len(expected)
 

@@ -71,8 +71,9 @@ def test_gradio_weights_candidates_importance_batch_export(gclient, model):
     # the histogram of layer 1 counts every weight of its W_in once
     assert sum(c for _, m, c in hist["data"] if m == "W_in") == model.W_in[1].numel()
     note, table, csv_file, json_file = gclient.predict(10.0, api_name="/candidates")
-    cands = ns.pruning_candidates(model, 10.0)
+    cands = ns.assess_candidates(model, 10.0)
     assert f"**{len(cands):,} candidates**" in note and len(table["data"]) == len(cands)
+    assert f"**{int(cands.is_pruning_candidate.sum()):,} flagged safe**" in note and "poor guide" in note
     assert len(json.loads(open(json_file).read())) == len(cands)
     sent = gclient.predict(10.0, 4, api_name="/send_to_batch")
     assert len(sent["data"]) == 4 and {row[0] for row in sent["data"]} == {0, 1, 2}  # one per layer first

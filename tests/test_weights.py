@@ -1,5 +1,6 @@
 """Weight statistics against numpy on the raw HF weights."""
 
+import json
 import math
 
 import numpy as np
@@ -91,24 +92,42 @@ def test_candidates_are_the_layer_percentile(tiny_model, pct):
         expected = set(group.neuron[scores <= np.percentile(scores, pct)])
         got = cands[cands.layer == layer]
         assert set(got.neuron) == expected
-        # ranked within the layer: rank 0 is the lowest score, safety decreasing with rank
-        assert list(got.mean_abs_weight) == sorted(got.mean_abs_weight)
+        # ranked within the layer: rank r is the r-th smallest mean |w| of the whole layer
+        order = group.neuron.to_numpy()[np.argsort(scores, kind="stable")]
+        assert list(got.neuron) == list(order[: len(got)])
         assert list(got.rank_in_layer) == list(range(len(got)))
-        assert got.safety_score.between(0, 1).all()
-        assert got.safety_score.iloc[0] == 1.0
-    if pct == 100.0:
-        assert cands.groupby("layer").safety_score.min().eq(0.0).all()
+    assert "is_pruning_candidate" not in cands and "safety_score" not in cands  # weight rank is no evidence
 
 
-def test_seed_weight_analyzer_items(tiny_model, tmp_path):
-    analyzer = ns.WeightAnalyzer(tiny_model)
+def test_weight_analyzer_items(tiny_model, tmp_path):
+    calib = ["The council met on Tuesday to discuss the budget.", "Rain is expected across the coast tomorrow."]
+    analyzer = ns.WeightAnalyzer(tiny_model, calib_texts=calib)
     summary = analyzer.get_sparsity_analysis()
     assert {"overall_sparsity", "total_parameters", "near_zero_fraction", "layers"} <= set(summary)
-    items = analyzer.identify_pruning_candidates(threshold_percentile=10.0)
-    assert items and all(i["is_pruning_candidate"] for i in items)
-    assert {"layer_index", "neuron_index", "safety_score"} <= set(items[0])
+    items = analyzer.identify_pruning_candidates(threshold_percentile=50.0, safe_percentile=40.0)
+    assert all(isinstance(i, ns.PruningCandidate) for i in items)
+    flags = [i.is_pruning_candidate for i in items]
+    assert any(flags) and not all(flags)
+    ev = ns.activation_evidence(tiny_model, calib, safe_percentile=40.0).set_index(["layer", "neuron"])
+    for i in items:
+        row = ev.loc[(i.layer_index, i.neuron_index)]
+        assert (i.is_pruning_candidate, i.safety_score) == (bool(row.is_pruning_candidate), float(row.safety_score))
     paths = analyzer.export_weight_analysis(tmp_path / "w.json")
     assert [p.name for p in paths] == ["w.json", "w_neurons.csv"]
+    doc = json.loads(paths[0].read_text())
+    assert doc["result"]["total_parameters"] == summary["total_parameters"]
+
+
+@pytest.mark.parametrize("bad", [10**400, -1e-9, 0, float("inf"), "0.01", True])
+def test_bad_near_zero_threshold(tiny_model, bad):
+    with pytest.raises(ValueError, match="near_zero_threshold must be a finite number > 0"):
+        ns.analyze_weights(tiny_model, near_zero_threshold=bad)
+
+
+@pytest.mark.parametrize("huge", [2**64, 1e300])
+def test_huge_finite_near_zero_threshold_counts_everything(tiny_model, huge):
+    wa = ns.analyze_weights(tiny_model, near_zero_threshold=huge)
+    assert wa.near_zero_fraction == 1.0
 
 
 @pytest.mark.parametrize("bad", [0, -1, 100.0001, float("nan"), float("inf")])

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from ..export import to_jsonable
 from ..texts import EXAMPLE_TEXTS
-from ..weights import candidate_records
+from ..candidates import candidates_document
 from .state import AppState, Busy, LimitExceeded, NoResultYet
 
 PREFIX = "/api/pruning"
@@ -104,7 +104,10 @@ class WeightSummaryResponse(_Out):
 
 class CandidatesResponse(_Out):
     threshold: float
+    safe_percentile: float
     total_candidates: int
+    safe_candidates: int
+    limits: str
     candidates: List[dict]
 
 
@@ -189,9 +192,11 @@ def weight_analysis(state: AppState = Depends(get_state)):
 
 @router.get("/candidates", responses={200: {"model": CandidatesResponse}, **errors(400, 413, 503)})
 def candidates(threshold: float = Query(10.0, description="percentile of mean |w| within each layer, in (0, 100]"), state: AppState = Depends(get_state)):
-    """Neurons at or below the layer's ``threshold`` percentile of mean |w|, with ``total_candidates``."""
+    """Neurons at or below the layer's ``threshold`` percentile of mean |w|, with ``total_candidates``; each carries
+    its activation evidence, and ``is_pruning_candidate`` only where that evidence shows a small output (``limits``
+    states the rule)."""
     table = call(state.candidates, threshold)
-    return json_response({"threshold": threshold, "total_candidates": len(table), "candidates": candidate_records(table)})
+    return json_response(candidates_document(table, threshold))
 
 
 @router.post("/impact-analysis", responses={200: {"model": ImpactResponse}, **errors(400, 413, 503)})

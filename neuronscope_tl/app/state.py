@@ -20,7 +20,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
-from .. import activations, curves, impact, scoring, surgery, texts, weights
+from .. import activations, candidates, curves, impact, scoring, surgery, texts, weights
 from ..impact import BatchAnalysis, ImpactResult
 from ..metrics import ImpactThresholds
 from ..models import mlp_info, model_name
@@ -152,9 +152,11 @@ class AppState:
         return self._weight_summary
 
     def candidates(self, threshold: float) -> pd.DataFrame:
+        """Weight-ranked candidates with their activation evidence (:func:`candidates.assess_candidates`)."""
         weights.check_percentile(threshold)
         table = self.weight_analysis().neurons
-        return weights.pruning_candidates(self.model, threshold, table)
+        with self.model_work():
+            return candidates.assess_candidates(self.model, threshold, weight_table=table)
 
     def impact(self, layer_index: int, neuron_indices: Sequence[int], input_text: str, ablation: str = "zero", progress: bool = False) -> ImpactResult:
         with self.model_work():

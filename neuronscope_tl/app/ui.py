@@ -20,10 +20,9 @@ import pandas as pd
 from ..curves import METHODS, RECOMMENDED_METHOD, SCOPES, plot_curve
 from ..export import write_csv, write_json
 from ..texts import EXAMPLE_TEXTS
-from ..weights import candidate_records
+from ..candidates import CANDIDATE_COLUMNS, WEIGHT_ONLY_LIMITS, DEFAULT_SAFE_PERCENTILE, candidate_records, first_candidates
 from .state import AppState, Busy
 
-CANDIDATE_COLUMNS = ["label", "layer", "neuron", "mean_abs_weight", "w_in_norm", "w_out_norm", "band", "rank_in_layer", "safety_score"]
 BATCH_COLUMNS = ["layer_index", "neuron_index"]
 
 
@@ -122,14 +121,18 @@ def build_ui(state: AppState) -> gr.Blocks:
         table = state.candidates(threshold)
         csv_path = write_csv(downloads / "candidates.csv", table)
         json_path = write_json(downloads / "candidates.json", candidate_records(table))
-        note = f"**{len(table):,} candidates** at or below the {threshold:g}th percentile of mean |w| in their layer."
-        return note, table[CANDIDATE_COLUMNS], str(csv_path), str(json_path)
+        n_safe = int(table["is_pruning_candidate"].sum())
+        note = (
+            f"**{len(table):,} candidates** at or below the {threshold:g}th percentile of mean |w| in their layer; "
+            f"**{n_safe:,} flagged safe** by their activation evidence.\n\n"
+            + WEIGHT_ONLY_LIMITS.format(safe=DEFAULT_SAFE_PERCENTILE)
+        )
+        return note, table[list(CANDIDATE_COLUMNS)], str(csv_path), str(json_path)
 
     @ui_errors
     def send_to_batch(threshold, how_many):
-        # The lowest-ranked neuron of each layer first, then the next rank: spreads the batch over layers.
         n = as_int(how_many, "how many")
-        table = state.candidates(threshold).sort_values(["rank_in_layer", "layer"]).head(max(n, 0))
+        table = first_candidates(state.candidates(threshold), n)
         rows = table[["layer", "neuron"]].rename(columns={"layer": "layer_index", "neuron": "neuron_index"})
         return rows.reset_index(drop=True), gr.Tabs(selected="batch")
 

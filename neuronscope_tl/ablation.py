@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .hooks import attached_hooks, capture_hook, mlp_post_name
 from .impact import ablation_values, check_ablation, check_candidates
 from .metrics import kl_from_log_probs, log_probs, nll_from_log_probs
-from .texts import tokenize
+from .texts import check_int, tokenize
 
 # Ablations per tail run. 8 copies of a ~256-token text make [2048, d_model] matmuls, large enough to run near the
 # CPU's matmul peak while the batch of hidden states stays small.
@@ -111,8 +111,7 @@ def ablate_each(
     """
     check_ablation(ablation)
     pairs = check_candidates(model, neurons)
-    if isinstance(stack, bool) or not isinstance(stack, int) or stack < 1:
-        raise ValueError(f"stack must be an integer >= 1, got {stack!r}.")
+    stack = check_int(stack, "stack", 1)
     token_lists = tokenize(model, texts, max_tokens=max_tokens)
     layers = sorted({l for l, _ in pairs})
     values = ablation_values(model, layers, ablation, calib_texts)

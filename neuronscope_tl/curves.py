@@ -47,7 +47,7 @@ from .impact import check_ablation
 from .metrics import perplexity, token_nll
 from .models import mlp_info, model_name
 from .surgery import Neurons, PruneSpec, activation_grams, make_spec, obs_order, simulation_hooks
-from .texts import calibration_texts, check_texts, evaluation_texts, windows
+from .texts import as_finite_real, calibration_texts, check_int, check_max_tokens, check_texts, check_window, evaluation_texts, show, windows
 
 METHODS = ("magnitude", "activation", "wanda", "fluctuation", "taylor", "random", "obs")
 SCOPES = ("per_layer", "global")
@@ -55,7 +55,7 @@ DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.5)
 RANDOM_SEEDS = (0, 1, 2)
 DEFAULT_WINDOW = 512
 DEFAULT_CALIB_TOKENS = 8192
-# Every third window of the evaluation split: ~8k tokens, the issue's protocol (ratios match the full split).
+# Every third window of the evaluation split: ~8.7k tokens, the default protocol (ratios match the full split).
 DEFAULT_EVERY = 3
 BF16_TOLERANCE = 0.005
 # The project's recommendation: the best method on its own curve of the default model (see README / benchmark).
@@ -66,29 +66,66 @@ RECOMMENDED_ABLATION = "mean"
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def check_sparsity(sparsity) -> float:
-    value = float(sparsity)
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}.")
+MAX_SEED = 2**63 - 1
+
+
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
+    """A fraction of neurons: a real number in [0, 1)."""
+    value = as_finite_real(sparsity)
+    if value is None or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {show(sparsity)}.")
     return value
 
 
+def check_sparsities(sparsities) -> List[float]:
+    """A non-empty list of sparsities, each in [0, 1)."""
+    if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, (list, tuple, np.ndarray, range)):
+        raise ValueError(f"sparsities must be a non-empty list of numbers in [0, 1), got {show(sparsities)}.")
+    if len(sparsities) == 0:
+        raise ValueError("sparsities must be a non-empty list of numbers in [0, 1).")
+    return [check_sparsity(s) for s in sparsities]
+
+
+def check_step(step, name: str) -> float:
+    """A search step: a real number in (0, 1)."""
+    value = as_finite_real(step)
+    if value is None or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {show(step)}.")
+    return value
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    return check_int(seed, name, 0, MAX_SEED)
+
+
+def check_seeds(seeds) -> List[int]:
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple, range, np.ndarray)) or len(seeds) == 0:
+        raise ValueError(f"seeds must be a non-empty list of integers in [0, {MAX_SEED}], got {show(seeds)}.")
+    return [check_seed(s, "each seed") for s in seeds]
+
+
+def check_every(every) -> int:
+    """Score every n-th window: an integer >= 1."""
+    return check_int(every, "every (score every n-th window)", 1)
+
+
 def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}.")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {show(method)}; valid methods are {', '.join(METHODS)}.")
     return method
 
 
 def check_scope(scope: str) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; valid scopes are {', '.join(SCOPES)}.")
+    if not isinstance(scope, str) or scope not in SCOPES:
+        raise ValueError(f"unknown scope {show(scope)}; valid scopes are {', '.join(SCOPES)}.")
     return scope
 
 
 def check_budget(loss_budget) -> float:
-    value = float(loss_budget)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"loss_budget must be a relative perplexity increase > 0 (e.g. 0.05 for +5%), got {loss_budget!r}.")
+    """The allowed relative perplexity increase: a finite number > 0."""
+    value = as_finite_real(loss_budget)
+    if value is None or not value > 0:
+        raise ValueError(f"loss_budget must be a finite relative perplexity increase > 0 (e.g. 0.05 for +5%), got {show(loss_budget)}.")
     return value
 
 
@@ -149,8 +186,8 @@ class EvalWindows:
 
 
 def eval_windows(model, texts: Optional[Sequence[str]] = None, window: int = DEFAULT_WINDOW, every: int = 1) -> EvalWindows:
-    if not (isinstance(every, int) and every >= 1):
-        raise ValueError(f"every must be an integer >= 1 (score every n-th window), got {every!r}.")
+    every = check_every(every)
+    window = check_window(model, window)
     chosen, record = texts_record(texts, "evaluation")
     wins = windows(model, chosen, window)[::every]
     return EvalWindows(wins, window, every, record)
@@ -207,6 +244,7 @@ def evaluate_perplexity(model, texts: Optional[Sequence[str]] = None, window: in
 
     The texts are concatenated (each with its BOS) and cut into windows; ``every=3`` scores every third window.
     """
+    seed = check_seed(seed)
     wins = eval_windows(model, texts, window, every)
     total, count = window_nll(model, wins, hooks, bf16, progress)
     return PerplexityResult(
@@ -236,6 +274,7 @@ def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: 
     from .scoring import score_neurons
     from .weights import neuron_weight_table
 
+    calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     texts, record = texts_record(calib_texts, "calibration")
     record["max_tokens"] = calib_tokens
     info = mlp_info(model)
@@ -284,6 +323,11 @@ def _obs(model, cal: Calibration, ablation: str, layer: int, n_remove: int) -> T
 def select_neurons(model, cal: Calibration, method: str, sparsity: float, scope: str = "per_layer",
                    ablation: str = "zero", seed: int = 0) -> Neurons:
     """The neurons to prune: the lowest-scored fraction per layer, or globally on comparable scores."""
+    check_method(method)
+    sparsity = check_sparsity(sparsity)
+    check_scope(scope)
+    check_ablation(ablation)
+    seed = check_seed(seed)
     info = mlp_info(model)
     d, n_layers = info.d_mlp, info.n_layers
     k = int(round(sparsity * d))
@@ -381,12 +425,17 @@ def prune_curve(
     """
     import time
 
+    if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or len(methods) == 0:
+        raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}; got {show(methods)}.")
     methods = [check_method(m) for m in methods]
-    sparsities = [check_sparsity(s) for s in sparsities]
+    sparsities = check_sparsities(sparsities)
     check_scope(scope)
-    ablations = [ablation] if isinstance(ablation, str) else list(ablation)
-    for a in ablations:
-        check_ablation(a)
+    ablations = [ablation] if isinstance(ablation, str) else ablation
+    if not isinstance(ablations, (list, tuple)) or len(ablations) == 0:
+        raise ValueError(f"ablation must be zero, mean or a non-empty list of them; got {show(ablation)}.")
+    ablations = [check_ablation(a) for a in ablations]
+    seeds = check_seeds(seeds)
+    calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be one of auto, fp32, bf16; got {precision!r}.")
     t0 = time.perf_counter()
@@ -496,9 +545,11 @@ def search_pruning(
     check_method(method)
     check_scope(scope)
     check_ablation(ablation)
-    step, max_sparsity = check_sparsity(step), check_sparsity(max_sparsity)
-    if step <= 0 or min_step <= 0:
-        raise ValueError(f"step and min_step must be in (0, 1), got {step!r}, {min_step!r}.")
+    step, min_step = check_step(step, "step"), check_step(min_step, "min_step")
+    if min_step > step:
+        raise ValueError(f"min_step must be in (0, step] = (0, {step}], got {show(min_step)}.")
+    max_sparsity = check_sparsity(max_sparsity, "max_sparsity")
+    calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     wins = eval_windows(model, eval_texts, window, every)
     cal = calibration or calibrate(model, calib_texts, calib_tokens, with_grams=method == "obs")
     dense = perplexity(*window_nll(model, wins, bf16=bf16))

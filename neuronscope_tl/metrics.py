@@ -15,13 +15,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .texts import as_finite_real, show
 
 SAFE = "safe"
 MODERATE = "moderate"
@@ -75,17 +76,18 @@ class ImpactThresholds:
     risky_from: float = 0.3
 
     def __post_init__(self):
-        real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
-        if not (real(self.safe_below) and real(self.risky_from) and math.isfinite(self.safe_below) and math.isfinite(self.risky_from)):
+        safe, risky = as_finite_real(self.safe_below), as_finite_real(self.risky_from)
+        if safe is None or risky is None:  # also integers too large for a float: float() would overflow
             raise ValueError(
                 f"verdict thresholds must be finite numbers with 0 < safe_below <= risky_from, got "
-                f"safe_below={self.safe_below}, risky_from={self.risky_from}."
+                f"safe_below={show(self.safe_below)}, risky_from={show(self.risky_from)}."
             )
-        if not (0.0 < self.safe_below <= self.risky_from):
+        if not (0.0 < safe <= risky):
             raise ValueError(
-                f"verdict thresholds must satisfy 0 < safe_below <= risky_from, got safe_below={self.safe_below}, "
-                f"risky_from={self.risky_from}."
+                f"verdict thresholds must satisfy 0 < safe_below <= risky_from, got safe_below={show(self.safe_below)}, "
+                f"risky_from={show(self.risky_from)}."
             )
+        self.safe_below, self.risky_from = safe, risky
 
     def verdict(self, impact: float) -> str:
         if impact < self.safe_below:

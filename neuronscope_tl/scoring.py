@@ -41,10 +41,10 @@ from .ablation import ablate_each
 from .activations import DEFAULT_ACTIVE_THRESHOLD, NeuronAccumulator
 from .export import Result
 from .hooks import attached_hooks, mlp_post_name
-from .impact import check_batch_size
+from .impact import check_ablation, check_batch_size
 from .metrics import log_probs, nll_from_log_probs
 from .models import mlp_info
-from .texts import DEFAULT_BATCH_SIZE, batches, tokenize
+from .texts import DEFAULT_BATCH_SIZE, batches, check_int, check_max_tokens, is_integer, show, tokenize
 from .weights import neuron_weight_table
 
 SCORE_COLUMNS = (
@@ -54,7 +54,14 @@ SCORE_COLUMNS = (
 # The cheap scores validate_scores compares with the exact loss change (low = prune first).
 CHEAP_SCORES = ("w_out_norm", "mean_abs", "rms", "wanda", "fluctuation", "taylor_zero", "taylor_mean")
 DEFAULT_TOP_K = 8
+# Top contexts kept per neuron: the state is n_layers x k x d_mlp x 20 bytes (92 MB for SmolLM2 at 100).
+MAX_TOP_K = 100
 DEFAULT_CONTEXT = 4  # tokens shown either side of a top-activating token
+MAX_CONTEXT = 512
+
+
+def check_top_k_contexts(top_k_contexts) -> int:
+    return check_int(top_k_contexts, "top_k_contexts", 1, MAX_TOP_K)
 
 
 class ScoreAccumulator:
@@ -66,7 +73,7 @@ class ScoreAccumulator:
 
     def __init__(self, n_layers: int, d_mlp: int, top_k: int = DEFAULT_TOP_K, active_threshold: float = DEFAULT_ACTIVE_THRESHOLD):
         self.layers = list(range(n_layers))
-        self.d_mlp, self.top_k = d_mlp, top_k
+        self.d_mlp, self.top_k = d_mlp, check_top_k_contexts(top_k)
         self.stats = NeuronAccumulator(self.layers, d_mlp, active_threshold)
         self.sum_grad = torch.zeros((n_layers, d_mlp), dtype=torch.float64)
         self.sum_grad_act = torch.zeros((n_layers, d_mlp), dtype=torch.float64)
@@ -151,8 +158,7 @@ def accumulate_scores(
 ) -> ScoreAccumulator:
     """The streaming pass: per batch, one forward with capture hooks on every ``mlp.hook_post``, one backward."""
     batch_size = check_batch_size(batch_size)
-    if not isinstance(top_k_contexts, int) or top_k_contexts < 1:
-        raise ValueError(f"top_k_contexts must be an integer >= 1, got {top_k_contexts!r}.")
+    top_k_contexts = check_top_k_contexts(top_k_contexts)
     info = mlp_info(model)
     acc = ScoreAccumulator(info.n_layers, info.d_mlp, top_k_contexts)
     acc.n_texts = len(token_lists)
@@ -198,6 +204,7 @@ def score_pass(
 ) -> ScorePass:
     """Score every neuron over ``texts`` (first ``max_tokens`` tokens) and keep the top contexts."""
     check_batch_size(batch_size)
+    check_top_k_contexts(top_k_contexts)
     token_lists = tokenize(model, texts, max_tokens=max_tokens)
     acc = accumulate_scores(model, token_lists, batch_size, top_k_contexts, progress)
     return ScorePass(acc.table(model), acc, token_lists, model.tokenizer, sum(int(t.numel()) for t in token_lists))
@@ -218,8 +225,10 @@ def score_neurons(
 def top_contexts(result: ScorePass, layer: int, neuron: int, window: int = DEFAULT_CONTEXT) -> pd.DataFrame:
     """The neuron's top-k activating tokens, highest first: activation, text index, position, token, context."""
     acc = result.accumulator
-    if not (0 <= layer < len(acc.layers) and 0 <= neuron < acc.d_mlp):
-        raise ValueError(f"(layer, neuron) = ({layer}, {neuron}) is out of range; layers 0..{len(acc.layers) - 1}, neurons 0..{acc.d_mlp - 1}.")
+    if not (is_integer(layer) and is_integer(neuron) and 0 <= layer < len(acc.layers) and 0 <= neuron < acc.d_mlp):
+        raise ValueError(f"(layer, neuron) = ({show(layer)}, {show(neuron)}) is out of range; layers 0..{len(acc.layers) - 1}, neurons 0..{acc.d_mlp - 1}.")
+    layer, neuron = int(layer), int(neuron)
+    window = check_int(window, "window (context tokens either side)", 0, MAX_CONTEXT)
     rows = []
     for value, t, p in zip(acc.top_value[layer, :, neuron].tolist(), acc.top_text[layer, :, neuron].tolist(), acc.top_pos[layer, :, neuron].tolist()):
         if t < 0:
@@ -300,14 +309,20 @@ def validate_scores(
     scores' error with the difference between the two samples (on SmolLM2, taylor_zero on random neurons: rho 0.99
     on the same 256 tokens against 0.26 when scored on 2,048 other tokens).
     """
-    if table is None:
-        table = score_neurons(model, texts, max_tokens=max_tokens, batch_size=1)
+    check_ablation(ablation)
+    max_tokens = check_max_tokens(max_tokens)
+    seed = check_int(seed, "seed", 0, 2**63 - 1)
+    info = mlp_info(model)
+    n = check_int(n, "n", 2, len(table) if table is not None else info.n_layers * info.d_mlp)
+    if isinstance(scores, str) or not isinstance(scores, (list, tuple)):
+        raise ValueError(f"scores must be a list of score names such as {', '.join(CHEAP_SCORES)}; got {show(scores)}.")
     scores = list(scores)
-    unknown = [s for s in scores if s not in table.columns]
+    columns = table.columns if table is not None else SCORE_COLUMNS
+    unknown = [s for s in scores if s not in columns]
     if not scores or unknown:
         raise ValueError(f"unknown score(s) {unknown or scores}; valid scores are columns of the table such as {', '.join(CHEAP_SCORES)}.")
-    if not isinstance(n, int) or not 2 <= n <= len(table):
-        raise ValueError(f"n must be an integer in [2, {len(table)}], got {n!r}.")
+    if table is None:
+        table = score_neurons(model, texts, max_tokens=max_tokens, batch_size=1)
     table = table.reset_index(drop=True)
     candidates = {s: table.nsmallest(n, s, keep="first").index.tolist() for s in scores}
     random_rows = sorted(random.Random(seed).sample(range(len(table)), n))

@@ -365,6 +365,10 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
     The directory is written in a temporary sibling first and renamed into place, so a failure leaves no partial
     model behind.
     """
+    from .texts import check_int
+
+    latency_tokens = check_int(latency_tokens, "latency_tokens", 1)
+    latency_repeats = check_int(latency_repeats, "latency_repeats", 1, 1000)
     out = check_out_dir(out, overwrite)
     dense = fresh_hf_copy(model)
     total0, mlp0 = count_parameters(dense)
@@ -529,9 +533,10 @@ def prune_model(model, neurons, ablation: str = "zero", out: Optional[Union[str,
     Returns a :class:`PrunedModel` (when ``out`` is given) or the pruned plain HF model.
     """
     from .impact import ablation_values, check_ablation
-    from .texts import calibration_texts
+    from .texts import calibration_texts, check_max_tokens
 
     check_ablation(ablation)
+    calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     if out is not None:
         check_out_dir(out, overwrite)
     if spec is None:

@@ -10,10 +10,31 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import neuronscope_tl as ns
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Hypothesis profiles. "ci" (the default) is derandomized: the same examples on every run and machine, no example
+# database, so a CI failure reproduces exactly. "explore" draws fresh random examples, five times as many, for
+# local bug hunting: HYPOTHESIS_PROFILE=explore python -m pytest tests/test_property_api.py
+# Tests set only what their own cost dictates (deadline, health checks, max_examples through max_examples()).
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "explore", derandomize=False, database=None, deadline=None, print_blob=True, max_examples=500,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def max_examples(n: int) -> int:
+    """A test's example count: ``n`` under the ci profile; under another profile its count when that is larger."""
+    return n if HYPOTHESIS_PROFILE == "ci" else max(n, settings.default.max_examples)
 
 TINY_KINDS = ("llama", "gpt2")
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog, said the news agency on Monday."

@@ -17,14 +17,106 @@ library functions; no analysis logic lives here.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import re
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
+
+from . import activations, candidates, curves, impact, models, scoring, surgery, texts, weights
+from .app.state import AppSettings
+from .export import report_document, write_csv, write_json
 
 DEFAULT_OUT = "neuronscope_report"
+
+
+# ---------------------------------------------------------------------------------------------- flags from configs
+
+
+def arg_docs(cls) -> Dict[str, str]:
+    """``{field: help}`` from the "Args:" section of a config dataclass's docstring (Google style)."""
+    docs: Dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    inside, current = False, None
+    for line in lines:
+        stripped = line.strip()
+        if stripped == "Args:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if not stripped:
+            if docs:
+                break
+            continue
+        match = re.match(r"(\w+): (.*)", stripped)
+        if match and len(line) - len(line.lstrip()) <= 8:
+            current = match.group(1)
+            docs[current] = match.group(2)
+        elif current:
+            docs[current] += " " + stripped
+    return docs
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> List[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _shown(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--flag`` per field of the config dataclass ``cls`` (nested dataclass fields contribute their own
+    fields), with the type, default and help text the dataclass declares. ``metadata`` may give ``required`` or
+    ``choices`` (shown in the help); booleans that default to False are switches, those that default to True get ``--no-...``."""
+    hints = typing.get_type_hints(cls)
+    docs = arg_docs(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            add_config_flags(parser, kind)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        text = docs.get(f.name, "")
+        if kind is bool:
+            if default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f"{text} (default: on)")
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=f"{text} (default: off)")
+            continue
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if typing.get_origin(kind) is typing.Union else kind
+        convert = {List[float]: _floats, List[str]: _names}.get(base, base)
+        required = f.metadata.get("required", False)
+        shown = "required" if required else f"default: {'none' if default is None else _shown(default)}"
+        if "choices" in f.metadata:  # listed in the help; the config's own check refuses others with a ValueError
+            shown = f"one of {', '.join(f.metadata['choices'])}; {shown}"
+        parser.add_argument(flag, dest=f.name, type=convert, default=None if required else default, required=required,
+                            help=f"{text} ({shown})")
+
+
+def config_from_args(cls, values: dict):
+    """Build the config dataclass ``cls`` from parsed flags (nested dataclasses from their own fields)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = config_from_args(hints[f.name], values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
 
 
 @dataclass
@@ -51,16 +143,13 @@ class AnalyzeConfig:
     n_candidates: int = 5
     max_texts: int = 4
     batch_size: int = 1
-    ablation: str = "zero"
+    ablation: str = field(default="zero", metadata={"choices": ["zero", "mean"]})
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        from .impact import check_ablation, check_batch_size
-        from .weights import check_percentile
-
-        check_percentile(self.threshold)
-        check_ablation(self.ablation)
-        check_batch_size(self.batch_size)
+        weights.check_percentile(self.threshold)
+        impact.check_ablation(self.ablation)
+        texts.check_batch_size(self.batch_size)
         if self.n_candidates < 1:
             raise ValueError(f"n_candidates must be >= 1, got {self.n_candidates}.")
         if self.max_texts < 1:
@@ -71,25 +160,8 @@ class AnalyzeConfig:
             raise ValueError(f"--out {self.out} exists and is not a directory.")
 
 
-def add_analyze_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--texts", default=None, help="text file, one text per line (default: Lee corpus)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    p.add_argument("--threshold", type=float, default=10.0, help="candidate percentile in (0, 100] (default 10)")
-    p.add_argument("--n-candidates", type=int, default=5, help="candidates to simulate and batch-test (default 5)")
-    p.add_argument("--max-texts", type=int, default=4, help="texts per analysis (default 4)")
-    p.add_argument("--batch-size", type=int, default=1, help="texts per forward pass (default 1: fastest on CPU)")
-    p.add_argument("--ablation", default="zero", choices=["zero", "mean"])
-    p.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="let transformers run Python code shipped with the model (off by default: only for models you trust)",
-    )
-
-
 def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     """Run the seed's workflow and write the report files; returns the summary written to ``report.json``."""
-    from . import activations, candidates, impact, models, texts, weights
-    from .export import write_csv, write_json, report_document
 
     t0 = time.perf_counter()
     timings = {}
@@ -178,66 +250,30 @@ class ServeConfig:
         model: HF model id or local directory; None for the embedded default.
         host: interface to bind; 127.0.0.1 (this machine only) by default. 0.0.0.0 exposes the app to the network.
         port: TCP port; 0 picks a free one.
-        max_texts / max_tokens / max_candidates / max_batch_size / max_top_k / max_body_bytes / lock_timeout_s:
-            the app's limits (see ``AppSettings``).
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
+        settings: the app's limits (:class:`neuronscope_tl.app.AppSettings`), each its own flag.
     """
 
     model: Optional[str] = None
     host: str = "127.0.0.1"
     port: int = 7860
-    max_texts: int = 16
-    max_tokens: int = 4096
-    max_candidates: int = 32
-    max_batch_size: int = 16
-    max_top_k: int = 100
-    max_body_bytes: int = 1_000_000
-    lock_timeout_s: float = 120.0
     trust_remote_code: bool = False
+    settings: AppSettings = field(default_factory=AppSettings)
 
     def __post_init__(self):
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
             raise ValueError(f"--port must be in 0..65535, got {self.port!r}.")
         if not self.host:
             raise ValueError("--host must not be empty.")
-        self.settings()  # validate the limits before loading the model
-
-    def settings(self):
-        from .app.state import AppSettings
-
-        return AppSettings(
-            max_texts=self.max_texts, max_tokens=self.max_tokens, max_candidates=self.max_candidates,
-            max_batch_size=self.max_batch_size, max_top_k=self.max_top_k, max_body_bytes=self.max_body_bytes,
-            lock_timeout_s=self.lock_timeout_s,
-        )
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    d = ServeConfig()
-    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default=d.host, help=f"interface to bind (default {d.host}: this machine only)")
-    p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 = any free port)")
-    p.add_argument("--max-texts", type=int, default=d.max_texts, help=f"texts per request (default {d.max_texts})")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per request (default {d.max_tokens})")
-    p.add_argument("--max-candidates", type=int, default=d.max_candidates, help=f"candidates per batch analysis (default {d.max_candidates})")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=f"texts per forward pass (default {d.max_batch_size})")
-    p.add_argument("--max-top-k", type=int, default=d.max_top_k, help=f"critical neurons per importance request (default {d.max_top_k})")
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help=f"REST request body size (default {d.max_body_bytes})")
-    p.add_argument("--lock-timeout-s", type=float, default=d.lock_timeout_s, help=f"seconds a request waits for the busy model (default {d.lock_timeout_s:g})")
-    p.add_argument(
-        "--trust-remote-code", action="store_true",
-        help="let transformers run Python code shipped with the model (off by default: only for models you trust)",
-    )
 
 
 def run_serve(cfg: ServeConfig, log=print) -> None:
     """Load the model, bind the socket (so the address printed is the one bound), and serve until interrupted."""
-    from . import models
-    from .app.server import bind, create_app, serve
+    from .app.server import bind, create_app, serve  # optional heavy dependency: FastAPI and Gradio, for serve only
 
     sock = bind(cfg.host, cfg.port)
     model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    serve(create_app(model, cfg.settings()), sock, log=log)
+    serve(create_app(model, cfg.settings), sock, log=log)
 
 
 @dataclass
@@ -253,9 +289,10 @@ class ScoreConfig:
         top_k_contexts: top-activating tokens kept per neuron.
         validate_n: neurons per validation set (lowest-scored per score, and random); 0 skips validation.
         validate_tokens: tokens of the same texts on which the validation ablates exactly.
-        ablation: ``zero`` or ``mean`` for the validation.
+        ablation: how the validation removes a neuron: zero, or its mean calibration activation.
         scores: comma-separated score columns to validate.
-        seed: seed of the random validation set.
+        seed: seed that draws the random validation set.
+        trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
     """
 
     model: Optional[str] = None
@@ -266,15 +303,14 @@ class ScoreConfig:
     top_k_contexts: int = 8
     validate_n: int = 200
     validate_tokens: int = 256
-    ablation: str = "zero"
-    scores: str = "w_out_norm,mean_abs,rms,wanda,fluctuation,taylor_zero,taylor_mean"
+    ablation: str = field(default="zero", metadata={"choices": ["zero", "mean"]})
+    scores: str = ",".join(scoring.CHEAP_SCORES)
     seed: int = 0
+    trust_remote_code: bool = False
 
     def __post_init__(self):
-        from .impact import check_ablation, check_batch_size
-
-        check_ablation(self.ablation)
-        check_batch_size(self.batch_size)
+        impact.check_ablation(self.ablation)
+        texts.check_batch_size(self.batch_size)
         for name in ("max_tokens", "top_k_contexts", "validate_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -286,83 +322,12 @@ class ScoreConfig:
             raise ValueError(f"--out {self.out} exists and is not a directory.")
 
 
-def _floats(text: str) -> List[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _names(text: str) -> List[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-@dataclass
-class CurveConfig:
-    """Settings of ``neuronscope-tl curve``.
-
-    Args:
-        model: HF model id or local directory; None for the embedded default.
-        out: output directory for curve.csv, curve_runs.csv, protocol.json and curve.png.
-        methods: ranking methods (default: all, see :data:`neuronscope_tl.curves.METHODS`).
-        sparsities: fractions of MLP neurons in [0, 1).
-        scope: ``per_layer`` or ``global``.
-        ablations: ``zero`` and/or ``mean``.
-        every: score every n-th 512-token window of the evaluation split (3: the default protocol, ~8k tokens).
-        calib_tokens: calibration tokens of the Lee calibration split.
-        precision: ``auto`` (bf16 when within 0.5% of fp32 on the dense model), ``fp32`` or ``bf16``.
-    """
-
-    model: Optional[str] = None
-    out: str = "neuronscope_curve"
-    methods: List[str] = field(default_factory=lambda: list(_curves().METHODS))
-    sparsities: List[float] = field(default_factory=lambda: list(_curves().DEFAULT_SPARSITIES))
-    scope: str = "per_layer"
-    ablations: List[str] = field(default_factory=lambda: ["zero", "mean"])
-    every: int = 3
-    calib_tokens: int = 8192
-    precision: str = "auto"
-
-    def __post_init__(self):
-        from .impact import check_ablation
-
-        c = _curves()
-        for m in self.methods:
-            c.check_method(m)
-        for s in self.sparsities:
-            c.check_sparsity(s)
-        c.check_scope(self.scope)
-        for a in self.ablations:
-            check_ablation(a)
-        if self.every < 1 or self.calib_tokens < 1:
-            raise ValueError(f"every and calib_tokens must be >= 1, got {self.every}, {self.calib_tokens}.")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out} exists and is not a directory.")
-
-
-def add_score_args(p: argparse.ArgumentParser) -> None:
-    d = ScoreConfig()
-    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--texts", default=None, help="text file, one text per line (default: Lee calibration split)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens for the scoring pass (default {d.max_tokens})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="texts per forward pass (default 1)")
-    p.add_argument("--top-k-contexts", type=int, default=d.top_k_contexts, help=f"top contexts kept per neuron (default {d.top_k_contexts})")
-    p.add_argument("--validate-n", type=int, default=d.validate_n, help=f"neurons per validation set, 0 to skip (default {d.validate_n})")
-    p.add_argument("--validate-tokens", type=int, default=d.validate_tokens, help=f"tokens for exact ablation (default {d.validate_tokens})")
-    p.add_argument("--ablation", default="zero", choices=["zero", "mean"])
-    p.add_argument("--scores", default=d.scores, help="comma-separated scores to validate")
-    p.add_argument("--seed", type=int, default=0)
-
-
 def run_score(cfg: ScoreConfig, log=print) -> dict:
     """Score every neuron, validate the scores, write the files; returns the summary written to ``score_report.json``."""
-    from . import models, scoring, texts
-    from .export import report_document, write_csv, write_json
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    model = models.load_model(cfg.model)
+    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     calib = texts.read_text_file(cfg.texts) if cfg.texts else texts.calibration_texts()
     scores = [s.strip() for s in cfg.scores.split(",") if s.strip()]
     unknown = [s for s in scores if s not in scoring.SCORE_COLUMNS]
@@ -398,31 +363,52 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
     return summary
 
 
-def _curves():
-    from . import curves
+@dataclass
+class CurveConfig:
+    """Settings of ``neuronscope-tl curve``.
 
-    return curves
+    Args:
+        model: HF model id or local directory; None for the embedded default.
+        out: output directory for curve.csv, curve_runs.csv, protocol.json and curve.png.
+        methods: comma-separated ranking methods.
+        sparsities: comma-separated fractions of MLP neurons in [0, 1).
+        scope: per_layer (the same fraction of every layer) or global (one ranking over all layers).
+        ablations: comma-separated: zero and/or mean.
+        every: score every n-th 512-token window of the evaluation split (3: about 8k tokens).
+        calib_tokens: calibration tokens of the Lee calibration split.
+        precision: auto (bf16 when within 0.5% of fp32 on the dense model), fp32 or bf16.
+        trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
+    """
 
+    model: Optional[str] = None
+    out: str = "neuronscope_curve"
+    methods: List[str] = field(default_factory=lambda: list(curves.METHODS))
+    sparsities: List[float] = field(default_factory=lambda: list(curves.DEFAULT_SPARSITIES))
+    scope: str = field(default="per_layer", metadata={"choices": list(curves.SCOPES)})
+    ablations: List[str] = field(default_factory=lambda: ["zero", "mean"])
+    every: int = curves.DEFAULT_EVERY
+    calib_tokens: int = curves.DEFAULT_CALIB_TOKENS
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
+    trust_remote_code: bool = False
 
-def add_curve_args(p: argparse.ArgumentParser) -> None:
-    c = _curves()
-    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", default="neuronscope_curve", help="output directory")
-    p.add_argument("--methods", type=_names, default=list(c.METHODS), help=f"comma-separated, from {','.join(c.METHODS)}")
-    p.add_argument("--sparsities", type=_floats, default=list(c.DEFAULT_SPARSITIES), help="comma-separated fractions in [0, 1)")
-    p.add_argument("--scope", default="per_layer", help="per_layer or global")
-    p.add_argument("--ablations", type=_names, default=["zero", "mean"], help="comma-separated: zero,mean")
-    p.add_argument("--every", type=int, default=3, help="score every n-th 512-token evaluation window (default 3)")
-    p.add_argument("--calib-tokens", type=int, default=8192)
-    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
+    def __post_init__(self):
+        for m in self.methods:
+            curves.check_method(m)
+        for s in self.sparsities:
+            curves.check_sparsity(s)
+        curves.check_scope(self.scope)
+        for a in self.ablations:
+            impact.check_ablation(a)
+        if self.every < 1 or self.calib_tokens < 1:
+            raise ValueError(f"every and calib_tokens must be >= 1, got {self.every}, {self.calib_tokens}.")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} exists and is not a directory.")
 
 
 def run_curve(cfg: CurveConfig, log=print) -> dict:
     """Measure the curve and write curve.csv, curve_runs.csv, protocol.json and curve.png into ``cfg.out``."""
-    from . import curves, models
-    from .export import write_csv, write_json
 
-    model = models.load_model(cfg.model)
+    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     res = curves.prune_curve(
         model, cfg.methods, cfg.sparsities, cfg.scope, cfg.ablations, every=cfg.every, calib_tokens=cfg.calib_tokens,
         precision=cfg.precision, progress=True,
@@ -446,61 +432,45 @@ class PruneConfig:
     """Settings of ``neuronscope-tl prune``.
 
     Args:
-        model: HF model id or local directory; None for the embedded default.
-        method: ranking method; None for the project's recommendation (the best on its own curve).
         sparsity: fraction of MLP neurons to remove, in [0, 1).
-        scope: ``per_layer`` (one smaller intermediate size) or ``global`` (masked checkpoint, same shapes).
-        ablation: ``zero`` or ``mean`` (mean activation folded into an output bias); None: the recommendation's.
-        out: a new or empty directory (or any directory with ``overwrite``).
-        overwrite: replace a non-empty ``out``.
+        out: a new or empty output directory (or any directory with --overwrite).
+        model: HF model id or local directory; None for the embedded default.
+        method: ranking method; none means the recommended method.
+        scope: per_layer (one smaller intermediate size) or global (masked checkpoint, same shapes).
+        ablation: zero, or mean (mean activation folded into an output bias); none means the recommendation's.
+        overwrite: replace a non-empty output directory.
         calib_tokens: calibration tokens (scores, means and the least-squares refit).
         evaluate: also measure dense and pruned perplexity on the default protocol (bf16, every third window).
+        trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
     """
 
-    sparsity: float = 0.2
-    out: str = "neuronscope_pruned"
+    sparsity: float = field(default=0.2, metadata={"required": True})
+    out: str = field(default="neuronscope_pruned", metadata={"required": True})
     model: Optional[str] = None
     method: Optional[str] = None
-    scope: str = "per_layer"
-    ablation: Optional[str] = None
+    scope: str = field(default="per_layer", metadata={"choices": list(curves.SCOPES)})
+    ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"]})
     overwrite: bool = False
-    calib_tokens: int = 8192
+    calib_tokens: int = curves.DEFAULT_CALIB_TOKENS
     evaluate: bool = True
+    trust_remote_code: bool = False
 
     def __post_init__(self):
-        from .impact import check_ablation
-        from .surgery import check_out_dir
-
-        c = _curves()
         if self.method is None:
-            self.method = c.RECOMMENDED_METHOD
-            self.ablation = self.ablation or c.RECOMMENDED_ABLATION
+            self.method = curves.RECOMMENDED_METHOD
+            self.ablation = self.ablation or curves.RECOMMENDED_ABLATION
         self.ablation = self.ablation or "zero"
-        c.check_method(self.method)
-        c.check_sparsity(self.sparsity)
-        c.check_scope(self.scope)
-        check_ablation(self.ablation)
-        check_out_dir(self.out, self.overwrite)
-
-
-def add_prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--method", default=None, help="ranking method (default: the project's recommended method)")
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of MLP neurons to remove, in [0, 1)")
-    p.add_argument("--scope", default="per_layer", help="per_layer or global")
-    p.add_argument("--ablation", default=None, help="zero or mean (default: the recommended method's)")
-    p.add_argument("--out", required=True, help="new or empty output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--calib-tokens", type=int, default=8192)
-    p.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the perplexity check")
+        curves.check_method(self.method)
+        curves.check_sparsity(self.sparsity)
+        curves.check_scope(self.scope)
+        impact.check_ablation(self.ablation)
+        surgery.check_out_dir(self.out, self.overwrite)
 
 
 def run_prune(cfg: PruneConfig, log=print) -> dict:
     """Select, prune, save the smaller model and write ``pruning_report.json`` beside its files."""
-    from . import curves, models, surgery
-    from .export import write_json
 
-    model = models.load_model(cfg.model)
+    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     cal = curves.calibrate(model, calib_tokens=cfg.calib_tokens, with_grams=cfg.method == "obs")
     spec = curves.build_spec(model, cal, cfg.method, cfg.sparsity, cfg.scope, cfg.ablation)
     if spec is None:
@@ -526,34 +496,33 @@ def run_prune(cfg: PruneConfig, log=print) -> dict:
 
 
 COMMANDS = {
-    "analyze": (add_analyze_args, AnalyzeConfig, run_analyze, "run the seed's whole workflow and write a report"),
-    "serve": (add_serve_args, ServeConfig, run_serve, "start the web app (Gradio demo and REST API) on 127.0.0.1"),
-    "score": (add_score_args, ScoreConfig, run_score, "score every neuron in one pass and validate against exact ablation"),
-    "curve": (add_curve_args, CurveConfig, run_curve, "pruning curves of every method against random"),
-    "prune": (add_prune_args, PruneConfig, run_prune, "write a physically smaller pruned model"),
+    "analyze": (AnalyzeConfig, run_analyze, "weight statistics, candidates, impact, importance and a batch test, as a report"),
+    "serve": (ServeConfig, run_serve, "start the web app (Gradio demo and REST API) on 127.0.0.1"),
+    "score": (ScoreConfig, run_score, "score every neuron in one pass and validate against exact ablation"),
+    "curve": (CurveConfig, run_curve, "pruning curves of every method against random"),
+    "prune": (PruneConfig, run_prune, "write a physically smaller pruned model"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuronscope-tl", description="Find prunable MLP neurons and prove it by measurement.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_args, _, _, help_text) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text))
+    for name, (config_cls, _, help_text) in COMMANDS.items():
+        add_config_flags(sub.add_parser(name, help=help_text, description=help_text), config_cls)
     return parser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     """Parse ``argv`` into (command name, config dataclass). Raises ValueError on invalid values."""
-    ns = vars(build_parser().parse_args(argv))
-    name = ns.pop("command")
-    config_cls = COMMANDS[name][1]
-    return name, config_cls(**ns)
+    values = vars(build_parser().parse_args(argv))
+    name = values.pop("command")
+    return name, config_from_args(COMMANDS[name][0], values)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         name, cfg = parse_args(argv)
-        COMMANDS[name][2](cfg)
+        COMMANDS[name][1](cfg)
     except (ValueError, RuntimeError, OSError) as exc:  # OSError: a full disk or a refused write, say
         print(f"neuronscope-tl: error: {exc}", file=sys.stderr)
         return 2

@@ -202,8 +202,8 @@ def test_serve_config_defaults_to_loopback():
     assert (cfg.model, cfg.host, cfg.port) == ("m", "0.0.0.0", 0)
     with pytest.raises(ValueError):
         ServeConfig(port=70000)
-    with pytest.raises(ValueError):
-        ServeConfig(max_texts=0)
+    with pytest.raises(ValueError, match="max_texts must be an integer >= 1"):
+        parse_args(["serve", "--max-texts", "0"])
 
 
 def test_serve_command_prints_bound_address_and_answers(tiny_dirs):

@@ -166,9 +166,9 @@ def test_every_limit_is_a_serve_flag():
         ["serve", "--max-texts", "3", "--max-tokens", "50", "--max-candidates", "4", "--max-batch-size", "2",
          "--max-top-k", "7", "--max-body-bytes", "999", "--lock-timeout-s", "2.5"]
     )
-    s = cfg.settings()
+    s = cfg.settings
     assert (s.max_texts, s.max_tokens, s.max_candidates, s.max_batch_size, s.max_top_k, s.max_body_bytes, s.lock_timeout_s) == (3, 50, 4, 2, 7, 999, 2.5)
-    defaults = parse_args(["serve"])[1].settings()
+    defaults = parse_args(["serve"])[1].settings
     assert defaults == AppSettings()
     for flag in ("--max-texts", "--max-tokens", "--max-candidates", "--max-batch-size", "--max-top-k", "--max-body-bytes"):
         with pytest.raises(ValueError, match=">= 1"):

@@ -105,10 +105,12 @@ def test_load_model_never_trusts_remote_code_unless_asked(tiny_dirs, monkeypatch
     assert {flag for name, flag in seen if flag != "absent"} == {True} and len(seen) >= 3
 
 
-@pytest.mark.parametrize("command", ["serve", "analyze"])
+@pytest.mark.parametrize("command", ["serve", "analyze", "score", "curve", "prune"])
 def test_cli_trust_remote_code_flag_is_off_by_default(command, monkeypatch, tmp_path):
-    assert cli.parse_args([command])[1].trust_remote_code is False
-    assert cli.parse_args([command, "--trust-remote-code"])[1].trust_remote_code is True
+    extra = {"analyze": ["--out", str(tmp_path / "r")], "score": ["--out", str(tmp_path / "s")],
+             "curve": ["--out", str(tmp_path / "c")], "prune": ["--sparsity", "0.2", "--out", str(tmp_path / "p")]}.get(command, [])
+    assert cli.parse_args([command] + extra)[1].trust_remote_code is False
+    assert cli.parse_args([command, "--trust-remote-code"] + extra)[1].trust_remote_code is True
     loads = []
 
     class Stop(Exception):
@@ -121,9 +123,9 @@ def test_cli_trust_remote_code_flag_is_off_by_default(command, monkeypatch, tmp_
     monkeypatch.setattr(models, "load_model", fake_load)
     monkeypatch.setattr(app_server, "bind", lambda host, port: FakeSocket(host))
     for argv, expected in [([command], False), ([command, "--trust-remote-code"], True)]:
-        _, cfg = cli.parse_args(argv + (["--out", str(tmp_path / "r")] if command == "analyze" else []))
+        _, cfg = cli.parse_args(argv + extra)
         with pytest.raises(Stop):
-            cli.COMMANDS[command][2](cfg, log=lambda *_: None)
+            cli.COMMANDS[command][1](cfg, log=lambda *_: None)
         assert loads[-1] == {"trust_remote_code": expected}
 
 

@@ -29,10 +29,11 @@ def test_flagged_candidates_have_lower_exact_impact(default_model):
     cands = ns.assess_candidates(default_model, 10.0)
     flagged, unflagged = cands[cands.is_pruning_candidate], cands[~cands.is_pruning_candidate]
     assert len(flagged) > 100 and len(unflagged) > 100
-    sample = pd.concat([flagged.sample(16, random_state=0), unflagged.sample(16, random_state=0)])
-    exact = ns.ablate_each(default_model, list(zip(sample.layer, sample.neuron)), ns.evaluation_texts()[:2], max_tokens=512)
+    n = 12
+    sample = pd.concat([flagged.sample(n, random_state=0), unflagged.sample(n, random_state=0)])
+    exact = ns.ablate_each(default_model, list(zip(sample.layer, sample.neuron)), ns.evaluation_texts()[:1], max_tokens=384)
     kl = exact["kl"].to_numpy()
-    kl_flagged, kl_unflagged = kl[:16], kl[16:]
+    kl_flagged, kl_unflagged = kl[:n], kl[n:]
     # measured: flagged mean 3.7e-5 nats against 6.2e-4 unflagged (17x) on 4 evaluation articles
     assert kl_flagged.mean() < kl_unflagged.mean() / 4
     assert np.median(kl_flagged) < np.median(kl_unflagged) / 2

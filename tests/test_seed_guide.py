@@ -41,20 +41,21 @@ def test_guide_runs_verbatim(tmp_path, monkeypatch, capsys):
     blocks = [adapt(b) for b in seed_blocks()]
     assert len(blocks) == 6 and "MultiModelLoader" in blocks[0]
     namespace: dict = {}
-    outputs = []
+    outputs, snapshots = [], []
     for i, code in enumerate(blocks):
         workdir = tmp_path / f"block{i}"
         workdir.mkdir()
         monkeypatch.chdir(workdir)
         exec(compile(code, f"guide block {i}", "exec"), namespace)
         outputs.append(capsys.readouterr().out)
+        snapshots.append(dict(namespace))  # later blocks rebind names such as ``impact``
 
     usage, initial, identify, assess, batch, export = outputs
     # Python Backend Usage: sparsity, candidates, one impact with its verdict line
     assert re.search(r"^Overall sparsity: 0\.\d{3}$", usage, re.M)
     n_found = int(re.search(r"^Found (\d+) pruning candidates$", usage, re.M).group(1))
     assert n_found == len(namespace["candidates"]) > 0
-    impact = namespace["impact"]
+    impact = snapshots[0]["impact"]
     assert f"Impact score: {impact.impact_score:.3f}" in usage and f"Safe to prune: {impact.impact_score < 0.1}" in usage
     # 1. parameters, with thousands separators
     assert f"Model has {namespace['sparsity_analysis']['total_parameters']:,} parameters" in initial

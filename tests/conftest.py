@@ -146,3 +146,111 @@ def zero_output_weights(hf_model, layer: int, neurons):
         else:
             hf_model.model.layers[layer].mlp.down_proj.weight[:, list(neurons)] = 0.0
     return hf_model
+
+
+def fold_mean_into_bias(hf_model, layer: int, neurons, means):
+    """Mean ablation done on raw HF weights: neuron n's output weights are zeroed and ``means[i] * w_n`` is added
+    to the MLP output bias. Llama: a new ``down_proj`` Linear with a bias (``down_proj.weight[:, neurons] @
+    means``); GPT-2: ``c_proj.bias += means @ c_proj.weight[neurons]``."""
+    neurons = list(neurons)
+    means = torch.as_tensor(means, dtype=torch.float32)
+    with torch.no_grad():
+        if hasattr(hf_model, "transformer"):
+            proj = hf_model.transformer.h[layer].mlp.c_proj
+            proj.bias += means @ proj.weight[neurons, :]
+            proj.weight[neurons, :] = 0.0
+        else:
+            mlp = hf_model.model.layers[layer].mlp
+            old = mlp.down_proj
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=True, dtype=old.weight.dtype)
+            new.weight.copy_(old.weight)
+            bias = old.weight[:, neurons] @ means
+            new.bias.copy_(bias if old.bias is None else old.bias + bias)
+            new.weight[:, neurons] = 0.0
+            mlp.down_proj = new
+    return hf_model
+
+
+def mlp_inputs(hf_model, texts_tokens, layer: int) -> torch.Tensor:
+    """The input of the MLP's output projection (down_proj / c_proj) of ``layer``, [n_tokens, d_mlp] in float64, read
+    with a plain torch forward pre-hook on the HF module (no TransformerLens involved)."""
+    mlp = hf_model.transformer.h[layer].mlp if hasattr(hf_model, "transformer") else hf_model.model.layers[layer].mlp
+    proj = mlp.c_proj if hasattr(mlp, "c_proj") else mlp.down_proj
+    seen = []
+    handle = proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()[0].double()))
+    try:
+        with torch.no_grad():
+            for ids in texts_tokens:
+                hf_model(ids[None])
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+# ---------------------------------------------------------------------------------------------- float64 references
+# The library computes in fp32; references are computed in float64 from fp32 logits, and tolerances are derived
+# from fp32 rounding (below), not tuned on one machine.
+
+FP32_EPS = float(torch.finfo(torch.float32).eps)  # 1.19e-7: relative spacing of fp32 numbers
+
+
+def log_softmax64(logits) -> torch.Tensor:
+    return torch.log_softmax(torch.as_tensor(logits).double(), dim=-1)
+
+
+def kl64(logits_p, logits_q) -> torch.Tensor:
+    """Per-position KL(P || Q) in float64: [..., vocab] -> [...]."""
+    lp, lq = log_softmax64(logits_p), log_softmax64(logits_q)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def nll64(logits, tokens) -> torch.Tensor:
+    """Per-position next-token cross-entropy in float64: logits [pos, vocab], tokens [pos] -> [pos - 1]."""
+    lp = log_softmax64(logits)
+    return -lp[:-1].gather(-1, torch.as_tensor(tokens)[1:, None]).squeeze(-1)
+
+
+def logit_noise(a, b) -> float:
+    """How far two fp32 computations of the same logits are apart: max |a - b|, floored at 4 fp32 ulps of the
+    largest logit (two runs that happen to agree bit for bit here may not on another CPU)."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return max(float((a - b).abs().max()), 4 * FP32_EPS * float(torch.maximum(a.abs().max(), b.abs().max())))
+
+
+def kl_tolerance(logits_p, logits_q, eta: float, runs: int = 1) -> torch.Tensor:
+    """Per-position bound on |KL_fp32 - KL64| for KL(P || Q) computed by the library in fp32 from logits that are
+    within ``eta`` (absolute) of ``logits_p`` / ``logits_q``; ``runs=2`` when two fp32 computations are compared
+    with each other. Pool it like the KL (mean over positions). Derivation, per position with lp = log p:
+
+    * log-softmax rounds each log-prob once at its own magnitude: |d lp_v| <= eps |lp_v|, so
+      sum_v p_v (lp_v - lq_v) moves by <= eps (E_p|lp| + E_p|lq|);
+    * exp(lp) (relative error eps) and the fp32 sum over the vocabulary (at most n_vocab * eps relative to the
+      sum of absolute terms, recursive summation) add <= (1 + n_vocab) eps E_p|lp - lq|;
+    * logits off by <= eta shift each log-prob by <= 2 eta; with both distributions normalised, to first order
+      |dKL| <= 2 eta (||p - q||_1 + E_p|lp - lq|), plus (2 eta)^2 of second order; doubled as a margin because
+      eta is measured on the clean forward only.
+    """
+    lp, lq = log_softmax64(logits_p), log_softmax64(logits_q)
+    p, q = lp.exp(), lq.exp()
+    e_abs_d = (p * (lp - lq).abs()).sum(-1)
+    fp32 = FP32_EPS * ((p * lp.abs()).sum(-1) + (p * lq.abs()).sum(-1) + (1 + lp.shape[-1]) * e_abs_d)
+    noise = 2 * ((2 * eta) * ((p - q).abs().sum(-1) + e_abs_d) + (2 * eta) ** 2)
+    return runs * fp32 + noise
+
+
+def nll_tolerance(logits, tokens, eta: float, runs: int = 1) -> torch.Tensor:
+    """Per-position bound on |NLL_fp32 - NLL64| ([pos - 1]): the target's log-prob rounds at its own magnitude
+    (eps |lp|), and logits off by <= eta move it by <= 2 eta (doubled as a margin, as in :func:`kl_tolerance`)."""
+    return runs * FP32_EPS * nll64(logits, tokens).abs() + 2 * 2 * eta
+
+
+def hf_logits(hf_model, tokens) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.as_tensor(tokens)[None]).logits[0].detach().clone()
+
+
+def load_hf(path):
+    """A plain HF model from a saved directory, eager attention like the bridge, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()

@@ -1,4 +1,5 @@
-"""Batch and cumulative analysis against single simulations and zeroed raw weights."""
+"""Batch and cumulative analysis against plain Hugging Face models with the neurons removed from their weights,
+with every reference metric computed in float64 and every tolerance derived from fp32 rounding (conftest)."""
 
 import numpy as np
 import pytest
@@ -6,44 +7,128 @@ import torch
 
 import neuronscope_tl as ns
 from neuronscope_tl.hooks import hook_count
+from neuronscope_tl.texts import batches, tokenize
 
-from conftest import zero_output_weights
+from conftest import (
+    FP32_EPS, fold_mean_into_bias, hf_logits, kl64, kl_tolerance, load_hf, logit_noise, mlp_inputs, nll64,
+    nll_tolerance, zero_output_weights,
+)
 
 TEXTS = ["The council met on Tuesday to discuss the budget.", "Rain is expected across the coast tomorrow."]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-def test_individual_equals_simulate(tiny_model):
-    cands = [{"layer_index": 0, "neuron_index": 4}, {"layer_index": 2, "neuron_index": 9}, {"layer_index": 1, "neuron_index": 1}]
-    b = ns.batch_analysis(tiny_model, cands, TEXTS, batch_size=2, progress=False)
-    for c, row in zip(cands, b.individual.itertuples()):
-        r = ns.simulate_pruning(tiny_model, c["layer_index"], [c["neuron_index"]], TEXTS)
-        assert row.impact_score == pytest.approx(r.impact_score, rel=1e-5, abs=1e-9)
-        assert row.loss_change == pytest.approx(r.loss_change, abs=1e-6)
-    assert b.cumulative.impact_score.iloc[0] == pytest.approx(b.individual.impact_score.iloc[0])
+
+def reference(model_dir, tokens, change):
+    """Float64 impact metrics of ``change(hf)`` (an edit of raw HF weights) pooled over the texts, with tolerances.
+
+    Returns (impact, loss_change, top1, clean_logits, pruned_logits): impact = mean over every position of every
+    text of KL(P_orig || P_pruned); loss_change = mean next-token NLL pruned minus original, pooled.
+    """
+    clean_hf = load_hf(model_dir)
+    pruned_hf = change(load_hf(model_dir))
+    clean = [hf_logits(clean_hf, t) for t in tokens]
+    pruned = [hf_logits(pruned_hf, t) for t in tokens]
+    impact = float(torch.cat([kl64(c, p) for c, p in zip(clean, pruned)]).mean())
+    loss = float(torch.cat([nll64(p, t) - nll64(c, t) for c, p, t in zip(clean, pruned, tokens)]).mean())
+    top1 = float(torch.cat([(c.argmax(-1) == p.argmax(-1)).double() for c, p in zip(clean, pruned)]).mean())
+    return impact, loss, top1, clean, pruned
+
+
+def tolerances(clean, pruned, tokens, eta, runs=1):
+    """Pooled bounds on |impact - impact64| and |loss_change - loss_change64| (see conftest.kl_tolerance)."""
+    kl_tol = float(torch.cat([kl_tolerance(c, p, eta, runs) for c, p in zip(clean, pruned)]).mean())
+    loss_tol = float(torch.cat([nll_tolerance(c, t, eta, runs) + nll_tolerance(p, t, eta, runs) for c, p, t in zip(clean, pruned, tokens)]).mean())
+    return kl_tol, loss_tol
+
+
+def bridge_noise(model, model_dir, tokens, batch_size):
+    """How far the bridge's clean logits, batched and right-padded as the analysis batches them, are from plain HF
+    on each text alone (the fp32 rounding both computations carry)."""
+    hf = load_hf(model_dir)
+    eta = 0.0
+    with torch.no_grad():
+        for batch in batches(model, tokens, batch_size):
+            logits = model(batch.tokens)
+            for row, (i, length) in enumerate(zip(batch.text_index, batch.lengths)):
+                eta = max(eta, logit_noise(logits[row, :length], hf_logits(hf, tokens[i])))
+    return eta
+
+
+def ties(clean, pruned, eta):
+    """Positions whose top-1 can flip under rounding: the top two logits of either run are within 4 eta + ulps."""
+    n = 0
+    for logits in clean + pruned:
+        top = logits.double().topk(2, dim=-1).values
+        n += int(((top[:, 0] - top[:, 1]) <= 4 * eta + 4 * FP32_EPS * top[:, 0].abs()).sum())
+    return n
+
+
+def test_individual_impacts_equal_zeroed_weights_in_float64(tiny_model, tiny_dirs, tiny_kind):
+    """Each candidate alone (batch_analysis, 2 texts per padded batch, and simulate_pruning, 1 text per pass) equals
+    a plain HF model with that neuron's output weights zeroed, metrics computed in float64."""
+    model_dir = tiny_dirs[tiny_kind]
+    pairs = [(0, 4), (2, 9), (1, 1)]
+    b = ns.batch_analysis(tiny_model, [{"layer_index": l, "neuron_index": n} for l, n in pairs], TEXTS, batch_size=2, progress=False)
+    tokens = tokenize(tiny_model, TEXTS)
+    n_positions = sum(len(t) for t in tokens)
+    for (layer, neuron), row in zip(pairs, b.individual.itertuples()):
+        impact, loss, top1, clean, pruned = reference(model_dir, tokens, lambda hf: zero_output_weights(hf, layer, [neuron]))
+        for batch_size, got in [(2, row), (1, ns.simulate_pruning(tiny_model, layer, [neuron], TEXTS, batch_size=1))]:
+            eta = bridge_noise(tiny_model, model_dir, tokens, batch_size)
+            kl_tol, loss_tol = tolerances(clean, pruned, tokens, eta)
+            assert abs(got.impact_score - impact) <= kl_tol, (layer, neuron, batch_size, got.impact_score, impact, kl_tol)
+            assert abs(got.loss_change - loss) <= loss_tol, (layer, neuron, batch_size, got.loss_change, loss, loss_tol)
+            assert abs(got.top1_agreement - top1) <= ties(clean, pruned, eta) / n_positions
+        assert impact > 20 * kl_tol  # the comparison resolves the impact to within 5%, not just its magnitude
+    assert (row.layer, row.neuron) == pairs[-1] and list(b.individual["label"]) == [f"L{l}N{n}" for l, n in pairs]
     assert hook_count(tiny_model) == 0
 
 
-def test_cumulative_step_equals_zeroed_weights(tiny_model, fresh_hf):
-    pairs = [(0, 4), (2, 9), (0, 7)]
-    b = ns.batch_analysis(tiny_model, pairs, TEXTS[:1], progress=False)
-    toks = tiny_model.to_tokens(TEXTS[0])
-    with torch.no_grad():
-        p = torch.softmax(fresh_hf(toks).logits[0].double(), -1).numpy()
-        for layer, neuron in pairs:
-            zero_output_weights(fresh_hf, layer, [neuron])
-        q = torch.softmax(fresh_hf(toks).logits[0].double(), -1).numpy()
-    kl = (p * (np.log(p) - np.log(q))).sum(-1).mean()
-    assert b.cumulative.impact_score.iloc[-1] == pytest.approx(kl, rel=1e-4, abs=1e-7)
-    assert list(b.cumulative.n_pruned) == [1, 2, 3]
+def test_every_cumulative_step_equals_zeroed_weights(tiny_model, tiny_dirs, tiny_kind):
+    """Step k prunes candidates 0..k together: each step (the first included) against plain HF in float64."""
+    model_dir = tiny_dirs[tiny_kind]
+    pairs = [(0, 4), (2, 9), (0, 7), (1, 30)]
+    b = ns.batch_analysis(tiny_model, pairs, TEXTS, progress=False)
+    tokens = tokenize(tiny_model, TEXTS)
+    eta = bridge_noise(tiny_model, model_dir, tokens, 1)
+    assert list(b.cumulative.n_pruned) == [1, 2, 3, 4] and list(b.cumulative.step) == [1, 2, 3, 4]
+    previous = None
+    for k, row in enumerate(b.cumulative.itertuples(), start=1):
+
+        def prune_first_k(hf, k=k):
+            for layer, neuron in pairs[:k]:
+                zero_output_weights(hf, layer, [neuron])
+            return hf
+
+        impact, loss, _, clean, pruned = reference(model_dir, tokens, prune_first_k)
+        kl_tol, loss_tol = tolerances(clean, pruned, tokens, eta)
+        assert abs(row.impact_score - impact) <= kl_tol, (k, row.impact_score, impact, kl_tol)
+        assert abs(row.loss_change - loss) <= loss_tol, (k, row.loss_change, loss, loss_tol)
+        assert (row.layer, row.neuron) == pairs[k - 1]
+        if previous is not None:
+            assert abs(impact - previous) > 2 * kl_tol  # each step changes the measured impact resolvably
+        previous = impact
 
 
 def test_recommendations_follow_verdicts(tiny_model):
     pairs = [(l, n) for l in range(3) for n in (0, 5)]
-    th = ns.ImpactThresholds(safe_below=1e-3, risky_from=1e-2)
+    first = ns.batch_analysis(tiny_model, pairs, TEXTS, progress=False)
+    # thresholds between the measured impacts, so that every verdict occurs
+    low, high = np.quantile(first.individual["impact_score"], [0.34, 0.67])
+    th = ns.ImpactThresholds(safe_below=float(low), risky_from=float(high))
     b = ns.batch_analysis(tiny_model, pairs, TEXTS, thresholds=th, progress=False)
     rec = b.recommendations
-    for key, verdict in [("safe_to_prune", "safe"), ("moderate", "moderate"), ("risky_to_prune", "high")]:
-        expected = [(int(r.layer), int(r.neuron)) for r in b.individual.itertuples() if r.verdict == verdict]
+
+    def verdict(impact):
+        return "safe" if impact < low else ("moderate" if impact < high else "high")
+
+    assert [r.verdict for r in b.individual.itertuples()] == [verdict(r.impact_score) for r in b.individual.itertuples()]
+    assert [r.verdict for r in b.cumulative.itertuples()] == [verdict(r.impact_score) for r in b.cumulative.itertuples()]
+    assert {r.verdict for r in b.individual.itertuples()} == {"safe", "moderate", "high"}
+    assert list(b.individual["safe_to_prune"]) == [verdict(r.impact_score) == "safe" for r in b.individual.itertuples()]
+    for key, name in [("safe_to_prune", "safe"), ("moderate", "moderate"), ("risky_to_prune", "high")]:
+        expected = [(int(r.layer), int(r.neuron)) for r in b.individual.itertuples() if verdict(r.impact_score) == name]
         assert [(x["layer_index"], x["neuron_index"]) for x in rec[key]] == expected
     prefix = 0
     while prefix < len(b.cumulative) and b.cumulative.impact_score.iloc[prefix] < th.safe_below:
@@ -52,41 +137,74 @@ def test_recommendations_follow_verdicts(tiny_model):
     assert sum(len(rec[k]) for k in ("safe_to_prune", "moderate", "risky_to_prune")) == len(pairs)
 
 
-def test_mean_ablation_uses_calibration_means(tiny_model):
+def test_mean_ablation_equals_bias_folded_weights(tiny_model, tiny_dirs, tiny_kind):
+    """Mean ablation with given calibration texts: the means equal the calibration mean of the HF output projection's
+    input, and the impact equals a plain HF model with those means folded into the output bias (float64)."""
+    model_dir = tiny_dirs[tiny_kind]
     calib = ["Shares fell in early trade.", "The weather bureau issued a warning."]
-    means = ns.stream_activations(tiny_model, calib, layers=[1], progress=False).mean[0].float()
-    r = ns.simulate_pruning(tiny_model, 1, [2, 3], TEXTS, ablation="mean", calib_texts=calib)
-    from neuronscope_tl.hooks import ablation_hook, attached_hooks, mlp_post_name
+    layer, neurons = 1, [2, 3]
+    means64 = mlp_inputs(load_hf(model_dir), tokenize(tiny_model, calib), layer).mean(0)[neurons]
+    values = ns.impact.ablation_values(tiny_model, [layer], "mean", calib)[layer][neurons]
+    # an fp32 mean of a few dozen activations: rounding <= n * eps * max|a| (recursive summation), far below the
+    # differences between neurons
+    torch.testing.assert_close(values.double(), means64, rtol=0, atol=64 * FP32_EPS * float(means64.abs().max() + 1))
+    r = ns.simulate_pruning(tiny_model, layer, neurons, TEXTS, ablation="mean", calib_texts=calib)
+    tokens = tokenize(tiny_model, TEXTS)
+    impact, loss, _, clean, pruned = reference(model_dir, tokens, lambda hf: fold_mean_into_bias(hf, layer, neurons, means64.float()))
+    eta = bridge_noise(tiny_model, model_dir, tokens, 1)
+    kl_tol, loss_tol = tolerances(clean, pruned, tokens, eta)
+    assert abs(r.impact_score - impact) <= kl_tol and abs(r.loss_change - loss) <= loss_tol
+    zero_impact = reference(model_dir, tokens, lambda hf: zero_output_weights(hf, layer, neurons))[0]
+    assert abs(zero_impact - impact) > 10 * kl_tol  # mean and zero ablation are told apart
+    assert r.ablation == "mean" and hook_count(tiny_model) == 0
 
-    toks = tiny_model.to_tokens(TEXTS[0])
+
+def test_residual_changes_equal_zeroed_weights(tiny_model, tiny_dirs, tiny_kind):
+    """activation_changes: ||R_pruned - R_orig||_F / ||R_orig||_F of each block's output from the ablated one on,
+    against the decoder-layer outputs of plain HF models (read with torch forward hooks), in float64."""
+    layer, neurons = 1, [0, 1, 2]
+    r = ns.simulate_pruning(tiny_model, layer, neurons, TEXTS[0])
+    ids = tokenize(tiny_model, TEXTS[:1])[0]
+
+    def block_outputs(hf):
+        blocks = hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
+        out = {}
+        handles = [blk.register_forward_hook(lambda m, a, o, k=k: out.__setitem__(k, (o[0] if isinstance(o, tuple) else o)[0].double()))
+                   for k, blk in enumerate(blocks)]
+        hf_logits(hf, ids)
+        for h in handles:
+            h.remove()
+        return out
+
+    clean = block_outputs(load_hf(tiny_dirs[tiny_kind]))
+    pruned = block_outputs(zero_output_weights(load_hf(tiny_dirs[tiny_kind]), layer, neurons))
+    # the rounding the bridge's residuals carry against plain HF's, measured on the clean forward
     with torch.no_grad():
-        clean = tiny_model(toks)
-        with attached_hooks(tiny_model, [(mlp_post_name(1), ablation_hook([2, 3], means[[2, 3]]))]):
-            pruned = tiny_model(toks)
-    one = ns.simulate_pruning(tiny_model, 1, [2, 3], TEXTS[0], ablation="mean", calib_texts=calib)
-    assert one.impact_score == pytest.approx(float(ns.token_kl(clean, pruned).mean()), rel=1e-5)
-    assert r.ablation == "mean" and r.impact_score > 0
-
-
-def test_residual_changes_match_cache(tiny_model):
-    from neuronscope_tl.hooks import ablation_hook, attached_hooks, mlp_post_name
-
-    r = ns.simulate_pruning(tiny_model, 1, [0, 1, 2], TEXTS[0])
-    toks = tiny_model.to_tokens(TEXTS[0])
-    names = lambda n: n.endswith("hook_resid_post")
-    _, clean = tiny_model.run_with_cache(toks, names_filter=names)
-    with attached_hooks(tiny_model, [(mlp_post_name(1), ablation_hook([0, 1, 2]))]):
-        _, pruned = tiny_model.run_with_cache(toks, names_filter=names)
+        _, cache = tiny_model.run_with_cache(ids[None], names_filter=lambda name: name.endswith("hook_resid_post"))
+    eta = max(logit_noise(cache[f"blocks.{l}.hook_resid_post"][0], clean[l]) for l in clean)
     assert [c["layer"] for c in r.activation_changes] == [1, 2]
     for c in r.activation_changes:
-        key = f"blocks.{c['layer']}.hook_resid_post"
-        expected = (pruned[key] - clean[key]).norm() / clean[key].norm()
-        assert c["relative_change"] == pytest.approx(float(expected), rel=1e-4)
+        r0, r1 = clean[c["layer"]], pruned[c["layer"]]
+        expected = float((r1 - r0).norm() / r0.norm())
+        # Elements off by <= eta move ||R_pruned - R_orig|| by <= 2 eta sqrt(N) and ||R_orig|| by <= eta sqrt(N), so
+        # the ratio c by <= (2 + c) eta sqrt(N) / ||R_orig||; the fp32 subtraction adds eps c. Doubled as a margin.
+        spread = eta * r0.numel() ** 0.5 / float(r0.norm())
+        tol = 2 * ((2 + expected) * spread + FP32_EPS * expected)
+        assert abs(c["relative_change"] - expected) <= tol, (c, expected, tol)
+        assert expected > 1000 * tol  # the ablation moved the residual stream far beyond rounding
 
 
-def test_batching_does_not_change_results(tiny_model):
-    a = ns.simulate_pruning(tiny_model, 0, [1, 2], TEXTS + ["Short."], batch_size=1)
-    b = ns.simulate_pruning(tiny_model, 0, [1, 2], TEXTS + ["Short."], batch_size=3)
-    assert a.impact_score == pytest.approx(b.impact_score, rel=1e-4)  # fp32 batched-matmul rounding
-    assert a.loss_change == pytest.approx(b.loss_change, abs=1e-6)
-    assert a.n_tokens == b.n_tokens
+def test_batching_does_not_change_results(tiny_model, tiny_dirs, tiny_kind):
+    """One text per pass and three right-padded texts per pass give the same numbers within the fp32 rounding that
+    padding (other matmul shapes) may change, measured and bounded as in conftest.kl_tolerance."""
+    texts = TEXTS + ["Short."]
+    a = ns.simulate_pruning(tiny_model, 0, [1, 2], texts, batch_size=1)
+    b = ns.simulate_pruning(tiny_model, 0, [1, 2], texts, batch_size=3)
+    tokens = tokenize(tiny_model, texts)
+    _, _, _, clean, pruned = reference(tiny_dirs[tiny_kind], tokens, lambda hf: zero_output_weights(hf, 0, [1, 2]))
+    eta = max(bridge_noise(tiny_model, tiny_dirs[tiny_kind], tokens, 1), bridge_noise(tiny_model, tiny_dirs[tiny_kind], tokens, 3))
+    kl_tol, loss_tol = tolerances(clean, pruned, tokens, eta, runs=2)
+    assert abs(a.impact_score - b.impact_score) <= kl_tol
+    assert abs(a.loss_change - b.loss_change) <= loss_tol
+    assert a.n_tokens == b.n_tokens == sum(len(t) for t in tokens)
+    assert a.impact_score > 20 * kl_tol

@@ -18,13 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from . import engine
 from .export import Result
-from .hooks import attached_hooks, mlp_post_name
 from .models import mlp_info, model_name
 from .texts import (
-    DEFAULT_BATCH_SIZE, as_finite_real, batches, calibration_texts, calibration_tokens, check_batch_size, check_int, check_max_tokens, check_texts,
+    DEFAULT_BATCH_SIZE, as_finite_real, calibration_texts, calibration_tokens, check_batch_size, check_int, check_max_tokens, check_texts,
     show, tokenize,
 )
 
@@ -78,6 +77,12 @@ class NeuronAccumulator:
         self.mean, self.m2, self.sum_abs, self.sum_sq, self.active = z(), z(), z(), z(), z()
         self.max = torch.full(shape, -torch.inf, dtype=torch.float64)
         self._row = {layer: i for i, layer in enumerate(self.layers)}
+
+    needs_grad = False
+
+    def observe(self, obs) -> None:
+        """Engine entry point (:mod:`neuronscope_tl.engine`)."""
+        self.update(obs.layer, obs.acts)
 
     def update(self, layer: int, acts: Tensor) -> None:
         i = self._row[layer]
@@ -163,24 +168,51 @@ def stream_tokens(
 ) -> NeuronAccumulator:
     """The pass behind :func:`stream_activations`, over already tokenized sequences (validated layers)."""
     acc = NeuronAccumulator(layers, mlp_info(model).d_mlp, active_threshold)
-    current = {}
-
-    def make_hook(layer):
-        def hook(act, hook=None):
-            acc.update(layer, act[current["mask"]])
-
-        return hook
-
-    hooks = [(mlp_post_name(l), make_hook(l)) for l in layers]
-    stop = layers[-1] + 1
-    with attached_hooks(model, hooks), torch.no_grad():
-        for batch in tqdm(list(batches(model, token_lists, batch_size)), desc="activations", disable=not progress):
-            current["mask"] = batch.mask
-            if stop < mlp_info(model).n_layers:
-                model(batch.tokens, stop_at_layer=stop)
-            else:
-                model(batch.tokens, return_type=None)
+    engine.run(model, token_lists, [acc], batch_size, progress=progress, desc="activations")
     return acc
+
+
+class GramAccumulator:
+    """Per layer, the running sum of ``ã ã^T`` over tokens, with ``ã`` = [activations, 1] ([d_mlp + 1] wide),
+    in float32, and the token count; mergeable across shards.
+
+    ``grams()`` gives ``E[ã ã^T]``, whose last row holds the mean activations: what the least-squares refit and
+    OBS selection of :mod:`neuronscope_tl.obs` need.
+    """
+
+    needs_grad = False
+
+    def __init__(self, layers: Sequence[int], d_mlp: int):
+        self.layers = list(layers)
+        self.d_mlp = d_mlp
+        self.sums = {l: torch.zeros(d_mlp + 1, d_mlp + 1) for l in self.layers}
+        self.count = 0
+
+    def observe(self, obs) -> None:
+        a = obs.acts.reshape(-1, self.d_mlp).float().cpu()
+        a = torch.cat([a, torch.ones(a.shape[0], 1)], dim=1)
+        self.sums[obs.layer] += a.t() @ a
+        if obs.layer == self.layers[0]:
+            self.count += a.shape[0]
+
+    def merge(self, other: "GramAccumulator") -> "GramAccumulator":
+        if (other.layers, other.d_mlp) != (self.layers, self.d_mlp):
+            raise ValueError("can only merge Gram accumulators over the same layers and d_mlp.")
+        for l in self.layers:
+            self.sums[l] += other.sums[l]
+        self.count += other.count
+        return self
+
+    def grams(self) -> Dict[int, Tensor]:
+        return {l: s / max(self.count, 1) for l, s in self.sums.items()}
+
+
+def activation_grams(model, texts: Sequence[str], layers: Sequence[int], max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS) -> Dict[int, Tensor]:
+    """Per layer, the Gram matrix ``E[ã ã^T]`` [d_mlp + 1, d_mlp + 1] of the MLP activations augmented with a
+    constant 1 (its last row holds the mean activations), over the first ``max_tokens`` tokens of ``texts``."""
+    acc = GramAccumulator(check_layers(model, layers), mlp_info(model).d_mlp)
+    engine.run(model, tokenize(model, texts, max_tokens=max_tokens), [acc], by_length=False, desc="grams")
+    return acc.grams()
 
 
 @dataclass
@@ -264,7 +296,6 @@ def calibration_stats(model, texts: Optional[Sequence[str]] = None, max_tokens: 
     return cache[key]
 
 
-def mean_activations(model, texts: Sequence[str], layers: Sequence[int], batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: Optional[int] = None) -> Dict[int, Tensor]:
-    """Each neuron's mean activation over ``texts`` (for mean ablation): {layer: [d_mlp] float32}."""
-    acc = stream_activations(model, texts, layers, batch_size, max_tokens, progress=False)
-    return {layer: acc.mean[i].float() for i, layer in enumerate(acc.layers)}
+def forget_calibration(model) -> None:
+    """Drop the model's cached calibration statistics (after editing its weights in place, say)."""
+    _CALIBRATION_CACHE.pop(model, None)

@@ -35,16 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from . import engine
 from .ablation import ablate_each
 from .activations import DEFAULT_ACTIVE_THRESHOLD, NeuronAccumulator
 from .export import Result
-from .hooks import attached_hooks, mlp_post_name
 from .impact import check_ablation, check_batch_size
-from .metrics import log_probs, nll_from_log_probs
 from .models import mlp_info
-from .texts import DEFAULT_BATCH_SIZE, batches, check_int, check_max_tokens, is_integer, show, tokenize
+from .texts import DEFAULT_BATCH_SIZE, check_int, check_max_tokens, is_integer, show, tokenize
 from .weights import neuron_weight_table
 
 SCORE_COLUMNS = (
@@ -83,6 +81,15 @@ class ScoreAccumulator:
         self.top_value = torch.full(shape, -torch.inf)
         self.top_text = torch.full(shape, -1, dtype=torch.long)
         self.top_pos = torch.full(shape, -1, dtype=torch.long)
+
+    needs_grad = True
+
+    def observe(self, obs) -> None:
+        """Engine entry point (:mod:`neuronscope_tl.engine`)."""
+        self.update(obs.layer, obs.acts, obs.grads, obs.text, obs.pos)
+
+    def end_batch(self, batch) -> None:
+        self.n_targets += int(batch.target_mask().sum())
 
     def update(self, layer: int, acts: Tensor, grads: Tensor, text: Tensor, pos: Tensor) -> None:
         """Real-token activations and gradients of one layer, [n, d_mlp], with each row's text and position [n]."""
@@ -156,41 +163,13 @@ def accumulate_scores(
     top_k_contexts: int = DEFAULT_TOP_K,
     progress: bool = False,
 ) -> ScoreAccumulator:
-    """The streaming pass: per batch, one forward with capture hooks on every ``mlp.hook_post``, one backward."""
+    """The streaming pass (:func:`neuronscope_tl.engine.run`): per batch one forward and one backward, every layer."""
     batch_size = check_batch_size(batch_size)
     top_k_contexts = check_top_k_contexts(top_k_contexts)
     info = mlp_info(model)
     acc = ScoreAccumulator(info.n_layers, info.d_mlp, top_k_contexts)
     acc.n_texts = len(token_lists)
-    captured: Dict[int, Tensor] = {}
-
-    def capture(layer):
-        def hook(act, hook=None):
-            if not act.requires_grad:  # nothing upstream needs a gradient: make this activation the leaf
-                act = act.detach().requires_grad_(True)
-            captured[layer] = act
-            return act
-
-        return hook
-
-    hooks = [(mlp_post_name(l), capture(l)) for l in acc.layers]
-    with attached_hooks(model, hooks), torch.enable_grad():
-        for p in model.parameters():
-            p.requires_grad_(False)  # attached_hooks restores the flags
-        for batch in tqdm(list(batches(model, token_lists, batch_size)), desc="scores", disable=not progress):
-            captured.clear()
-            logits = model(batch.tokens)
-            tmask = batch.target_mask()
-            loss = nll_from_log_probs(log_probs(logits), batch.tokens)[tmask].sum()
-            del logits
-            grads = torch.autograd.grad(loss, [captured[l] for l in acc.layers])
-            acc.n_targets += int(tmask.sum())
-            rows, pos = batch.mask.nonzero(as_tuple=True)
-            text = torch.as_tensor(batch.text_index)[rows]
-            for layer, g in zip(acc.layers, grads):
-                a = captured[layer].detach()
-                acc.update(layer, a[batch.mask], g[batch.mask], text, pos)
-            captured.clear()
+    engine.run(model, token_lists, [acc], batch_size, progress=progress, desc="scores")
     return acc
 
 

@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import hooks, scoring
+from neuronscope_tl import engine, hooks, scoring
 from neuronscope_tl.activations import DEFAULT_ACTIVE_THRESHOLD
 from neuronscope_tl.texts import tokenize
 
@@ -156,7 +156,7 @@ def test_exception_inside_a_batch_leaves_no_hooks_and_no_grads(tiny_model, monke
         assert hooks.hook_count(tiny_model) > before  # we really are inside the batch, hooks attached
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(scoring, "nll_from_log_probs", boom)
+    monkeypatch.setattr(engine, "nll_from_log_probs", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         scoring.score_neurons(tiny_model, TEXTS)
     assert hooks.hook_count(tiny_model) == before

@@ -254,3 +254,18 @@ def load_hf(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def fp32_forward_error(hf_model, token_lists) -> float:
+    """The fp32 rounding of a forward pass, measured: max |logits_fp32 - logits_fp64| over the texts, where the
+    float64 run is a double-precision copy of the same weights. Two fp32 computations of the same function by
+    different routes (other matmul shapes, a fused refit, hooks) differ by about twice this."""
+    import copy
+
+    double = copy.deepcopy(hf_model).double()
+    err = 0.0
+    with torch.no_grad():
+        for ids in token_lists:
+            ids = torch.as_tensor(ids)[None]
+            err = max(err, float((hf_model(ids).logits.double() - double(ids).logits).abs().max()))
+    return err

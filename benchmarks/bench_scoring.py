@@ -1,7 +1,10 @@
-"""Benchmark of one-pass scoring and tail-only exact ablation on the default model (issue 5). Prints ONE JSON line.
+"""Benchmark of one-pass scoring and tail-only exact ablation on the default model. Prints ONE JSON line.
 
 (a) ``score_all_s`` / ``score_all_peak_rss_mb``: ``score_pass`` over 2,048 Lee calibration tokens (peak RSS of
     the process, model included).
+    ``bare_fwd_bwd_s``: a forward and a backward over the same tokens (same texts, one at a time) through the HF
+    model with no hook attached and gradients for the input embeddings only; ``score_overhead`` = score_all_s /
+    bare_fwd_bwd_s, both timed in this run.
 (b) ``ablate_ours_s`` / ``ablate_naive_s``: each of 256 random neurons ablated alone over 256 tokens, with
     ``ablate_each`` and with the naive TransformerLens loop (one full ``run_with_hooks`` per neuron, clean logits
     computed once, same metric functions), timed in the same run.
@@ -64,6 +67,25 @@ def naive_loop(model, ids, pairs):
     return out
 
 
+def bare_fwd_bwd(model, token_lists) -> float:
+    """Seconds for forward + backward over ``token_lists`` with frozen weights and no hooks (the floor of scoring)."""
+    hf = model.original_model
+    flags = [p.requires_grad for p in hf.parameters()]
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    try:
+        t = time.perf_counter()
+        for ids in token_lists:
+            emb = hf.get_input_embeddings()(ids[None]).detach().requires_grad_(True)
+            logits = hf(inputs_embeds=emb).logits
+            loss = metrics.nll_from_log_probs(metrics.log_probs(logits), ids[None]).sum()
+            torch.autograd.grad(loss, emb)
+        return time.perf_counter() - t
+    finally:
+        for p, flag in zip(hf.parameters(), flags):
+            p.requires_grad_(flag)
+
+
 def main() -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     n_neurons = int(os.environ.get("BENCH_NEURONS", "256"))
@@ -76,6 +98,7 @@ def main() -> dict:
     scores = scoring.score_pass(model, calib, max_tokens=2048)
     score_s = time.perf_counter() - t
     rss = peak_rss_mb()
+    bare_s = bare_fwd_bwd(model, scores.token_lists)
 
     rng = random.Random(0)
     pairs = [(rng.randrange(info.n_layers), rng.randrange(info.d_mlp)) for _ in range(n_neurons)]
@@ -104,6 +127,8 @@ def main() -> dict:
         "score_all_s": round(score_s, 2),
         "score_all_peak_rss_mb": round(rss, 1),
         "score_tokens": scores.n_tokens,
+        "bare_fwd_bwd_s": round(bare_s, 2),
+        "score_overhead": round(score_s / bare_s, 3),
         "ablate_neurons": len(pairs),
         "ablate_tokens": int(ids.shape[1]),
         "ablate_ours_s": round(ours_s, 2),

@@ -3,9 +3,9 @@
 Each command parses its arguments into a config dataclass (``parse_args`` is a small testable function) and calls
 library functions; no analysis logic lives here.
 
-* ``analyze``: the seed's whole workflow (weight statistics, candidates, impact of the first candidates, neuron
+* ``analyze``: the whole analysis workflow (weight statistics, candidates, impact of the first candidates, neuron
   importance, batch test, export) on the default model and texts, writing report files to ``--out``.
-* ``serve``: the web app (Gradio demo at /, the seed's REST API at /api/pruning, docs at /docs), bound to
+* ``serve``: the web app (Gradio demo at /, the REST API at /api/pruning, docs at /docs), bound to
   127.0.0.1 unless ``--host`` says otherwise.
 * ``score``: every neuron scored in one pass (``scoring.score_pass``), the cheap scores validated against exact
   ablation (``scoring.validate_scores``); writes ``scores.csv``, ``scores.json``, ``validation.json`` and
@@ -161,7 +161,7 @@ class AnalyzeConfig:
 
 
 def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
-    """Run the seed's workflow and write the report files; returns the summary written to ``report.json``."""
+    """Run the analysis workflow and write the report files; returns the summary written to ``report.json``."""
 
     t0 = time.perf_counter()
     timings = {}

@@ -1,7 +1,7 @@
 """Result base class, report documents (schema) and atomic file writes.
 
 Every result dataclass derives from :class:`Result`: ``to_dict()`` gives plain JSON-able data, and item access
-(``result["impact_score"]``) works as well as attribute access, which is how the seed's examples read results.
+(``result["impact_score"]``) works as well as attribute access, which is how NeuronScope-style code reads results.
 
 Files are written atomically: the content goes to a temporary file in the target directory, which is renamed over
 the target only once it is complete. On any error the temporary file is removed, so no partial file remains.

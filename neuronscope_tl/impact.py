@@ -4,7 +4,7 @@ Nothing here edits weights. One engine, :func:`measure_plans`, runs each batch o
 ablation plan, so a batch analysis of N candidates costs 2N + 1 forwards per batch, and the clean logits are
 never stored beyond the batch. Metric definitions live in :mod:`neuronscope_tl.metrics`.
 
-* :func:`simulate_pruning`: one set of neurons in one layer (the seed's ``simulate_neuron_pruning``).
+* :func:`simulate_pruning`: one set of neurons in one layer (``PruningImpactAnalyzer.simulate_neuron_pruning``).
 * :func:`batch_analysis`: each candidate alone, then cumulatively in the given order, with recommendations.
 """
 

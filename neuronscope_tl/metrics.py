@@ -9,7 +9,7 @@
 * **Relative residual change** of block k: ``||R_pruned - R_orig||_F / ||R_orig||_F`` over all real positions of
   ``blocks.{k}.hook_resid_post``.
 * **Verdict**: ``safe`` if impact < safe_below (0.1), ``moderate`` if < risky_from (0.3), else ``high``
-  (the seed's interpretation guideline).
+  (NeuronScope's interpretation guideline).
 """
 
 from __future__ import annotations

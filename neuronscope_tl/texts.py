@@ -29,7 +29,7 @@ DEFAULT_BATCH_SIZE = 1
 CALIBRATION_SPLIT = range(0, 200)
 EVALUATION_SPLIT = range(200, 300)
 
-# The seed's example texts, used by the CLI and the demo as pre-filled input.
+# Short example texts, used by the CLI and the demo as pre-filled input.
 EXAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Artificial intelligence is transforming the way we analyse data.",

@@ -4,7 +4,7 @@ Statistics are taken on the model's raw weights (the bridge is booted without La
 bridge's stacked ``W_in`` [layer, d_model, d_mlp], ``W_gate`` (gated MLPs) and ``W_out`` [layer, d_mlp, d_model].
 
 Neuron n of layer l owns column n of ``W_in`` (and ``W_gate``) and row n of ``W_out``. Its *weight score* is the
-mean |w| over all those weights; the seed's bands apply to it (< 0.01 very low, 0.01-0.05 low, > 0.05 normal).
+mean |w| over all those weights; NeuronScope's bands apply to it (< 0.01 very low, 0.01-0.05 low, > 0.05 normal).
 Beware: on SmolLM2 low weight magnitude is a poor guide to what can be pruned (worse than random in our pruning
 curves); the activation-aware scores are better.
 """
@@ -30,7 +30,7 @@ BANDS = ((0.01, "very_low"), (0.05, "low"), (math.inf, "normal"))
 
 
 def band_of(mean_abs: float) -> str:
-    """The seed's band for a neuron's mean |w|: < 0.01 very_low, 0.01-0.05 low, >= 0.05 normal."""
+    """The weight band of a neuron's mean |w|: < 0.01 very_low, 0.01-0.05 low, >= 0.05 normal."""
     for upper, name in BANDS:
         if mean_abs < upper:
             return name

@@ -1,4 +1,4 @@
-"""The seed's REST API under ``/api/pruning``: Pydantic request models and one :class:`.AppState` call per route.
+"""The REST API under ``/api/pruning``: Pydantic request models and one :class:`.AppState` call per route.
 
 Status codes: 200 on success; 422 for a malformed body (Pydantic); 400 for a value the library refuses (its
 ``ValueError`` message is the ``detail``); 413 for a request over a size limit; 409 for an impact export before

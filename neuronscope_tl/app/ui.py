@@ -1,4 +1,4 @@
-"""The Gradio demo: tabs that mirror the seed's workflow (weights, candidates, impact, importance, neuron contexts,
+"""The Gradio demo: tabs that follow the analysis workflow (weights, candidates, impact, importance, neuron contexts,
 batch, pruning curve with prune-and-download, export) over the same :class:`.AppState` operations as the REST API.
 
 Each handler converts widget values to library arguments, calls one operation and converts the result into

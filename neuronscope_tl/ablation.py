@@ -7,8 +7,9 @@ layers k..L-1, the final norm and the unembedding are run, starting from that ca
 block k, so it costs a full forward.
 
 The tail is the HF model's own decoder layers (wrapped in place by the bridge, so the bridge's hook points still
-fire), called as the HF model calls them: Llama-style layers get the model's rotary position embeddings and causal
-mask, GPT-2-style blocks the causal mask (their position embeddings are already in the residual). Several
+fire), found and called as the HF model calls them by the model family's adapter (:mod:`neuronscope_tl.arch`):
+Llama-style layers get the model's rotary position embeddings and causal mask, GPT-2-style blocks the causal mask
+(their position embeddings are already in the residual). Several
 ablations share one tail run: the cached residual is repeated along the batch dimension and copy i has neuron i
 replaced at ``blocks.{k}.mlp.hook_post`` (the input of down_proj / c_proj), the same place the core's ablation
 hooks write, through :func:`attached_hooks`. The final norm, unembedding and metrics run one copy at a time so
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .arch import Arch, arch_for
 from .hooks import attached_hooks, capture_hook, mlp_post_name
 from .impact import ablation_values, check_ablation, check_candidates
 from .metrics import kl_from_log_probs, log_probs, nll_from_log_probs
@@ -41,39 +43,25 @@ DEFAULT_STACK = 8
 
 @dataclass
 class Tail:
-    """The HF modules of the model's tail. ``rotary`` is None for models with learned absolute positions."""
+    """The model's tail: its HF model (wrapped by the bridge), the family adapter that runs its decoder layers, and
+    the final norm and unembedding that turn the last hidden state into logits."""
 
-    layers: torch.nn.ModuleList
+    hf: torch.nn.Module
+    arch: Arch
     norm: torch.nn.Module
     head: torch.nn.Module
-    rotary: Optional[torch.nn.Module]
-    config: object
 
 
-def model_tail(model) -> Tail:
-    """Locate decoder layers, final norm, unembedding and rotary embedding of a Llama- or GPT-2-style HF model."""
+def model_tail(model: torch.nn.Module) -> Tail:
+    """The tail of a bridge's HF model; ValueError naming the supported families for any other kind of model."""
+    arch = arch_for(model)
     hf = model.original_model
-    if hasattr(hf, "model") and hasattr(hf.model, "layers"):  # Llama, Mistral, Qwen, ...
-        return Tail(hf.model.layers, hf.model.norm, hf.lm_head, getattr(hf.model, "rotary_emb", None), hf.config)
-    if hasattr(hf, "transformer") and hasattr(hf.transformer, "h"):  # GPT-2
-        return Tail(hf.transformer.h, hf.transformer.ln_f, hf.lm_head, None, hf.config)
-    raise ValueError(f"ablate_each supports Llama-style and GPT-2-style models, not {type(hf).__name__}.")
+    return Tail(hf, arch, arch.final_norm(hf), arch.unembed(hf))
 
 
 def run_body(tail: Tail, resid: Tensor, start: int) -> Tensor:
     """Decoder layers start..L-1 on ``resid`` [batch, pos, d_model] (unpadded, positions 0..pos-1)."""
-    from transformers.masking_utils import create_causal_mask
-
-    pos = torch.arange(resid.shape[1], device=resid.device)[None]
-    mask = create_causal_mask(config=tail.config, inputs_embeds=resid, attention_mask=None, cache=None, position_ids=pos)
-    kwargs = {"attention_mask": mask, "position_ids": pos, "use_cache": False}
-    if tail.rotary is not None:
-        kwargs["position_embeddings"] = tail.rotary(resid, position_ids=pos)
-    hidden = resid
-    for layer in tail.layers[start:]:
-        out = layer(hidden, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
+    return tail.arch.run_layers(tail.hf, resid, start)
 
 
 def stacked_ablation_hook(neurons: Sequence[int], values: Optional[Tensor]):

@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
+from .arch import mlp_input_bias, mlp_weights
 from .export import Result, report_document, write_set
 from .models import mlp_info, model_name
 from .texts import as_finite_real, show
@@ -42,23 +43,6 @@ def check_percentile(threshold_percentile: float) -> float:
     if value is None or not 0.0 < value <= 100.0:
         raise ValueError(f"threshold_percentile must be in (0, 100], got {show(threshold_percentile)}.")
     return value
-
-
-def mlp_weights(model) -> Dict[str, Tensor]:
-    """Raw MLP matrices, detached fp32 on CPU: ``in``/``gate`` [L, d_model, d_mlp], ``out`` [L, d_mlp, d_model]."""
-    out = {"in": model.W_in.detach().float().cpu(), "out": model.W_out.detach().float().cpu()}
-    gate = model.W_gate
-    if gate is not None:
-        out["gate"] = gate.detach().float().cpu()
-    return out
-
-
-def mlp_input_bias(model) -> Optional[Tensor]:
-    """``b_in`` [L, d_mlp] when the MLP has an input bias, else None."""
-    try:
-        return model.b_in.detach().float().cpu()
-    except (AttributeError, TypeError):
-        return None
 
 
 def unique_parameters(model) -> List[Tensor]:

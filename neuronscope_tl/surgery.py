@@ -6,24 +6,21 @@ A :class:`PruneSpec` says, per layer, which MLP neurons go and what replaces the
 * ``mean``: the neuron's mean activation times its output weights, folded into the output bias (FLAP's bias
   compensation, An et al. 2024);
 * optionally a **least-squares refit** of the kept neurons' output weights (and the bias), which reconstructs the
-  dense layer output from calibration activations. This is the structured Optimal Brain Surgeon update of ZipLM
-  (Kurtic et al. 2023) / SparseGPT (Frantar & Alistarh 2023) on the input side of the MLP's output projection,
-  using the activation Gram matrix ``G = E[a a^T]``: ``W_K' = W_K + G_KK^-1 G_KP W_P``.
+  dense layer output from calibration activations (:func:`neuronscope_tl.obs.refit_output`, the structured OBS
+  update of ZipLM / SparseGPT).
 
-:func:`build_pruned_hf` applies a spec to a fresh copy of the bridge's HF model:
+:func:`apply_spec` applies a spec to a fresh copy of the bridge's HF model (:func:`fresh_hf_copy`), narrowing each
+MLP through the model family's adapter (:mod:`neuronscope_tl.arch`: rows of ``gate_proj``/``up_proj`` and columns
+of ``down_proj`` for Llama-style models, columns of ``c_fc`` and rows of ``c_proj`` for GPT-2).
 
-* Llama-style (gate/up/down): rows of ``gate_proj``/``up_proj`` and columns of ``down_proj`` are removed. An output
-  bias needs ``mlp_bias=True`` in the config, which also gives gate and up a bias; those are set to zero.
-* GPT-2-style (``Conv1D``): columns of ``c_fc`` (and its bias entries) and rows of ``c_proj``; the extra bias is
-  added to ``c_proj.bias``.
-
-Per-layer-uniform pruning gives one smaller ``intermediate_size``. Pruning that leaves different widths per layer
+Per-layer-uniform pruning gives one smaller MLP width in the config. Pruning that leaves different widths per layer
 (global scope) cannot be written in a standard config, so we write a **masked checkpoint** of the original shapes
 (pruned weights set to zero) and say so in the result (``masked=True``); it is exact but not smaller.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -36,8 +33,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .arch import arch_for, clean_state_dict
 from .export import Result
+from .hooks import ablation_hooks, capture_hook, mlp_post_name
+from .impact import ablation_values, check_ablation, check_candidates, make_plan
 from .models import mlp_info
+from .obs import obs_order as obs_order  # re-exported: pruning curves import it from here, next to make_spec
+from .obs import refit_output
+from .texts import calibration_texts, check_int, check_max_tokens
 
 Neurons = Dict[int, List[int]]
 
@@ -81,204 +84,52 @@ class PruneSpec:
         return [n for n in range(self.d_mlp) if n not in gone]
 
 
-def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: bool, damp: float = 0.01) -> Tuple[Tensor, Optional[Tensor]]:
-    """Least-squares refit of the kept neurons' output weights after removing ``pruned`` (ZipLM/SparseGPT OBS).
-
-    Args:
-        gram: [d_mlp + 1, d_mlp + 1] Gram matrix of the activations augmented with a constant 1 (last index).
-        w_out: [d_mlp, d_model] output weights.
-        pruned: neurons removed.
-        with_bias: also refit an output bias (the constant input); otherwise the constant is not used.
-
-    Returns:
-        (delta [d_mlp, d_model] with zero rows for pruned neurons, bias [d_model] or None).
-        Minimises ``E || a W - (a_K (W_K + delta_K) + b) ||^2`` over calibration tokens: ``delta_K = G_KK^-1 G_KP W_P``.
-    """
-    d = w_out.shape[0]
-    p = torch.as_tensor(sorted(pruned), dtype=torch.long)
-    mask = torch.ones(d, dtype=torch.bool)
-    mask[p] = False
-    k = torch.nonzero(mask).squeeze(1)
-    if with_bias:
-        k = torch.cat([k, torch.tensor([d])])
-    g = gram.double()
-    g_kk = g[k][:, k]
-    g_kp = g[k][:, p]
-    # Dampening as in SparseGPT (1% of the mean diagonal) keeps the solve stable for dead neurons.
-    g_kk = g_kk + damp * g.diagonal()[:d].mean().clamp_min(1e-12) * torch.eye(len(k), dtype=g.dtype)
-    update = torch.linalg.solve(g_kk, g_kp @ w_out.double()[p])  # [|K|(+1), d_model]
-    delta = torch.zeros_like(w_out, dtype=torch.float64)
-    n_kept = int(mask.sum())
-    delta[mask] = update[:n_kept]
-    bias = update[n_kept].float() if with_bias else None
-    return delta.float(), bias
-
-
-def obs_order(gram: Tensor, w_out: Tensor, n_remove: int, keep_constant: bool = True,
-              block: Optional[int] = None, damp: float = 0.01) -> Tuple[List[int], List[float]]:
-    """Greedy structured OBS (ZipLM, Kurtic et al. 2023): repeatedly remove the neurons whose removal, after the
-    optimal refit of the others, adds the least output error ``||w_i||^2 / [G^-1]_ii``.
-
-    ``block`` neurons are removed per step with the exact block update (default ``d_mlp // 128``, at least 1:
-    about 12x fewer updates on SmolLM2 for a small loss in greediness). Returns the removal order and the
-    cumulative squared reconstruction error per token after each removal (exact at block ends). The constant
-    input (last index of ``gram``) is never removed when ``keep_constant``; otherwise it is dropped.
-    """
-    d = w_out.shape[0]
-    block = max(1, d // 128) if block is None else max(1, int(block))
-    g = gram.double().clone()
-    if not keep_constant:
-        g = g[:d, :d]
-    size = g.shape[0]
-    g += damp * g.diagonal()[:d].mean().clamp_min(1e-12) * torch.eye(size, dtype=g.dtype)
-    h_inv = torch.linalg.inv(g)
-    w = torch.zeros(size, w_out.shape[1], dtype=torch.float64)
-    w[:d] = w_out.double()
-    alive = torch.ones(size, dtype=torch.bool)
-    alive[d:] = False  # the constant can absorb error but is never a candidate
-    order: List[int] = []
-    errors: List[float] = []
-    total = 0.0
-    while len(order) < n_remove:
-        err = w.square().sum(1) / h_inv.diagonal()
-        err[~alive] = torch.inf
-        b = min(block, n_remove - len(order))
-        idx = err.topk(b, largest=False).indices
-        h_bb_inv = torch.linalg.inv(h_inv[idx][:, idx])
-        w_b = w[idx]
-        step_err = float(torch.einsum("ik,ij,jk->", w_b, h_bb_inv, w_b))
-        singles = err[idx]
-        share = (singles / singles.sum().clamp_min(1e-30)).tolist()
-        for i, frac in zip(idx.tolist(), share):
-            order.append(i)
-            total += step_err * frac
-            errors.append(total)
-        cols = h_inv[:, idx]
-        w -= cols @ (h_bb_inv @ w_b)
-        h_inv -= cols @ h_bb_inv @ cols.t()
-        alive[idx] = False
-        w[idx] = 0.0
-    return order, errors
-
-
 # ---------------------------------------------------------------------------------------------- HF surgery
 
 
-def _mlp(hf, layer: int):
-    if hasattr(hf, "transformer"):
-        return hf.transformer.h[layer].mlp
-    return hf.model.layers[layer].mlp
-
-
-def is_gpt2_style(hf) -> bool:
-    return hasattr(hf, "transformer") and hasattr(_mlp(hf, 0), "c_fc")
-
-
-def output_weights(hf, layer: int) -> Tensor:
-    """[d_mlp, d_model] output weights of one MLP (the ``W_out`` convention), fp32 copy."""
-    mlp = _mlp(hf, layer)
-    if is_gpt2_style(hf):
-        return mlp.c_proj.weight.detach().float().clone()
-    return mlp.down_proj.weight.detach().float().t().clone()
-
-
-def fresh_hf_copy(model):
+def fresh_hf_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain HF model with the bridge's current weights (the bridge wraps its HF model in place, so we rebuild)."""
+    # transformers costs about 0.5 s to import; it is imported when a model is first rebuilt, not with the package.
     from transformers import AutoModelForCausalLM
-
-    import copy as _copy
 
     hf = model.original_model
     # from_config keeps the config object it is given: copy it, or the surgery would edit the bridge's config.
-    copy = AutoModelForCausalLM.from_config(_copy.deepcopy(hf.config), attn_implementation="eager")
-    want = copy.state_dict()
-    state = {}
-    for key, value in hf.state_dict().items():
-        clean = key.replace("._original_component", "")
-        if clean in want and clean not in state:
-            state[clean] = value.detach().clone()
-    missing = [k for k in want if k not in state]
+    fresh = AutoModelForCausalLM.from_config(copy.deepcopy(hf.config), attn_implementation="eager")
+    state = clean_state_dict(model)
+    missing = [k for k in fresh.state_dict() if k not in state]
     tied = {"lm_head.weight"} if getattr(hf.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied:
-        raise RuntimeError(f"could not map the bridge's weights onto a fresh {type(copy).__name__}: missing {missing[:5]}")
-    copy.load_state_dict(state, strict=False)
+        raise RuntimeError(f"could not map the bridge's weights onto a fresh {type(fresh).__name__}: missing {missing[:5]}")
+    fresh.load_state_dict(state, strict=False)
     if tied:
-        copy.tie_weights()
-    return copy.to(dtype=next(hf.parameters()).dtype).eval()
+        fresh.tie_weights()
+    return fresh.to(dtype=next(hf.parameters()).dtype).eval()
 
 
-def apply_spec(hf, spec: PruneSpec):
+def apply_spec(hf: torch.nn.Module, spec: PruneSpec) -> torch.nn.Module:
     """Remove (or, for non-uniform specs, zero) the spec's neurons in ``hf`` in place; returns ``hf``.
 
-    Returns the same module with a config whose ``intermediate_size`` / ``n_inner`` is the new width (uniform
-    specs) and ``mlp_bias=True`` on Llama-style configs when an output bias is needed.
+    Returns the same module with a config whose MLP width (``intermediate_size`` / ``n_inner``) is the new width
+    (uniform specs) and ``mlp_bias=True`` on Llama-style configs when an output bias is needed.
     """
-    gpt2 = is_gpt2_style(hf)
-    n_layers = hf.config.num_hidden_layers if not gpt2 else hf.config.n_layer
+    arch = arch_for(hf)
+    n_layers = len(arch.decoder_layers(hf))
     counts = {len(spec.neurons.get(l, ())) for l in range(n_layers)}
     shrink = len(counts) == 1
     need_bias = bool(spec.bias)
     new_width = spec.d_mlp - counts.pop() if shrink else spec.d_mlp
     with torch.no_grad():
         for layer in range(n_layers):
-            mlp = _mlp(hf, layer)
-            w_out = output_weights(hf, layer)
+            w_out = arch.output_weights(hf, layer)
             if layer in spec.delta_out:
                 w_out = w_out + spec.delta_out[layer]
             pruned = spec.neurons.get(layer, [])
             if not shrink:
                 w_out[pruned] = 0.0
             keep = torch.as_tensor(spec.kept(layer) if shrink else list(range(spec.d_mlp)), dtype=torch.long)
-            extra = spec.bias.get(layer)
-            if gpt2:
-                _shrink_gpt2(mlp, keep, w_out, extra)
-            else:
-                _shrink_llama(mlp, keep, w_out, extra, need_bias)
-    if gpt2:
-        hf.config.n_inner = new_width
-    else:
-        hf.config.intermediate_size = new_width
-        if need_bias:
-            hf.config.mlp_bias = True
+            arch.shrink_mlp(arch.mlp(hf, layer), keep, w_out, spec.bias.get(layer), need_bias)
+    arch.set_width(hf.config, new_width, need_bias)
     return hf
-
-
-def _linear(weight: Tensor, bias: Optional[Tensor]) -> torch.nn.Linear:
-    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-    lin.weight = torch.nn.Parameter(weight.contiguous())
-    if bias is not None:
-        lin.bias = torch.nn.Parameter(bias.contiguous())
-    return lin
-
-
-def _shrink_llama(mlp, keep: Tensor, w_out: Tensor, extra: Optional[Tensor], need_bias: bool) -> None:
-    dtype = mlp.down_proj.weight.dtype
-    zeros = (lambda n: torch.zeros(n, dtype=dtype)) if need_bias else (lambda n: None)
-    for name in ("gate_proj", "up_proj"):
-        old = getattr(mlp, name)
-        b = old.bias[keep].detach().clone() if old.bias is not None else zeros(len(keep))
-        setattr(mlp, name, _linear(old.weight[keep].detach().clone(), b))
-    d_model = w_out.shape[1]
-    old_b = mlp.down_proj.bias.detach().clone() if mlp.down_proj.bias is not None else zeros(d_model)
-    if extra is not None:
-        old_b = old_b + extra.to(dtype)
-    mlp.down_proj = _linear(w_out[keep].t().to(dtype), old_b)
-
-
-def _shrink_gpt2(mlp, keep: Tensor, w_out: Tensor, extra: Optional[Tensor]) -> None:
-    from transformers.pytorch_utils import Conv1D
-
-    dtype = mlp.c_proj.weight.dtype
-    fc = Conv1D(len(keep), mlp.c_fc.weight.shape[0])
-    fc.weight = torch.nn.Parameter(mlp.c_fc.weight[:, keep].detach().clone())
-    fc.bias = torch.nn.Parameter(mlp.c_fc.bias[keep].detach().clone())
-    proj = Conv1D(w_out.shape[1], len(keep))
-    proj.weight = torch.nn.Parameter(w_out[keep].to(dtype).contiguous())
-    b = mlp.c_proj.bias.detach().clone()
-    if extra is not None:
-        b = b + extra.to(dtype)
-    proj.bias = torch.nn.Parameter(b)
-    mlp.c_fc, mlp.c_proj = fc, proj
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -365,8 +216,6 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
     The directory is written in a temporary sibling first and renamed into place, so a failure leaves no partial
     model behind.
     """
-    from .texts import check_int
-
     latency_tokens = check_int(latency_tokens, "latency_tokens", 1)
     latency_repeats = check_int(latency_repeats, "latency_repeats", 1, 1000)
     out = check_out_dir(out, overwrite)
@@ -391,7 +240,7 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    width = int(pruned.config.n_inner if is_gpt2_style(pruned) else pruned.config.intermediate_size)
+    width = arch_for(pruned).width(pruned.config)
     return PrunedModel(
         out=str(out), ablation=spec.ablation, compensated=bool(spec.delta_out), masked=not spec.uniform,
         n_pruned=spec.n_pruned, d_mlp_before=spec.d_mlp, d_mlp_after=width,
@@ -410,8 +259,6 @@ def check_neuron_sets(model, neurons) -> Neurons:
     Raises ValueError for layers or neurons out of range (valid: layers 0..n_layers-1, neurons 0..d_mlp-1),
     duplicates, or a layer losing all its neurons.
     """
-    from .impact import check_candidates
-
     if isinstance(neurons, dict):
         neurons = [(l, n) for l, ns_ in neurons.items() for n in ns_]
     pairs = check_candidates(model, neurons)
@@ -460,8 +307,6 @@ def make_spec(model, neurons, ablation: str = "zero", means: Optional[Dict[int, 
     ``ablation='mean'`` needs ``means`` ({layer: [d_mlp]}); a least-squares refit happens when ``grams`` (from
     :func:`activation_grams`) is given, with an output bias when ``ablation='mean'``.
     """
-    from .impact import check_ablation
-
     check_ablation(ablation)
     neurons = check_neuron_sets(model, neurons)
     d_mlp = mlp_info(model).d_mlp
@@ -489,9 +334,6 @@ def simulation_hooks(spec: PruneSpec) -> list:
     Pruned neurons are ablated on ``mlp.hook_post`` through the core's :func:`make_plan`/:func:`ablation_hooks`
     (zero, or the mean activations); a refit adds ``a_ablated @ delta + bias`` on ``mlp.hook_out``.
     """
-    from .hooks import ablation_hooks, capture_hook, mlp_post_name
-    from .impact import make_plan
-
     pairs = [(l, n) for l, ns_ in spec.neurons.items() for n in ns_]
     values = {l: None for l in spec.neurons}
     for l, repl in spec.replacement.items():
@@ -532,9 +374,6 @@ def prune_model(model, neurons, ablation: str = "zero", out: Optional[Union[str,
 
     Returns a :class:`PrunedModel` (when ``out`` is given) or the pruned plain HF model.
     """
-    from .impact import ablation_values, check_ablation
-    from .texts import calibration_texts, check_max_tokens
-
     check_ablation(ablation)
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     if out is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import surgery
+from neuronscope_tl import obs, surgery
 from neuronscope_tl.hooks import attached_hooks, hook_count
 
 from conftest import FP32_EPS, PROBE_TEXT, fp32_forward_error, load_hf, mlp_inputs, zero_output_weights
@@ -125,13 +125,13 @@ def test_refit_is_least_squares():
     err_lstsq = (x @ sol - a @ w).square().mean()
     # undamped: the normal equations' solution is lstsq's; the refit returns fp32, so agreement is to fp32
     # rounding of weights of magnitude |sol| (relative 2^-24 each, a few times for the sum W_K + delta_K)
-    delta, bias = surgery.refit_output(gram, w, pruned, with_bias=True, damp=0.0)
+    delta, bias = obs.refit_output(gram, w, pruned, with_bias=True, damp=0.0)
     scale = float(sol.abs().max())
     torch.testing.assert_close(w[keep] + delta[keep].double(), sol[:-1], rtol=0, atol=4 * FP32_EPS * scale)
     torch.testing.assert_close(bias.double(), sol[-1], rtol=0, atol=4 * FP32_EPS * scale)
     assert delta[pruned].abs().max() == 0
     # the default dampening (1% of the mean diagonal) costs little reconstruction error at this scale
-    delta, bias = surgery.refit_output(gram, w, pruned, with_bias=True)
+    delta, bias = obs.refit_output(gram, w, pruned, with_bias=True)
     err_refit = ((a[:, keep] @ (w[keep] + delta[keep].double()) + bias.double()) - a @ w).square().mean()
     assert err_lstsq <= err_refit <= err_lstsq * 1.02
     assert delta[pruned].abs().max() == 0
@@ -174,15 +174,15 @@ def test_obs_error_equals_refit_error(block):
     w = torch.randn(16, 6, generator=g, dtype=torch.float64)
     aug = torch.cat([a, torch.ones(3000, 1, dtype=torch.float64)], 1)
     gram = aug.t() @ aug / 3000
-    order, err = surgery.obs_order(gram, w, 8, keep_constant=True, block=block, damp=0.0)
+    order, err = obs.obs_order(gram, w, 8, keep_constant=True, block=block, damp=0.0)
     assert len(set(order)) == 8 and all(0 <= i < 16 for i in order)
     for n in (4, 8):
-        delta, bias = surgery.refit_output(gram, w, order[:n], with_bias=True, damp=0.0)
+        delta, bias = obs.refit_output(gram, w, order[:n], with_bias=True, damp=0.0)
         keep = [i for i in range(16) if i not in order[:n]]
         recon = a[:, keep] @ (w[keep] + delta[keep].double()) + bias.double()
         true = (recon - a @ w).square().sum(1).mean()
         # exact at block ends in exact arithmetic; float64 rounding of a 17x17 solve and of 3000-term sums
         assert err[n - 1] == pytest.approx(float(true), rel=1e-9)
     if block == 1:  # the first pick is the single neuron with the least refit error
-        singles = [((lambda d_, b_: ((a[:, [j for j in range(16) if j != i]] @ (w[[j for j in range(16) if j != i]] + d_[[j for j in range(16) if j != i]].double()) + b_.double()) - a @ w).square().sum(1).mean())(*surgery.refit_output(gram, w, [i], True, 0.0))) for i in range(16)]
+        singles = [((lambda d_, b_: ((a[:, [j for j in range(16) if j != i]] @ (w[[j for j in range(16) if j != i]] + d_[[j for j in range(16) if j != i]].double()) + b_.double()) - a @ w).square().sum(1).mean())(*obs.refit_output(gram, w, [i], True, 0.0))) for i in range(16)]
         assert order[0] == int(torch.tensor(singles).argmin())

@@ -269,3 +269,42 @@ def fp32_forward_error(hf_model, token_lists) -> float:
             ids = torch.as_tensor(ids)[None]
             err = max(err, float((hf_model(ids).logits.double() - double(ids).logits).abs().max()))
     return err
+
+
+def single_and_padded_activations(model, token_lists, batch_size: int):
+    """The bridge's ``mlp.hook_post`` activations, {layer: [n_tokens, d_mlp] float64}, computed one text at a time
+    and right-padded in batches of ``batch_size`` (longest first, as analyses batch them), both in text order,
+    read with TransformerLens's own run_with_cache."""
+    from neuronscope_tl.hooks import is_mlp_post, layer_of
+    from neuronscope_tl.texts import batches
+
+    single, padded = {}, {}
+    with torch.no_grad():
+        for ids in token_lists:
+            _, cache = model.run_with_cache(ids[None], names_filter=is_mlp_post)
+            for name, act in cache.items():
+                single.setdefault(layer_of(name), []).append(act[0].double())
+        rows = {}
+        for batch in batches(model, token_lists, batch_size):
+            _, cache = model.run_with_cache(batch.tokens, names_filter=is_mlp_post)
+            for name, act in cache.items():
+                for row, (i, n) in enumerate(zip(batch.text_index, batch.lengths)):
+                    rows[(layer_of(name), i)] = act[row, :n].double()
+        for (layer, i) in sorted(rows):
+            padded.setdefault(layer, []).append(rows[(layer, i)])
+    cat = lambda d: {l: torch.cat(v) for l, v in d.items()}
+    return cat(single), cat(padded)
+
+
+def stat_tolerances(a, eta: float, threshold: float) -> dict:
+    """Per-neuron bounds on the activation statistics when every activation may be off by ``eta`` (absolute):
+    mean, mean |a|, rms and max move by <= eta; the population variance by <= 2 eta std + eta^2
+    (mean |a - mu| <= std); the fraction active by the share of activations within eta of the threshold. Plus
+    float64 accumulation rounding (<= 1e-12 of the largest |a|). ``a``: [n_tokens, d_mlp] float64."""
+    slack = 1e-12 * float(a.abs().max())
+    std = a.std(0, unbiased=False)
+    near = ((a.abs() - threshold).abs() <= eta).double().mean(0)
+    return {
+        "mean": eta + slack, "mean_abs": eta + slack, "rms": eta + slack, "max": eta + slack,
+        "var": 2 * eta * std + eta**2 + slack, "frac_active": near + 1e-12,
+    }

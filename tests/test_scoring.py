@@ -13,6 +13,10 @@ from neuronscope_tl import engine, hooks, scoring
 from neuronscope_tl.activations import DEFAULT_ACTIVE_THRESHOLD
 from neuronscope_tl.texts import tokenize
 
+from conftest import (
+    FP32_EPS, hf_logits, load_hf, logit_noise, nll64, single_and_padded_activations, stat_tolerances, zero_output_weights,
+)
+
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Neural networks learn representations of language from large corpora.",
@@ -32,76 +36,108 @@ def one_thread():
 
 
 def hf_weight_norms(model):
-    """Per-neuron input and output weight norms read straight from the HF modules: [L, d_mlp] each."""
+    """Per-neuron input and output weight norms read straight from the HF modules, in float64: [L, d_mlp] each."""
     hf = model.original_model
     if hasattr(hf, "transformer"):  # GPT-2 Conv1D: weight [in, out]
-        w_in = torch.stack([b.mlp.c_fc.weight.detach().norm(dim=0) for b in hf.transformer.h])
-        w_out = torch.stack([b.mlp.c_proj.weight.detach().norm(dim=1) for b in hf.transformer.h])
+        w_in = torch.stack([b.mlp.c_fc.weight.detach().double().norm(dim=0) for b in hf.transformer.h])
+        w_out = torch.stack([b.mlp.c_proj.weight.detach().double().norm(dim=1) for b in hf.transformer.h])
     else:  # Linear: weight [out, in]
-        w_in = torch.stack([l.mlp.up_proj.weight.detach().norm(dim=1) for l in hf.model.layers])
-        w_out = torch.stack([l.mlp.down_proj.weight.detach().norm(dim=0) for l in hf.model.layers])
+        w_in = torch.stack([l.mlp.up_proj.weight.detach().double().norm(dim=1) for l in hf.model.layers])
+        w_out = torch.stack([l.mlp.down_proj.weight.detach().double().norm(dim=0) for l in hf.model.layers])
     return w_in.numpy(), w_out.numpy()
 
 
-def manual_activations(model, texts):
-    """{layer: [n_tokens, d_mlp]} over all texts, one run_with_cache per text."""
-    out = {}
-    for ids in tokenize(model, texts):
-        with torch.no_grad():
-            _, cache = model.run_with_cache(ids[None], names_filter=hooks.is_mlp_post)
-        for name, act in cache.items():
-            out.setdefault(hooks.layer_of(name), []).append(act[0].double().numpy())
-    return {l: np.concatenate(a) for l, a in out.items()}
+def assert_within(got, expected, atol, what):
+    """|got - expected| <= atol elementwise (atol may be per neuron); reports the worst excess."""
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    excess = np.abs(got - expected) - np.broadcast_to(atol, got.shape)
+    worst = int(excess.argmax())
+    assert excess.max() <= 0, (what, worst, got[worst], expected[worst], np.broadcast_to(atol, got.shape)[worst])
 
 
 def test_columns_match_manual_numpy(tiny_model):
+    """Every column against numpy over activations cached one text at a time. The pass batches two right-padded
+    texts, which may change fp32 activations by rounding: that difference (eta) is measured and bounds each
+    statistic (conftest.stat_tolerances); weight norms in fp32 are within (d_model + 2) eps of float64."""
     table = scoring.score_neurons(tiny_model, TEXTS, batch_size=2)
     info = ns.mlp_info(tiny_model)
     assert list(table.columns) == list(scoring.SCORE_COLUMNS)
     assert len(table) == info.n_layers * info.d_mlp
     assert table["label"].iloc[info.d_mlp + 3] == "L1N3"
-    acts = manual_activations(tiny_model, TEXTS)
+    single, padded = single_and_padded_activations(tiny_model, tokenize(tiny_model, TEXTS), 2)
     w_in, w_out = hf_weight_norms(tiny_model)
-    for layer, a in acts.items():
+    rel_norm = (info.d_model + 2) * FP32_EPS
+    for layer, act in single.items():
+        eta = logit_noise(act, padded[layer])
+        tol = {k: np.asarray(v) for k, v in stat_tolerances(act, eta, DEFAULT_ACTIVE_THRESHOLD).items()}
+        a = act.numpy()
         rows = table[table["layer"] == layer]
-        rms = np.sqrt((a**2).mean(0))
-        np.testing.assert_allclose(rows["mean"], a.mean(0), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(rows["mean_abs"], np.abs(a).mean(0), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(rows["var"], a.var(0), rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(rows["rms"], rms, rtol=1e-6)
-        np.testing.assert_allclose(rows["max"], a.max(0), rtol=1e-6)
-        np.testing.assert_allclose(rows["frac_active"], (np.abs(a) > DEFAULT_ACTIVE_THRESHOLD).mean(0))
-        np.testing.assert_allclose(rows["w_in_norm"], w_in[layer], rtol=1e-5)
-        np.testing.assert_allclose(rows["w_out_norm"], w_out[layer], rtol=1e-5)
-        np.testing.assert_allclose(rows["wanda"], w_out[layer] * rms, rtol=1e-5)
-        np.testing.assert_allclose(rows["fluctuation"], a.var(0) * w_out[layer] ** 2, rtol=1e-4, atol=1e-7)
+        rms, var = np.sqrt((a**2).mean(0)), a.var(0)
+        assert_within(rows["mean"], a.mean(0), tol["mean"], "mean")
+        assert_within(rows["mean_abs"], np.abs(a).mean(0), tol["mean_abs"], "mean_abs")
+        assert_within(rows["var"], var, tol["var"], "var")
+        assert_within(rows["rms"], rms, tol["rms"], "rms")
+        assert_within(rows["max"], a.max(0), tol["max"], "max")
+        assert (np.abs(rows["frac_active"].to_numpy() - (np.abs(a) > DEFAULT_ACTIVE_THRESHOLD).mean(0)) <= tol["frac_active"]).all()
+        assert_within(rows["w_in_norm"], w_in[layer], rel_norm * w_in[layer], "w_in_norm")
+        assert_within(rows["w_out_norm"], w_out[layer], rel_norm * w_out[layer], "w_out_norm")
+        wo = w_out[layer]
+        assert_within(rows["wanda"], wo * rms, wo * tol["rms"] + rms * wo * rel_norm * 1.01, "wanda")
+        assert_within(rows["fluctuation"], var * wo**2, wo**2 * tol["var"] + var * wo**2 * 2.01 * rel_norm, "fluctuation")
 
 
-def direct_taylor(model, texts, layer, neuron, target):
-    """d/ds at s=0 of the mean loss when the activation is moved to a + s * (target - a), by autograd on s."""
-    s = torch.zeros((), requires_grad=True)
+def hf_taylor(hf, token_lists, layer, neuron, target):
+    """d/ds at s=0 of the mean next-token loss of a plain HF model when input ``neuron`` of the layer's output
+    projection moves to a + s (target - a), by autograd on s, in the model's own dtype (a torch pre-hook; no
+    TransformerLens). Also returns sum_t |g_t (target - a_t)| / N, the size of the terms the derivative sums."""
+    mlp = hf.transformer.h[layer].mlp if hasattr(hf, "transformer") else hf.model.layers[layer].mlp
+    proj = mlp.c_proj if hasattr(mlp, "c_proj") else mlp.down_proj
+    dtype = next(hf.parameters()).dtype
+    s = torch.zeros((), dtype=dtype, requires_grad=True)
+    moved = []
+
+    def pre(module, args):
+        x = args[0].clone()
+        a = x[..., neuron].detach().clone()
+        col = x[..., neuron] + s * (target - x[..., neuron])
+        x = torch.cat([x[..., :neuron], col[..., None], x[..., neuron + 1:]], dim=-1)
+        moved.append((col, a))
+        return (x,)
+
+    handle = proj.register_forward_pre_hook(pre)
     total, count = 0.0, 0
-    for ids in tokenize(model, texts):
-        def hook(act, hook=None):
-            act = act.clone()
-            act[..., neuron] = act[..., neuron] + s * (target - act[..., neuron])
-            return act
+    try:
+        for ids in token_lists:
+            lp = torch.log_softmax(hf(ids[None]).logits[0], -1)
+            total = total + -lp[:-1].gather(-1, ids[1:, None]).sum()
+            count += ids.numel() - 1
+    finally:
+        handle.remove()
+    grads = torch.autograd.grad(total / count, [s] + [c for c, _ in moved])
+    terms = sum(float((g * (target - a)).abs().sum()) for g, (_, a) in zip(grads[1:], moved)) / count
+    return float(grads[0]), terms
 
-        logits = model.run_with_hooks(ids[None], fwd_hooks=[(hooks.mlp_post_name(layer), hook)])
-        total = total + ns.metrics.token_nll(logits, ids[None]).sum()
-        count += ids.numel() - 1
-    (grad,) = torch.autograd.grad(total / count, [s])
-    return float(grad)
 
+def test_taylor_matches_autograd_in_float64(tiny_model, tiny_dirs, tiny_kind):
+    """taylor_zero / taylor_mean against the derivative computed by autograd on a float64 copy of the plain HF
+    model. Tolerance: the same derivative computed by the same route in fp32 shows the fp32 rounding of a forward
+    and backward (e32); the library's batched route is allowed 4 e32, plus 64 eps of the summed terms."""
+    import copy
 
-def test_taylor_matches_autograd_on_direct_computation(tiny_model):
     table = scoring.score_neurons(tiny_model, TEXTS, batch_size=3)
     d_mlp = ns.mlp_info(tiny_model).d_mlp
+    hf32 = load_hf(tiny_dirs[tiny_kind])
+    hf64 = copy.deepcopy(hf32).double()
+    tokens = tokenize(tiny_model, TEXTS)
     for layer, neuron in [(0, 2), (1, 7), (2, 11)]:
         row = table.iloc[layer * d_mlp + neuron]
-        assert row["taylor_zero"] == pytest.approx(direct_taylor(tiny_model, TEXTS, layer, neuron, 0.0), rel=1e-3, abs=1e-7)
         mu = float(row["mean"])
-        assert row["taylor_mean"] == pytest.approx(direct_taylor(tiny_model, TEXTS, layer, neuron, mu), rel=1e-3, abs=1e-7)
+        for column, target in [("taylor_zero", 0.0), ("taylor_mean", mu)]:
+            ref, terms = hf_taylor(hf64, tokens, layer, neuron, target)
+            e32 = abs(hf_taylor(hf32, tokens, layer, neuron, target)[0] - ref)
+            tol = 4 * e32 + 64 * FP32_EPS * terms
+            assert abs(row[column] - ref) <= tol, (layer, neuron, column, row[column], ref, tol)
+            assert abs(ref) > 10 * tol  # resolved, not lost in rounding
     assert not any(p.grad is not None for p in tiny_model.parameters())
 
 
@@ -209,14 +245,30 @@ def test_validate_scores_against_simulate_pruning_and_scipy(tiny_model):
     assert row["kl"] == pytest.approx(exact.impact_score, abs=1e-6)
 
 
-@pytest.mark.parametrize("tiny_kind", ["llama"])
-def test_validate_without_table_scores_the_ablated_tokens(tiny_model):
-    """table=None scores exactly the validation tokens; on the same tokens the first-order estimate tracks the truth."""
-    v = scoring.validate_scores(tiny_model, None, TEXTS[:2], n=8, scores=["taylor_zero"], max_tokens=None)
-    same = scoring.validate_scores(tiny_model, scoring.score_neurons(tiny_model, TEXTS[:2]), TEXTS[:2], n=8, scores=["taylor_zero"], max_tokens=None)
-    assert v.spearman_random == pytest.approx(same.spearman_random)
+def test_validate_without_table_scores_the_ablated_tokens(tiny_model, tiny_dirs, tiny_kind):
+    """table=None scores exactly the validation tokens, and on the same tokens the first-order estimate tracks the
+    truth: over 24 random neurons, taylor_zero's Spearman correlation with the loss change measured independently
+    (plain HF models with each neuron's output weights zeroed, NLL in float64) is at least 0.9.
+
+    Measured 0.98-0.99 on both tiny models; a score with the wrong sign gives about -0.98, and the magnitude scores
+    (wanda, rms), which do not estimate the loss change, stay below 0.4 in absolute value here."""
+    v = scoring.validate_scores(tiny_model, None, TEXTS[:2], n=24, scores=["taylor_zero"], max_tokens=None)
+    same = scoring.validate_scores(tiny_model, scoring.score_neurons(tiny_model, TEXTS[:2]), TEXTS[:2], n=24, scores=["taylor_zero"], max_tokens=None)
+    assert v.spearman_random == pytest.approx(same.spearman_random, abs=1e-12)
     pd_cols = ["label", "taylor_zero", "loss_change"]
     assert v.measured[pd_cols].equals(same.measured[pd_cols])
+    rnd = v.measured[v.measured["random"]]
+    assert len(rnd) == 24
+    tokens = tokenize(tiny_model, TEXTS[:2])
+    clean_hf = load_hf(tiny_dirs[tiny_kind])
+    clean = [nll64(hf_logits(clean_hf, t), t) for t in tokens]
+    truth = []
+    for layer, neuron in zip(rnd["layer"], rnd["neuron"]):
+        hf = zero_output_weights(load_hf(tiny_dirs[tiny_kind]), int(layer), [int(neuron)])
+        truth.append(float(torch.cat([nll64(hf_logits(hf, t), t) - c for t, c in zip(tokens, clean)]).mean()))
+    rho = scipy.stats.spearmanr(rnd["taylor_zero"], truth).statistic
+    assert rho >= 0.9, rho
+    assert v.spearman_random["taylor_zero"] == pytest.approx(scipy.stats.spearmanr(rnd["taylor_zero"], rnd["loss_change"]).statistic, abs=1e-9)
 
 
 def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):

@@ -178,11 +178,19 @@ def test_rest_export_writes_nothing_to_disk(model, tmp_path, monkeypatch):
 
 
 def test_gradio_serves_no_file_outside_its_download_folder(model, tiny_dirs):
+    """The README promises 403 for any file outside the app's private download folder; a file inside it is served
+    (so the 403s are the route's decision, not a route that serves nothing)."""
     secret = Path(tiny_dirs["gpt2"]) / "config.json"
     with LiveServer(model) as srv:
-        for target in ["/etc/passwd", str(secret), str(Path(ns.__file__))]:
+        downloads = srv.state.downloads_dir()
+        (downloads / "served.txt").write_text("the app's own download")
+        r = httpx.get(f"{srv.url}/gradio_api/file={downloads / 'served.txt'}", timeout=30)
+        assert (r.status_code, r.text) == (200, "the app's own download")
+        outside = ["/etc/passwd", str(secret), str(Path(ns.__file__)), "/no/such/file",
+                   str(downloads / ".." / "outside.txt"), str(downloads) + "/../" + secret.name]
+        for target in outside:
             r = httpx.get(f"{srv.url}/gradio_api/file={target}", timeout=30)
-            assert r.status_code in (403, 404), target
+            assert r.status_code == 403, (target, r.status_code, r.text)
             assert secret.read_text()[:40] not in r.text and "root:" not in r.text
 
 

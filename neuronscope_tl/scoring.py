@@ -5,18 +5,9 @@ One forward and one backward pass per batch give, for every neuron of every laye
 * weight norms: ``w_in_norm`` (the input-side row of W_in / up_proj / c_fc) and ``w_out_norm`` (the neuron's
   output row of W_out / down_proj / c_proj);
 * activation statistics over real tokens: mean, mean_abs, var (population), rms, frac_active, max;
-* ``wanda`` = w_out_norm x rms: the structured (per-neuron) form of Wanda's |W| x ||X|| (Sun et al. 2023);
-* ``fluctuation`` = var x w_out_norm^2: FLAP's fluctuation metric (An et al. 2024);
-* ``taylor_zero`` / ``taylor_mean``: the first-order Taylor estimate of the loss change when the neuron is replaced
-  by 0 / by its mean (gradient x activation, Molchanov et al. 2019). With ``L`` the mean next-token cross-entropy
-  over the N positions that have a real next token (the core's loss definition), ``g_t = dL_sum/da_t`` the
-  gradient of the summed loss w.r.t. the activation at real position t, and mu the neuron's mean activation:
-
-      taylor_zero = sum_t g_t * (0 - a_t) / N
-      taylor_mean = sum_t g_t * (mu - a_t) / N = (mu * sum_t g_t - sum_t g_t a_t) / N
-
-  Signed, so it estimates ``loss_change`` of :func:`neuronscope_tl.impact.simulate_pruning` directly. The sums
-  run over every real position (the last position's gradient is 0: it predicts no real token).
+* the score columns of every method registered in :mod:`neuronscope_tl.scores`, computed from the above and the
+  pass's gradient sums (built in: ``wanda`` (Sun et al. 2023), ``fluctuation`` (FLAP, An et al. 2024),
+  ``taylor_zero`` / ``taylor_mean`` (gradient x activation, Molchanov et al. 2019); their formulas are there).
 
 Gradients are taken w.r.t. the hook activations only, with :func:`torch.autograd.grad`; the parameters are set
 to ``requires_grad=False`` for the pass (restored by :func:`attached_hooks`) and never get a ``.grad``. All
@@ -29,7 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -37,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import engine
+from . import scores as registry
 from .ablation import ablate_each
 from .activations import DEFAULT_ACTIVE_THRESHOLD, NeuronAccumulator
 from .export import Result
@@ -45,17 +37,34 @@ from .models import mlp_info
 from .texts import DEFAULT_BATCH_SIZE, check_int, check_max_tokens, is_integer, show, tokenize
 from .weights import neuron_weight_table
 
-SCORE_COLUMNS = (
-    "layer", "neuron", "label", "w_in_norm", "w_out_norm", "mean", "mean_abs", "var", "rms", "frac_active", "max",
-    "wanda", "fluctuation", "taylor_zero", "taylor_mean",
-)
-# The cheap scores validate_scores compares with the exact loss change (low = prune first).
-CHEAP_SCORES = ("w_out_norm", "mean_abs", "rms", "wanda", "fluctuation", "taylor_zero", "taylor_mean")
+# The pass's own columns: identity, weight norms and activation statistics. The registered score columns follow.
+PASS_COLUMNS = ("layer", "neuron", "label", "w_in_norm", "w_out_norm", "mean", "mean_abs", "var", "rms", "frac_active", "max")
+# Statistics that are also cheap scores (low = prune first), validated with the registered score columns.
+STATISTIC_SCORES = ("w_out_norm", "mean_abs", "rms")
 DEFAULT_TOP_K = 8
 # Top contexts kept per neuron: the state is n_layers x k x d_mlp x 20 bytes (92 MB for SmolLM2 at 100).
 MAX_TOP_K = 100
 DEFAULT_CONTEXT = 4  # tokens shown either side of a top-activating token
 MAX_CONTEXT = 512
+
+
+def score_columns() -> Tuple[str, ...]:
+    """Every column of the score table: :data:`PASS_COLUMNS`, then each registered score column."""
+    return PASS_COLUMNS + tuple(c.name for c in registry.columns())
+
+
+def cheap_scores() -> Tuple[str, ...]:
+    """The cheap scores :func:`validate_scores` compares with the exact loss change (low = prune first)."""
+    return STATISTIC_SCORES + tuple(c.name for c in registry.columns())
+
+
+def __getattr__(name: str):
+    # SCORE_COLUMNS and CHEAP_SCORES are read from the score registry on each access, like scores.METHODS.
+    if name == "SCORE_COLUMNS":
+        return score_columns()
+    if name == "CHEAP_SCORES":
+        return cheap_scores()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_top_k_contexts(top_k_contexts) -> int:
@@ -131,18 +140,17 @@ class ScoreAccumulator:
         return self
 
     def table(self, model) -> pd.DataFrame:
-        """The per-neuron score table (columns :data:`SCORE_COLUMNS`)."""
+        """The per-neuron score table (columns :func:`score_columns`)."""
         weights = neuron_weight_table(model)
         table = self.stats.table()
         table.insert(3, "w_in_norm", weights["w_in_norm"].to_numpy())
         table.insert(4, "w_out_norm", weights["w_out_norm"].to_numpy())
-        n = max(self.n_targets, 1)
-        sum_ga = self.sum_grad_act.reshape(-1).numpy()
-        table["wanda"] = table["w_out_norm"] * table["rms"]
-        table["fluctuation"] = table["var"] * table["w_out_norm"] ** 2
-        table["taylor_zero"] = -sum_ga / n
-        table["taylor_mean"] = (table["mean"].to_numpy() * self.sum_grad.reshape(-1).numpy() - sum_ga) / n
-        return table[list(SCORE_COLUMNS)]
+        sums = registry.PassSums(self.sum_grad.reshape(-1).numpy(), self.sum_grad_act.reshape(-1).numpy(), max(self.n_targets, 1))
+        for column in registry.columns():
+            if column.name in table.columns:
+                raise ValueError(f"score column {column.name!r} would overwrite a column of the scoring pass.")
+            table[column.name] = column.formula(table, sums)
+        return table[list(score_columns())]
 
 
 @dataclass
@@ -197,7 +205,7 @@ def score_neurons(
     top_k_contexts: int = DEFAULT_TOP_K,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """One row per (layer, neuron) of every layer with the columns :data:`SCORE_COLUMNS` (see module docstring)."""
+    """One row per (layer, neuron) of every layer with the columns :func:`score_columns` (see module docstring)."""
     return score_pass(model, texts, batch_size, max_tokens, top_k_contexts, progress).table
 
 
@@ -274,7 +282,7 @@ def validate_scores(
     table: Optional[pd.DataFrame],
     texts: Sequence[str],
     n: int = 200,
-    scores: Sequence[str] = CHEAP_SCORES,
+    scores: Optional[Sequence[str]] = None,
     ablation: str = "zero",
     max_tokens: Optional[int] = 256,
     seed: int = 0,
@@ -283,6 +291,7 @@ def validate_scores(
 ) -> ScoreValidation:
     """Measure candidates and random neurons exactly and correlate each score with the measured loss change.
 
+    ``scores``: columns of the table to validate; None for every cheap score (:func:`cheap_scores`).
     ``table=None`` (recommended) scores the neurons on exactly the tokens that are ablated (``texts``, first
     ``max_tokens``), so estimate and measurement describe the same data; a table scored on other tokens mixes the
     scores' error with the difference between the two samples (on SmolLM2, taylor_zero on random neurons: rho 0.99
@@ -293,13 +302,16 @@ def validate_scores(
     seed = check_int(seed, "seed", 0, 2**63 - 1)
     info = mlp_info(model)
     n = check_int(n, "n", 2, len(table) if table is not None else info.n_layers * info.d_mlp)
+    cheap = cheap_scores()
+    if scores is None:
+        scores = cheap
     if isinstance(scores, str) or not isinstance(scores, (list, tuple)):
-        raise ValueError(f"scores must be a list of score names such as {', '.join(CHEAP_SCORES)}; got {show(scores)}.")
+        raise ValueError(f"scores must be a list of score names such as {', '.join(cheap)}; got {show(scores)}.")
     scores = list(scores)
-    columns = table.columns if table is not None else SCORE_COLUMNS
+    columns = table.columns if table is not None else score_columns()
     unknown = [s for s in scores if s not in columns]
     if not scores or unknown:
-        raise ValueError(f"unknown score(s) {unknown or scores}; valid scores are columns of the table such as {', '.join(CHEAP_SCORES)}.")
+        raise ValueError(f"unknown score(s) {unknown or scores}; valid scores are columns of the table such as {', '.join(cheap)}.")
     if table is None:
         table = score_neurons(model, texts, max_tokens=max_tokens, batch_size=1)
     table = table.reset_index(drop=True)

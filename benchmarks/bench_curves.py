@@ -4,7 +4,7 @@ Prints one JSON line: the curve table (every method at 10/20/30/50% per-layer; z
 ablation for the methods built around it: FLAP-style fluctuation and obs), its wall time, the search result, and
 the size and latency change of the per-layer 20% pruned model of the recommended method.
 
-Protocol (the issue's): 8,192 calibration tokens of Lee articles 0-199; every third 512-token window of Lee
+Protocol (the default): 8,192 calibration tokens of Lee articles 0-199; every third 512-token window of Lee
 articles 200-299; bf16 autocast evaluation when dense bf16 is within 0.5% of fp32.
 
     PYTHONPATH=$PWD python benchmarks/bench_curves.py [--threads 2] [--no-search]
@@ -31,13 +31,13 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     import neuronscope_tl as ns
-    from neuronscope_tl import curves, surgery
+    from neuronscope_tl import curves, evaluation, scores, search, selection, surgery
 
     t0 = time.perf_counter()
     model = ns.load_model()
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    cal = curves.calibrate(model)
+    cal = selection.calibrate(model)
     t_cal = time.perf_counter() - t1
     def log(row):
         print(json.dumps({"run": row, "elapsed_s": round(time.perf_counter() - t1, 1)}), file=sys.stderr, flush=True)
@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     print(json.dumps({"calibration_s": t_cal}), file=sys.stderr, flush=True)
     mean = curves.prune_curve(model, ["obs", "fluctuation", "wanda"], ablation="mean", calibration=cal, on_run=log)
     precision = "bf16" if mean.dense_perplexity == mean.dense_bf16 else "fp32"
-    zero = curves.prune_curve(model, curves.METHODS, ablation="zero", calibration=cal, precision=precision, on_run=log)
+    zero = curves.prune_curve(model, scores.METHODS, ablation="zero", calibration=cal, precision=precision, on_run=log)
     t_curve = time.perf_counter() - t1
     table = pd.concat([mean.table, zero.table], ignore_index=True)
     rec = curves.recommend(table)
@@ -68,18 +68,18 @@ def main(argv=None) -> dict:
 
     if not args.no_search:
         t = time.perf_counter()
-        s = curves.search_pruning(model, args.budget, rec["method"], rec["ablation"], calibration=cal)
+        s = search.search_pruning(model, args.budget, rec["method"], rec["ablation"], calibration=cal)
         out["search"] = {"loss_budget": s.loss_budget, "method": s.method, "ablation": s.ablation, "sparsity": s.sparsity,
                          "perplexity": s.perplexity, "ratio": s.perplexity / s.dense_perplexity,
                          "steps": s.steps.to_dict("records"), "time_s": time.perf_counter() - t}
 
-    spec = curves.build_spec(model, cal, rec["method"], 0.2, "per_layer", rec["ablation"])
+    spec = selection.build_spec(model, cal, rec["method"], 0.2, "per_layer", rec["ablation"])
     with tempfile.TemporaryDirectory() as tmp:
         r = surgery.prune_model(model, None, rec["ablation"], out=f"{tmp}/pruned", spec=spec)
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(r.out).eval()
-        ids = curves.eval_windows(model, None, 512, 3).tokens[0][None]
+        ids = evaluation.eval_windows(model, None, 512, 3).tokens[0][None]
         with torch.no_grad():
             plain = hf(ids).logits
         from neuronscope_tl.hooks import attached_hooks

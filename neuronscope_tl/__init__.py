@@ -8,7 +8,9 @@ from .ablation import ablate_each
 from .analyzers import MultiModelLoader, PruningImpactAnalyzer, WeightAnalyzer
 from .candidates import PruningCandidate, activation_evidence, assess_candidates
 from .activations import NeuronAccumulator, calibration_stats, NeuronImportance, neuron_importance, stream_activations
-from .curves import CurveResult, SearchResult, evaluate_perplexity, prune_curve, search_pruning
+from ._version import __version__ as __version__
+from .curves import CurveResult, prune_curve
+from .evaluation import evaluate_perplexity
 from .export import SCHEMA_VERSION, report_document, write_csv, write_json
 from .hooks import attached_hooks, hook_count
 from .impact import (
@@ -22,11 +24,11 @@ from .impact import (
 from .metrics import ImpactThresholds, token_kl, token_nll
 from .surgery import PrunedModel, PruneSpec, prune_model
 from .models import DEFAULT_MODEL_NAME, load_model, mlp_info
+from .search import SearchResult, search_pruning
 from .scoring import ScoreAccumulator, ScorePass, score_neurons, score_pass, top_contexts, validate_scores
 from .texts import EXAMPLE_TEXTS, calibration_texts, evaluation_texts, lee_articles
 from .weights import WeightAnalysis, analyze_weights, export_weights, neuron_weight_table, pruning_candidates
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ScoreAccumulator",

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import activations, candidates, curves, impact, models, scoring, surgery, texts, weights
+from . import activations, candidates, curves, evaluation, impact, metrics, models, plots, scores, scoring, selection, surgery, texts, weights
 from .app.state import AppSettings
 from .export import report_document, write_csv, write_json
 
@@ -79,7 +79,7 @@ def _shown(value) -> str:
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--flag`` per field of the config dataclass ``cls`` (nested dataclass fields contribute their own
     fields), with the type, default and help text the dataclass declares. ``metadata`` may give ``required`` or
-    ``choices`` (shown in the help); booleans that default to False are switches, those that default to True get ``--no-...``."""
+    ``choices`` (a list, or a function returning one; shown in the help); booleans that default to False are switches, those that default to True get ``--no-...``."""
     hints = typing.get_type_hints(cls)
     docs = arg_docs(cls)
     for f in dataclasses.fields(cls):
@@ -89,7 +89,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
-        text = docs.get(f.name, "")
+        text = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         if kind is bool:
             if default:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f"{text} (default: on)")
@@ -102,7 +102,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         required = f.metadata.get("required", False)
         shown = "required" if required else f"default: {'none' if default is None else _shown(default)}"
         if "choices" in f.metadata:  # listed in the help; the config's own check refuses others with a ValueError
-            shown = f"one of {', '.join(f.metadata['choices'])}; {shown}"
+            choices = f.metadata["choices"]
+            choices = choices() if callable(choices) else choices  # a callable: read when the parser is built
+            shown = f"one of {', '.join(choices)}; {shown}"
         parser.add_argument(flag, dest=f.name, type=convert, default=None if required else default, required=required,
                             help=f"{text} ({shown})")
 
@@ -382,21 +384,21 @@ class CurveConfig:
 
     model: Optional[str] = None
     out: str = "neuronscope_curve"
-    methods: List[str] = field(default_factory=lambda: list(curves.METHODS))
+    methods: List[str] = field(default_factory=lambda: list(scores.method_names()), metadata={"choices": scores.method_names})
     sparsities: List[float] = field(default_factory=lambda: list(curves.DEFAULT_SPARSITIES))
-    scope: str = field(default="per_layer", metadata={"choices": list(curves.SCOPES)})
+    scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
     ablations: List[str] = field(default_factory=lambda: ["zero", "mean"])
-    every: int = curves.DEFAULT_EVERY
-    calib_tokens: int = curves.DEFAULT_CALIB_TOKENS
+    every: int = evaluation.DEFAULT_EVERY
+    calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
     trust_remote_code: bool = False
 
     def __post_init__(self):
         for m in self.methods:
-            curves.check_method(m)
+            scores.check_method(m)
         for s in self.sparsities:
-            curves.check_sparsity(s)
-        curves.check_scope(self.scope)
+            selection.check_sparsity(s)
+        selection.check_scope(self.scope)
         for a in self.ablations:
             impact.check_ablation(a)
         if self.every < 1 or self.calib_tokens < 1:
@@ -419,7 +421,7 @@ def run_curve(cfg: CurveConfig, log=print) -> dict:
     doc = {"protocol": res.protocol, "dense_perplexity": res.dense_perplexity, "dense_fp32": res.dense_fp32,
            "dense_bf16": res.dense_bf16, "recommended": res.recommended, "timings": res.timings, "config": asdict(cfg)}
     files.append(write_json(out / "protocol.json", doc))
-    files.append(curves.plot_curve(res, out / "curve.png"))
+    files.append(plots.plot_curve(res, out / "curve.png"))
     for row in res.table.itertuples():
         spread = f" (seeds {row.perplexity_min:.1f}-{row.perplexity_max:.1f})" if row.n_seeds > 1 else ""
         log(f"{row.method:12s} {row.ablation:5s} {row.sparsity:.2f}: ppl {row.perplexity:10.2f}  x{row.ratio:.2f}{spread}")
@@ -447,11 +449,11 @@ class PruneConfig:
     sparsity: float = field(default=0.2, metadata={"required": True})
     out: str = field(default="neuronscope_pruned", metadata={"required": True})
     model: Optional[str] = None
-    method: Optional[str] = None
-    scope: str = field(default="per_layer", metadata={"choices": list(curves.SCOPES)})
+    method: Optional[str] = field(default=None, metadata={"choices": scores.method_names})
+    scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
     ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"]})
     overwrite: bool = False
-    calib_tokens: int = curves.DEFAULT_CALIB_TOKENS
+    calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
     evaluate: bool = True
     trust_remote_code: bool = False
 
@@ -460,9 +462,9 @@ class PruneConfig:
             self.method = curves.RECOMMENDED_METHOD
             self.ablation = self.ablation or curves.RECOMMENDED_ABLATION
         self.ablation = self.ablation or "zero"
-        curves.check_method(self.method)
-        curves.check_sparsity(self.sparsity)
-        curves.check_scope(self.scope)
+        scores.check_method(self.method)
+        selection.check_sparsity(self.sparsity)
+        selection.check_scope(self.scope)
         impact.check_ablation(self.ablation)
         surgery.check_out_dir(self.out, self.overwrite)
 
@@ -471,17 +473,17 @@ def run_prune(cfg: PruneConfig, log=print) -> dict:
     """Select, prune, save the smaller model and write ``pruning_report.json`` beside its files."""
 
     model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    cal = curves.calibrate(model, calib_tokens=cfg.calib_tokens, with_grams=cfg.method == "obs")
-    spec = curves.build_spec(model, cal, cfg.method, cfg.sparsity, cfg.scope, cfg.ablation)
+    cal = selection.calibrate(model, calib_tokens=cfg.calib_tokens, with_grams=scores.needs_grams([cfg.method]))
+    spec = selection.build_spec(model, cal, cfg.method, cfg.sparsity, cfg.scope, cfg.ablation)
     if spec is None:
         raise ValueError(f"sparsity {cfg.sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")
     report = {"method": cfg.method, "ablation": cfg.ablation, "scope": cfg.scope, "sparsity": cfg.sparsity}
     if cfg.evaluate:
-        wins = curves.eval_windows(model, None, curves.DEFAULT_WINDOW, curves.DEFAULT_EVERY)
-        dense = curves.perplexity(*curves.window_nll(model, wins, bf16=True))
-        pruned = curves.perplexity(*curves.window_nll(model, wins, surgery.simulation_hooks(spec), bf16=True))
+        wins = evaluation.eval_windows(model, None, evaluation.DEFAULT_WINDOW, evaluation.DEFAULT_EVERY)
+        dense = metrics.perplexity(*evaluation.window_nll(model, wins, bf16=True))
+        pruned = metrics.perplexity(*evaluation.window_nll(model, wins, surgery.simulation_hooks(spec), bf16=True))
         report.update({"dense_perplexity": dense, "pruned_perplexity": pruned, "ratio": pruned / dense,
-                       "protocol": curves.protocol_record(model, wins, 0, "bf16-autocast", cal.record)})
+                       "protocol": evaluation.protocol_record(model, wins, 0, "bf16-autocast", cal.record)})
     result = surgery.prune_model(model, None, cfg.ablation, out=cfg.out, overwrite=cfg.overwrite, spec=spec)
     report["model"] = result.to_dict()
     write_json(Path(cfg.out) / "pruning_report.json", report)

@@ -121,10 +121,10 @@ def _check_curve_and_prune(gclient, model, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from neuronscope_tl import curves, surgery
+    from neuronscope_tl import curves, selection, surgery
 
     note, png, table = gclient.predict(["wanda", "random"], "0.25", "per_layer", "mean", 256, api_name="/curve")
-    cal = curves.calibrate(model, calib_tokens=256, with_grams=False)
+    cal = selection.calibrate(model, calib_tokens=256, with_grams=False)
     expected = curves.prune_curve(model, ["wanda", "random"], [0.25], "per_layer", "mean", calibration=cal)
     got = dict(zip([r[0] for r in table["data"]], [r[table["headers"].index("perplexity")] for r in table["data"]]))
     for row in expected.table.itertuples():
@@ -135,7 +135,7 @@ def _check_curve_and_prune(gclient, model, tmp_path):
     with zipfile.ZipFile(archive) as z:
         z.extractall(tmp_path / "pruned")
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
-    spec = curves.build_spec(model, cal, "wanda", 0.25, "per_layer", "mean")
+    spec = selection.build_spec(model, cal, "wanda", 0.25, "per_layer", "mean")
     assert pruned.config.n_inner == ns.mlp_info(model).d_mlp - len(spec.neurons[0])
     toks = model.to_tokens(ns.EXAMPLE_TEXTS[0])
     from neuronscope_tl.hooks import attached_hooks

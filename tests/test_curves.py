@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import curves, surgery
+from neuronscope_tl import curves, evaluation, search, selection, surgery
 from neuronscope_tl.hooks import hook_count
 
 from conftest import TINY_KINDS, fp32_forward_error, hf_logits, load_hf, nll64, nll_tolerance, save_tiny, zero_output_weights
@@ -38,7 +38,7 @@ def model(tiny_dirs, kind):
 
 @pytest.fixture(scope="module")
 def cal(model):
-    return curves.calibrate(model, CALIB, calib_tokens=600)
+    return selection.calibrate(model, CALIB, calib_tokens=600)
 
 
 def hf_perplexity(hf, windows):
@@ -60,8 +60,8 @@ def perplexity_tolerance(logits, windows, eta):
 
 def test_perplexity_matches_hf_in_float64(model, tiny_dirs, kind):
     """Our perplexity equals exp of the mean float64 NLL of a plain HF model over the same windows."""
-    res = curves.evaluate_perplexity(model, EVAL, window=WINDOW, every=2)
-    wins = curves.eval_windows(model, EVAL, WINDOW, 2).tokens
+    res = evaluation.evaluate_perplexity(model, EVAL, window=WINDOW, every=2)
+    wins = evaluation.eval_windows(model, EVAL, WINDOW, 2).tokens
     hf = load_hf(tiny_dirs[kind])
     expected, logits = hf_perplexity(hf, wins)
     tol = perplexity_tolerance(logits, wins, 2 * fp32_forward_error(hf, wins))
@@ -74,35 +74,35 @@ def test_perplexity_matches_hf_in_float64(model, tiny_dirs, kind):
     assert p["window"] == WINDOW and p["n_tokens_scored"] == res.n_tokens and p["eval_texts"]["n_texts"] == 1
     assert set(p["versions"]) >= {"torch", "transformers", "transformer_lens"} and len(p["weights_sha256"]) == 16
     # bf16 autocast is recorded as such and stays near fp32 (bf16 keeps 8 bits of mantissa: 0.4% per rounding)
-    bf = curves.evaluate_perplexity(model, EVAL, window=WINDOW, every=2, bf16=True)
+    bf = evaluation.evaluate_perplexity(model, EVAL, window=WINDOW, every=2, bf16=True)
     assert bf.protocol["precision"] == "bf16-autocast" and bf.perplexity == pytest.approx(res.perplexity, rel=0.05)
     assert bf.perplexity != res.perplexity
 
 
 def test_weight_hash_changes_with_weights(tiny_dirs):
     model = ns.load_model(tiny_dirs["llama"])
-    before = curves.weights_hash(model)
-    assert curves.weights_hash(ns.load_model(tiny_dirs["llama"])) == before
+    before = evaluation.weights_hash(model)
+    assert evaluation.weights_hash(ns.load_model(tiny_dirs["llama"])) == before
     with torch.no_grad():
         model.original_model.get_input_embeddings().weight[0, 0] += 1.0
-    assert curves.weights_hash(model) != before
+    assert evaluation.weights_hash(model) != before
 
 
 def test_selection_per_layer_and_global(model, cal):
     info = ns.mlp_info(model)
-    per = curves.select_neurons(model, cal, "wanda", 0.25, "per_layer")
+    per = selection.select_neurons(model, cal, "wanda", 0.25, "per_layer")
     k = round(0.25 * info.d_mlp)
     wanda = cal.scores.pivot(index="layer", columns="neuron", values="wanda").to_numpy()
     for layer, chosen in per.items():
         assert sorted(chosen) == sorted(wanda[layer].argsort(kind="stable")[:k].tolist())
-    glob = curves.select_neurons(model, cal, "fluctuation", 0.25, "global")
+    glob = selection.select_neurons(model, cal, "fluctuation", 0.25, "global")
     assert sum(map(len, glob.values())) == round(0.25 * info.d_mlp * info.n_layers)
     z = (wanda - wanda.mean(1, keepdims=True)) / wanda.std(1, ddof=1, keepdims=True)
-    glob_w = curves.select_neurons(model, cal, "wanda", 0.25, "global")
+    glob_w = selection.select_neurons(model, cal, "wanda", 0.25, "global")
     cut = sorted(z.reshape(-1))[round(0.25 * z.size) - 1]
     assert all(z[l, n] <= cut + 1e-9 for l, ns_ in glob_w.items() for n in ns_)
-    r0 = curves.select_neurons(model, cal, "random", 0.25, "per_layer", seed=0)
-    r1 = curves.select_neurons(model, cal, "random", 0.25, "per_layer", seed=1)
+    r0 = selection.select_neurons(model, cal, "random", 0.25, "per_layer", seed=0)
+    r1 = selection.select_neurons(model, cal, "random", 0.25, "per_layer", seed=1)
     assert r0 != r1 and all(len(v) == k for v in r0.values())
 
 
@@ -116,7 +116,7 @@ def test_curve_points_equal_independent_evaluation(model, tiny_dirs, kind, cal):
     )
     t, runs = res.table, res.runs
     assert len(t) == 3 * 2 * 2 and (t.loc[t.method == "random", "n_seeds"] == 3).all() and len(runs) == 2 * 2 * (1 + 1 + 3)
-    wins = curves.eval_windows(model, EVAL, WINDOW).tokens
+    wins = evaluation.eval_windows(model, EVAL, WINDOW).tokens
     dense_hf = load_hf(tiny_dirs[kind])
     eta = 2 * fp32_forward_error(dense_hf, wins)
 
@@ -130,7 +130,7 @@ def test_curve_points_equal_independent_evaluation(model, tiny_dirs, kind, cal):
     # random, zero ablation: each seed's neurons zeroed in plain HF weights
     seeds = {}
     for seed in curves.RANDOM_SEEDS:
-        neurons = curves.select_neurons(model, cal, "random", 0.25, "per_layer", "zero", seed)
+        neurons = selection.select_neurons(model, cal, "random", 0.25, "per_layer", "zero", seed)
         hf = load_hf(tiny_dirs[kind])
         for layer, ns_ in neurons.items():
             zero_output_weights(hf, layer, ns_)
@@ -147,7 +147,7 @@ def test_curve_points_equal_independent_evaluation(model, tiny_dirs, kind, cal):
     assert values.max() / values.min() - 1 > 10 * tol  # the seeds differ resolvably: the spread is real
 
     # obs with mean ablation (least-squares refit and bias) against the physically pruned model
-    spec = curves.build_spec(model, cal, "obs", 0.25, "per_layer", "mean")
+    spec = selection.build_spec(model, cal, "obs", 0.25, "per_layer", "mean")
     pruned, logits = hf_perplexity(surgery.prune_model(model, None, "mean", spec=spec), wins)
     row = t[(t.method == "obs") & (t.sparsity == 0.25) & (t.ablation == "mean")]
     assert abs(float(row.perplexity.iloc[0]) / pruned - 1) <= perplexity_tolerance(logits, wins, eta)
@@ -186,7 +186,7 @@ def test_recommend_without_candidates_is_empty():
 def test_search_accepts_and_returns_the_largest_accepted_step(model, tiny_dirs, kind, cal):
     """A budget the first steps meet: the search accepts, and its answer is the largest accepted sparsity, whose
     perplexity a plain HF model with those neurons zeroed reproduces."""
-    res = curves.search_pruning(
+    res = search.search_pruning(
         model, loss_budget=0.5, method="wanda", ablation="zero", eval_texts=EVAL, window=WINDOW,
         every=1, bf16=False, calibration=cal, step=0.1, min_step=0.05,
     )
@@ -202,7 +202,7 @@ def test_search_accepts_and_returns_the_largest_accepted_step(model, tiny_dirs, 
     hf = load_hf(tiny_dirs[kind])
     for layer, ns_ in res.neurons.items():
         zero_output_weights(hf, layer, ns_)
-    wins = curves.eval_windows(model, EVAL, WINDOW).tokens
+    wins = evaluation.eval_windows(model, EVAL, WINDOW).tokens
     expected, logits = hf_perplexity(hf, wins)
     assert abs(res.perplexity / expected - 1) <= perplexity_tolerance(logits, wins, 2 * fp32_forward_error(hf, wins))
 
@@ -232,21 +232,21 @@ def test_search_back_off_sequence(model, monkeypatch, case):
     """The search's step logic alone: perplexity is a fixed function of the sparsity tried, so the sequence of
     tried sparsities is known exactly."""
     seen = []
-    monkeypatch.setattr(curves, "build_spec", lambda model, cal, method, s, scope, ablation, seed=0: FakeSpec(s))
-    monkeypatch.setattr(curves, "simulation_hooks", lambda spec: [("sparsity", spec.sparsity)])
+    monkeypatch.setattr(search, "build_spec", lambda model, cal, method, s, scope, ablation, seed=0: FakeSpec(s))
+    monkeypatch.setattr(search, "simulation_hooks", lambda spec: [("sparsity", spec.sparsity)])
 
     def window_nll(model, wins, hooks=(), bf16=False, progress=False):
         s = hooks[0][1] if hooks else 0.0
         seen.append(s)
         return math.log(case["ppl"](s)) * 1000, 1000
 
-    monkeypatch.setattr(curves, "window_nll", window_nll)
+    monkeypatch.setattr(search, "window_nll", window_nll)
 
     class Cal:
         record = {}
 
     kwargs = {"loss_budget": 0.05, **case["kwargs"]}
-    res = curves.search_pruning(model, method="wanda", eval_texts=EVAL, window=WINDOW, calibration=Cal(), **kwargs)
+    res = search.search_pruning(model, method="wanda", eval_texts=EVAL, window=WINDOW, calibration=Cal(), **kwargs)
     assert seen == [0.0] + case["tried"]  # the dense model once, then each trial exactly once
     assert res.steps.sparsity.tolist() == pytest.approx(case["tried"], abs=1e-12)
     assert res.steps.accepted.tolist() == case["accepted"]
@@ -265,15 +265,15 @@ def test_bad_input(model, cal):
     with pytest.raises(ValueError, match="valid methods are magnitude"):
         curves.prune_curve(model, methods=["snip"], calibration=cal)
     with pytest.raises(ValueError, match="> 0"):
-        curves.search_pruning(model, loss_budget=0.0, calibration=cal)
+        search.search_pruning(model, loss_budget=0.0, calibration=cal)
     with pytest.raises(ValueError, match="> 0"):
-        curves.search_pruning(model, loss_budget=-(10**400), calibration=cal)
+        search.search_pruning(model, loss_budget=-(10**400), calibration=cal)
     with pytest.raises(ValueError, match=r"min_step must be in \(0, step\]"):
-        curves.search_pruning(model, step=0.05, min_step=0.1, calibration=cal)
+        search.search_pruning(model, step=0.05, min_step=0.1, calibration=cal)
     with pytest.raises(ValueError, match="valid scopes"):
         curves.prune_curve(model, scope="row", calibration=cal)
     with pytest.raises(ValueError, match=r"window must be an integer in \[2, 128\]"):
-        curves.evaluate_perplexity(model, EVAL, window=129)
+        evaluation.evaluate_perplexity(model, EVAL, window=129)
 
 
 def test_cli_parses_and_refuses_bad_input(tmp_path):

@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuronscope_tl as ns
-from neuronscope_tl import ablation, curves, scoring, surgery, texts as texts_mod
+from neuronscope_tl import ablation, curves, evaluation, scoring, search, selection, surgery, texts as texts_mod
 from neuronscope_tl.hooks import hook_count
 from neuronscope_tl.metrics import HIGH, MODERATE, SAFE
 
@@ -451,16 +451,16 @@ def test_impact_thresholds_invalid(model, baseline, safe, risky):
 
 REAL_PARAMS = [
     # (validator, oracle, the range as the message names it)
-    (curves.check_sparsity, real_in(0, 1, high_open=True), r"\[0, 1\)"),
-    (curves.check_budget, real_in(0, None, low_open=True), "> 0"),
-    (lambda v: curves.check_step(v, "step"), real_in(0, 1, low_open=True, high_open=True), r"\(0, 1\)"),
+    (selection.check_sparsity, real_in(0, 1, high_open=True), r"\[0, 1\)"),
+    (search.check_budget, real_in(0, None, low_open=True), "> 0"),
+    (lambda v: search.check_step(v, "step"), real_in(0, 1, low_open=True, high_open=True), r"\(0, 1\)"),
     (ns.activations.check_active_threshold, real_in(0, None), ">= 0"),
 ]
 INT_PARAMS = [
     (ns.texts.check_batch_size, int_in(1), ">= 1"),
     (ns.texts.check_max_tokens, tokens_ok, ">= 1"),
-    (curves.check_every, int_in(1), ">= 1"),
-    (curves.check_seed, int_in(0, 2**63 - 1), r"\[0, 9223372036854775807\]"),
+    (evaluation.check_every, int_in(1), ">= 1"),
+    (evaluation.check_seed, int_in(0, 2**63 - 1), r"\[0, 9223372036854775807\]"),
     (scoring.check_top_k_contexts, int_in(1, scoring.MAX_TOP_K), rf"\[1, {scoring.MAX_TOP_K}\]"),
     (lambda v: ns.texts.check_int(v, "top_k", 1), int_in(1), ">= 1"),
 ]
@@ -494,10 +494,10 @@ def test_int_validators_follow_their_oracle(value, which):
 @given(window=st.one_of(numbers_st, st.integers(N_CTX - 2, N_CTX + 2)))
 def test_window_follows_its_oracle(model, baseline, window):
     if int_in(2, N_CTX)(window):
-        wins = curves.eval_windows(model, [PROBE_TEXT], window)
+        wins = evaluation.eval_windows(model, [PROBE_TEXT], window)
         assert wins.window == window and all(2 <= t.numel() <= window for t in wins.tokens)
     else:
-        expect_refused(model, baseline, lambda: curves.evaluate_perplexity(model, [PROBE_TEXT], window=window), match=rf"window must be an integer in \[2, {N_CTX}\]")
+        expect_refused(model, baseline, lambda: evaluation.evaluate_perplexity(model, [PROBE_TEXT], window=window), match=rf"window must be an integer in \[2, {N_CTX}\]")
 
 
 @pytest.fixture(scope="module")
@@ -512,15 +512,15 @@ def refusals(model, score_result, tmp_path_factory):
     out = tmp_path_factory.mktemp("never-written") / "pruned"
     return {
         "sparsity": (lambda v: curves.prune_curve(model, ["wanda"], [v]), r"sparsity must be a number in \[0, 1\)"),
-        "select sparsity": (lambda v: curves.select_neurons(model, None, "wanda", v), r"\[0, 1\)"),
-        "max_sparsity": (lambda v: curves.search_pruning(model, 0.05, "wanda", max_sparsity=v), r"max_sparsity must be a number in \[0, 1\)"),
-        "step": (lambda v: curves.search_pruning(model, 0.05, "wanda", step=v), r"step must be a number in \(0, 1\)"),
-        "min_step": (lambda v: curves.search_pruning(model, 0.05, "wanda", min_step=v), r"min_step must be"),
-        "loss_budget": (lambda v: curves.search_pruning(model, v, "wanda"), "loss_budget"),
-        "every": (lambda v: curves.evaluate_perplexity(model, [PROBE_TEXT], window=64, every=v), r"every .* >= 1"),
-        "seed": (lambda v: curves.evaluate_perplexity(model, [PROBE_TEXT], window=64, seed=v), r"seed must be an integer in \[0, "),
+        "select sparsity": (lambda v: selection.select_neurons(model, None, "wanda", v), r"\[0, 1\)"),
+        "max_sparsity": (lambda v: search.search_pruning(model, 0.05, "wanda", max_sparsity=v), r"max_sparsity must be a number in \[0, 1\)"),
+        "step": (lambda v: search.search_pruning(model, 0.05, "wanda", step=v), r"step must be a number in \(0, 1\)"),
+        "min_step": (lambda v: search.search_pruning(model, 0.05, "wanda", min_step=v), r"min_step must be"),
+        "loss_budget": (lambda v: search.search_pruning(model, v, "wanda"), "loss_budget"),
+        "every": (lambda v: evaluation.evaluate_perplexity(model, [PROBE_TEXT], window=64, every=v), r"every .* >= 1"),
+        "seed": (lambda v: evaluation.evaluate_perplexity(model, [PROBE_TEXT], window=64, seed=v), r"seed must be an integer in \[0, "),
         "seeds": (lambda v: curves.prune_curve(model, ["random"], [0.1], seeds=[v]), r"seed must be an integer in \[0, "),
-        "calib_tokens": (lambda v: curves.calibrate(model, [PROBE_TEXT], calib_tokens=v), r"calib_tokens must be None .* >= 1"),
+        "calib_tokens": (lambda v: selection.calibrate(model, [PROBE_TEXT], calib_tokens=v), r"calib_tokens must be None .* >= 1"),
         "prune calib_tokens": (lambda v: surgery.prune_model(model, {0: [1]}, calib_tokens=v), r"calib_tokens must be None .* >= 1"),
         "top_k_contexts": (lambda v: scoring.score_neurons(model, [PROBE_TEXT], top_k_contexts=v), r"top_k_contexts must be an integer in \[1, "),
         "score max_tokens": (lambda v: scoring.score_neurons(model, [PROBE_TEXT], max_tokens=v), r"max_tokens must be None .* >= 1"),

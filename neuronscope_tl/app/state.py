@@ -20,7 +20,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
-from .. import activations, candidates, curves, impact, scoring, surgery, texts, weights
+from .. import activations, candidates, curves, evaluation, impact, scores, scoring, selection, surgery, texts, weights
 from ..impact import BatchAnalysis, ImpactResult
 from ..metrics import ImpactThresholds
 from ..models import mlp_info, model_name
@@ -90,7 +90,7 @@ class AppState:
         self.last_impact: Optional[Union[ImpactResult, BatchAnalysis]] = None
         self._downloads: Optional[Path] = None
         self._score_pass: Optional[Tuple[Tuple[str, ...], scoring.ScorePass]] = None
-        self._calibration: dict = {}  # (calib_tokens, with_grams) -> curves.Calibration
+        self._calibration: dict = {}  # (calib_tokens, with_grams) -> selection.Calibration
 
     def downloads_dir(self) -> Path:
         """A private temporary directory for the UI's download files (never a path a client chose)."""
@@ -197,30 +197,30 @@ class AppState:
                 self._score_pass = (checked, scoring.score_pass(self.model, list(checked)))
             return scoring.top_contexts(self._score_pass[1], layer_index, neuron_index, window)
 
-    def _calibrate(self, calib_tokens: int, with_grams: bool) -> "curves.Calibration":
+    def _calibrate(self, calib_tokens: int, with_grams: bool) -> "selection.Calibration":
         if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or not 1 <= calib_tokens <= self.settings.max_calib_tokens:
             raise LimitExceeded(f"calibration tokens must be an integer in [1, {self.settings.max_calib_tokens}], got {calib_tokens!r}.")
         key = (calib_tokens, with_grams)
         if key not in self._calibration:
             have = next((c for (t, g), c in self._calibration.items() if t == calib_tokens and g), None)
-            self._calibration[key] = have or curves.calibrate(self.model, calib_tokens=calib_tokens, with_grams=with_grams)
+            self._calibration[key] = have or selection.calibrate(self.model, calib_tokens=calib_tokens, with_grams=with_grams)
         return self._calibration[key]
 
     def curve(self, methods: Sequence[str], sparsities: Sequence[float], scope: str, ablation: str, calib_tokens: int,
-              every: int = curves.DEFAULT_EVERY, progress: bool = False) -> "curves.CurveResult":
+              every: int = evaluation.DEFAULT_EVERY, progress: bool = False) -> "curves.CurveResult":
         """A pruning curve on the default evaluation protocol (one calibration pass kept per token budget)."""
-        methods = [curves.check_method(m) for m in methods]
+        methods = [scores.check_method(m) for m in methods]
         if not methods:
-            raise ValueError(f"choose at least one method of {', '.join(curves.METHODS)}.")
+            raise ValueError(f"choose at least one method of {', '.join(scores.method_names())}.")
         if not sparsities:
             raise ValueError("give at least one sparsity in [0, 1).")
         for x in sparsities:
-            curves.check_sparsity(x)
-        curves.check_scope(scope)
+            selection.check_sparsity(x)
+        selection.check_scope(scope)
         impact.check_ablation(ablation)
         with self.model_work():
-            cal = self._calibrate(calib_tokens, "obs" in methods)
-            window = min(curves.DEFAULT_WINDOW, self.info.n_ctx)
+            cal = self._calibrate(calib_tokens, scores.needs_grams(methods))
+            window = min(evaluation.DEFAULT_WINDOW, self.info.n_ctx)
             return curves.prune_curve(
                 self.model, methods, sparsities, scope, ablation, window=window, every=every, calibration=cal, progress=progress
             )
@@ -229,13 +229,13 @@ class AppState:
         """Physically prune a copy of the model into a fresh private directory and return a zip of it."""
         import shutil
 
-        curves.check_method(method)
-        curves.check_sparsity(sparsity)
-        curves.check_scope(scope)
+        scores.check_method(method)
+        selection.check_sparsity(sparsity)
+        selection.check_scope(scope)
         impact.check_ablation(ablation)
         with self.model_work():
-            cal = self._calibrate(calib_tokens, method == "obs")
-            spec = curves.build_spec(self.model, cal, method, sparsity, scope, ablation)
+            cal = self._calibrate(calib_tokens, scores.needs_grams([method]))
+            spec = selection.build_spec(self.model, cal, method, sparsity, scope, ablation)
             if spec is None:
                 raise ValueError(f"sparsity {sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")
             work = Path(tempfile.mkdtemp(prefix="pruned_", dir=self.downloads_dir()))

@@ -17,7 +17,10 @@ from typing import List
 import gradio as gr
 import pandas as pd
 
-from ..curves import METHODS, RECOMMENDED_METHOD, SCOPES, plot_curve
+from .. import scores
+from ..curves import RECOMMENDED_METHOD
+from ..plots import plot_curve
+from ..selection import SCOPES
 from ..export import write_csv, write_json
 from ..texts import EXAMPLE_TEXTS
 from ..candidates import CANDIDATE_COLUMNS, WEIGHT_ONLY_LIMITS, DEFAULT_SAFE_PERCENTILE, candidate_records, first_candidates
@@ -295,7 +298,7 @@ def build_ui(state: AppState) -> gr.Blocks:
 
             with gr.Tab("Pruning curve", id="curve"):
                 with gr.Row():
-                    p_methods = gr.CheckboxGroup(list(METHODS), value=["magnitude", "wanda", "fluctuation", "random", "obs"], label="Methods")
+                    p_methods = gr.CheckboxGroup(list(scores.method_names()), value=["magnitude", "wanda", "fluctuation", "random", "obs"], label="Methods")
                     p_sparsities = gr.Textbox(value="0.1, 0.2, 0.3", label="Sparsities in [0, 1), comma separated")
                 with gr.Row():
                     p_scope = gr.Radio(list(SCOPES), value="per_layer", label="Scope")
@@ -308,7 +311,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                 p_btn.click(run_curve, [p_methods, p_sparsities, p_scope, p_ablation, p_calib], [p_note, p_plot, p_table], api_name="curve")
                 gr.Markdown("### Prune and download\nA physically smaller Hugging Face directory (zip) that plain transformers loads.")
                 with gr.Row():
-                    d_method = gr.Dropdown(list(METHODS), value=RECOMMENDED_METHOD, label="Method")
+                    d_method = gr.Dropdown(list(scores.method_names()), value=RECOMMENDED_METHOD, label="Method")
                     d_sparsity = gr.Number(value=0.2, label="Sparsity")
                 d_btn = gr.Button("Prune and download")
                 d_file = gr.File(label="Pruned model (zip)")

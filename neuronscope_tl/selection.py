@@ -1,0 +1,150 @@
+"""Which neurons to prune: the calibration context, and selection by a registered score at a sparsity and scope.
+
+:func:`calibrate` runs one scoring pass (:func:`~neuronscope_tl.scoring.score_neurons`) over the calibration
+tokens (default: 8,192 tokens of Lee articles 0-199) and, when a method needs them, one pass for the activation
+Gram matrices; the resulting :class:`Calibration` serves every method of :mod:`neuronscope_tl.scores`.
+:func:`select_neurons` turns a method's scores into neuron sets:
+
+* **Scope** ``per_layer`` removes the same fraction from every layer. ``global`` ranks all neurons together on
+  scores made comparable across layers (z-scored within each layer, as FLAP does, An et al. 2024; ``obs`` uses its
+  cumulative reconstruction error divided by the layer's output energy). Every layer keeps at least one neuron.
+* **Ablation** ``zero``, or ``mean``: the neuron's mean calibration activation, carried by the exported model as an
+  output bias (FLAP's bias compensation).
+
+:func:`build_spec` makes the :class:`~neuronscope_tl.surgery.PruneSpec` of a selection; methods with ``refit``
+(``obs``) carry the least-squares refit of the kept neurons' output weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from . import scores as registry
+from .activations import DEFAULT_CALIB_TOKENS
+from .evaluation import check_seed, texts_record
+from .impact import check_ablation
+from .models import mlp_info
+from .scoring import score_neurons
+from .surgery import Neurons, PruneSpec, activation_grams, make_spec
+from .texts import as_finite_real, check_max_tokens, show
+from .weights import neuron_weight_table
+
+SCOPES = ("per_layer", "global")
+
+
+def check_scope(scope: str) -> str:
+    """``per_layer`` or ``global``."""
+    if not isinstance(scope, str) or scope not in SCOPES:
+        raise ValueError(f"unknown scope {show(scope)}; valid scopes are {', '.join(SCOPES)}.")
+    return scope
+
+
+def check_sparsity(sparsity: Any, name: str = "sparsity") -> float:
+    """A fraction of neurons: a real number in [0, 1)."""
+    value = as_finite_real(sparsity)
+    if value is None or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {show(sparsity)}.")
+    return value
+
+
+def check_sparsities(sparsities: Any) -> List[float]:
+    """A non-empty list of sparsities, each in [0, 1)."""
+    if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, (list, tuple, np.ndarray, range)):
+        raise ValueError(f"sparsities must be a non-empty list of numbers in [0, 1), got {show(sparsities)}.")
+    if len(sparsities) == 0:
+        raise ValueError("sparsities must be a non-empty list of numbers in [0, 1).")
+    return [check_sparsity(s) for s in sparsities]
+
+
+@dataclass
+class Calibration:
+    """Everything the methods need, from one scoring pass (and a Gram pass for methods that need Gram matrices).
+
+    Attributes:
+        scores: the score table of :func:`~neuronscope_tl.scoring.score_neurons`, sorted by (layer, neuron).
+        magnitude: [n_layers, d_mlp] mean |w| per neuron (:func:`~neuronscope_tl.weights.neuron_weight_table`).
+        means: {layer: [d_mlp] mean activation} (mean ablation).
+        grams: {layer: activation Gram matrix}, or None when not collected.
+        obs: removal orders cached by the ``obs`` method, per (ablation, layer).
+        record: the calibration texts and token budget, for the protocol.
+    """
+
+    scores: pd.DataFrame
+    magnitude: Tensor  # [L, d_mlp]
+    means: Dict[int, Tensor]
+    grams: Optional[Dict[int, Tensor]] = None
+    obs: Dict[Tuple[str, int], Tuple[List[int], List[float]]] = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(n_layers, d_mlp)."""
+        return tuple(self.magnitude.shape)
+
+    def column(self, name: str) -> Tensor:
+        """A column of the score table as a [n_layers, d_mlp] float64 tensor."""
+        return torch.tensor(self.scores[name].to_numpy(), dtype=torch.float64).reshape(self.shape)
+
+
+def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
+              with_grams: bool = True, scores: Optional[pd.DataFrame] = None) -> Calibration:
+    """One scoring pass (:func:`score_neurons`) and, when ``with_grams``, one Gram pass over the calibration tokens.
+
+    ``scores`` reuses a score table already computed on the same texts.
+    """
+    calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
+    texts, record = texts_record(calib_texts, "calibration")
+    record["max_tokens"] = calib_tokens
+    info = mlp_info(model)
+    if scores is None:
+        scores = score_neurons(model, texts, max_tokens=calib_tokens)
+    scores = scores.sort_values(["layer", "neuron"]).reset_index(drop=True)
+    mag = torch.tensor(neuron_weight_table(model)["mean_abs_weight"].to_numpy()).reshape(info.n_layers, info.d_mlp)
+    mean = torch.tensor(scores["mean"].to_numpy(), dtype=torch.float32).reshape(info.n_layers, info.d_mlp)
+    grams = activation_grams(model, texts, list(range(info.n_layers)), calib_tokens) if with_grams else None
+    return Calibration(scores, mag, {l: mean[l] for l in range(info.n_layers)}, grams, record=record)
+
+
+def select_neurons(model, cal: Calibration, method: str, sparsity: float, scope: str = "per_layer",
+                   ablation: str = "zero", seed: int = 0) -> Neurons:
+    """The neurons to prune: the lowest-scored fraction per layer, or globally on comparable scores."""
+    score_def = registry.get(method)
+    sparsity = check_sparsity(sparsity)
+    check_scope(scope)
+    check_ablation(ablation)
+    seed = check_seed(seed)
+    info = mlp_info(model)
+    d, n_layers = info.d_mlp, info.n_layers
+    k = int(round(sparsity * d))
+    if scope == "per_layer":
+        return score_def.per_layer(model, cal, k, ablation, seed) if k else {}
+    score = score_def.comparable(model, cal, sparsity, ablation, seed)
+    total = int(round(sparsity * d * n_layers))
+    flat = score.reshape(-1).argsort(stable=True).tolist()
+    chosen: Neurons = {}
+    for idx in flat:
+        if total == 0:
+            break
+        l, n = divmod(idx, d)
+        if not math.isfinite(float(score[l, n])):
+            break
+        if len(chosen.get(l, ())) < d - 1:
+            chosen.setdefault(l, []).append(n)
+            total -= 1
+    return {l: sorted(v) for l, v in sorted(chosen.items())}
+
+
+def build_spec(model, cal: Calibration, method: str, sparsity: float, scope: str, ablation: str, seed: int = 0) -> Optional[PruneSpec]:
+    """The :class:`PruneSpec` of one selection (None when it selects nothing); refit methods carry their refit."""
+    neurons = select_neurons(model, cal, method, sparsity, scope, ablation, seed)
+    if not neurons:
+        return None
+    grams = cal.grams if registry.get(method).refit else None
+    return make_spec(model, neurons, ablation, cal.means, grams)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .activations import DEFAULT_CALIB_TOKENS
 from .arch import arch_for, clean_state_dict
 from .export import Result
 from .hooks import ablation_hooks, capture_hook, mlp_post_name
@@ -273,7 +274,7 @@ def check_neuron_sets(model, neurons) -> Neurons:
     return dict(sorted(out.items()))
 
 
-def activation_grams(model, texts: Sequence[str], layers: Sequence[int], max_tokens: Optional[int] = 8192) -> Dict[int, Tensor]:
+def activation_grams(model, texts: Sequence[str], layers: Sequence[int], max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS) -> Dict[int, Tensor]:
     """Per layer, the Gram matrix ``E[ã ã^T]`` [d_mlp + 1, d_mlp + 1] of the MLP activations augmented with a
     constant 1 (its last row holds the mean activations), over the first ``max_tokens`` tokens of ``texts``."""
     from .hooks import attached_hooks, mlp_post_name
@@ -360,7 +361,7 @@ def _refit_hook(store: dict, key: str, delta: Tensor, bias: Optional[Tensor]):
 
 
 def prune_model(model, neurons, ablation: str = "zero", out: Optional[Union[str, Path]] = None,
-                compensate: bool = False, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = 8192,
+                compensate: bool = False, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
                 overwrite: bool = False, measure_latency: bool = True, spec: Optional[PruneSpec] = None):
     """Remove ``neurons`` from ``model`` physically.
 

@@ -22,11 +22,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .activations import DEFAULT_CALIB_TOKENS, calibration_stats, check_layers
-from .export import Result, report_document, write_csv, write_json, write_set
+from .export import Result, report_document, write_set
 from .hooks import ablation_hooks, attached_hooks, capture_hook, resid_post_name
 from .metrics import HIGH, MODERATE, SAFE, ImpactThresholds, RunningMean, kl_from_log_probs, log_probs, nll_from_log_probs, top1_agree
 from .models import mlp_info, model_name
-from .texts import DEFAULT_BATCH_SIZE, batches, calibration_texts, check_batch_size, check_texts, tokenize
+from .texts import DEFAULT_BATCH_SIZE, batches, check_batch_size, check_texts, tokenize
 
 ABLATIONS = ("zero", "mean")
 Plan = Dict[int, Tuple[List[int], Optional[Tensor]]]  # {layer: (neurons, replacement values or None)}

@@ -47,7 +47,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .surgery import Neurons, obs_order
+from .obs import obs_order
+from .surgery import Neurons
 from .texts import show
 
 if TYPE_CHECKING:  # type hints only: selection imports this module
@@ -144,7 +145,7 @@ class Score:
 @dataclass(frozen=True)
 class ObsScore(Score):
     """Greedy structured OBS: each layer's removal order and cumulative reconstruction error
-    (:func:`~neuronscope_tl.surgery.obs_order`), cached in the calibration per (ablation, layer)."""
+    (:func:`~neuronscope_tl.obs.obs_order`), cached in the calibration per (ablation, layer)."""
 
     def order(self, model, cal: "Calibration", ablation: str, layer: int, n_remove: int) -> Tuple[List[int], List[float]]:
         """The first ``n_remove`` neurons of the layer's removal order and the error after each removal."""

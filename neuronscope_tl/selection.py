@@ -27,12 +27,12 @@ import torch
 from torch import Tensor
 
 from . import scores as registry
-from .activations import DEFAULT_CALIB_TOKENS
+from .activations import DEFAULT_CALIB_TOKENS, activation_grams
 from .evaluation import check_seed, texts_record
 from .impact import check_ablation
 from .models import mlp_info
 from .scoring import score_neurons
-from .surgery import Neurons, PruneSpec, activation_grams, make_spec
+from .surgery import Neurons, PruneSpec, make_spec
 from .texts import as_finite_real, check_max_tokens, show
 from .weights import neuron_weight_table
 

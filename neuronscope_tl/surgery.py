@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import activations
 from .activations import DEFAULT_CALIB_TOKENS
 from .arch import arch_for, clean_state_dict
 from .export import Result
 from .hooks import ablation_hooks, capture_hook, mlp_post_name
 from .impact import ablation_values, check_ablation, check_candidates, make_plan
 from .models import mlp_info
-from .obs import obs_order as obs_order  # re-exported: pruning curves import it from here, next to make_spec
 from .obs import refit_output
 from .texts import calibration_texts, check_int, check_max_tokens
 
@@ -274,39 +274,12 @@ def check_neuron_sets(model, neurons) -> Neurons:
     return dict(sorted(out.items()))
 
 
-def activation_grams(model, texts: Sequence[str], layers: Sequence[int], max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS) -> Dict[int, Tensor]:
-    """Per layer, the Gram matrix ``E[ã ã^T]`` [d_mlp + 1, d_mlp + 1] of the MLP activations augmented with a
-    constant 1 (its last row holds the mean activations), over the first ``max_tokens`` tokens of ``texts``."""
-    from .hooks import attached_hooks, mlp_post_name
-    from .texts import tokenize
-
-    token_lists = tokenize(model, texts, max_tokens=max_tokens)
-    d = mlp_info(model).d_mlp
-    sums = {l: torch.zeros(d + 1, d + 1) for l in layers}
-    count = [0]
-
-    def make_hook(layer):
-        def hook(act, hook=None):
-            a = act.detach().reshape(-1, d).float().cpu()
-            a = torch.cat([a, torch.ones(a.shape[0], 1)], dim=1)
-            sums[layer] += a.t() @ a
-
-        return hook
-
-    stop = max(layers) + 1
-    with attached_hooks(model, [(mlp_post_name(l), make_hook(l)) for l in layers]), torch.no_grad():
-        for ids in token_lists:
-            model(ids[None], stop_at_layer=stop) if stop < mlp_info(model).n_layers else model(ids[None], return_type=None)
-            count[0] += ids.numel()
-    return {l: s / max(count[0], 1) for l, s in sums.items()}
-
-
 def make_spec(model, neurons, ablation: str = "zero", means: Optional[Dict[int, Tensor]] = None,
               grams: Optional[Dict[int, Tensor]] = None) -> PruneSpec:
     """Build a :class:`PruneSpec` from validated neurons.
 
     ``ablation='mean'`` needs ``means`` ({layer: [d_mlp]}); a least-squares refit happens when ``grams`` (from
-    :func:`activation_grams`) is given, with an output bias when ``ablation='mean'``.
+    :func:`~neuronscope_tl.activations.activation_grams`) is given, with an output bias when ``ablation='mean'``.
     """
     check_ablation(ablation)
     neurons = check_neuron_sets(model, neurons)
@@ -382,7 +355,7 @@ def prune_model(model, neurons, ablation: str = "zero", out: Optional[Union[str,
     if spec is None:
         chosen = check_neuron_sets(model, neurons)
         texts = list(calib_texts) if calib_texts is not None else calibration_texts()
-        grams = activation_grams(model, texts, sorted(chosen), calib_tokens) if compensate else None
+        grams = activations.activation_grams(model, texts, sorted(chosen), calib_tokens) if compensate else None
         means = ablation_values(model, sorted(chosen), ablation, texts, calib_tokens) if ablation == "mean" and not compensate else None
         spec = make_spec(model, chosen, ablation, means, grams)
     if out is None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import cli, curves, scores, scoring, selection, surgery
+from neuronscope_tl import cli, curves, scores, scoring, selection
+from neuronscope_tl.obs import obs_order
 from neuronscope_tl.scores import Column, Score
 
 CALIB = [" ".join(a.split()[i : i + 20]) for a in ns.lee_articles()[:1] for i in range(0, len(a.split()), 20)]
@@ -86,7 +87,7 @@ def test_obs_is_a_selection_with_a_refit(model, cal):
     k = 5
     chosen = selection.select_neurons(model, cal, "obs", k / cal.shape[1], "per_layer", "mean")
     for layer in range(cal.shape[0]):
-        order, _ = surgery.obs_order(cal.grams[layer], model.W_out[layer].detach().float().cpu(), k, keep_constant=True)
+        order, _ = obs_order(cal.grams[layer], model.W_out[layer].detach().float().cpu(), k, keep_constant=True)
         assert chosen[layer] == sorted(order[:k])
 
 

@@ -85,7 +85,7 @@ def test_refit_survives_export_and_reduces_error(tiny_model, tmp_path):
     model = tiny_model
     tokens = model.to_tokens(PROBE_TEXT)
     neurons = _neurons(model, 16)
-    grams = surgery.activation_grams(model, CALIB, sorted(neurons))
+    grams = ns.activations.activation_grams(model, CALIB, sorted(neurons))
     spec = surgery.make_spec(model, neurons, "mean", grams=grams)
     assert spec.delta_out and spec.bias
     hf = load_hf(model.original_model.config._name_or_path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,11 @@ from tqdm.auto import tqdm
 
 from . import scores as registry
 from .activations import DEFAULT_CALIB_TOKENS
-from .evaluation import DEFAULT_EVERY, DEFAULT_WINDOW, check_seeds, eval_windows, protocol_record, window_nll
+from .domains import TextSet
+from .evaluation import (
+    DEFAULT_DOMAIN_WINDOWS, DEFAULT_EVERY, DEFAULT_WINDOW, check_seeds, domain_perplexities, domain_summary, domain_windows,
+    eval_windows, geometric_mean, protocol_record, window_nll,
+)
 from .export import Result
 from .impact import check_ablation
 from .metrics import perplexity
@@ -47,8 +51,15 @@ class CurveResult(Result):
         runs: every evaluated run, random seeds separately.
         dense_perplexity: the unpruned model on the same windows and precision.
         dense_fp32 / dense_bf16: the dense check that decides the precision (bf16 only within 0.5%).
-        recommended: the best (method, ablation) on this curve: lowest mean log-perplexity over the sparsities.
-        protocol: the evaluation protocol (see :func:`~neuronscope_tl.evaluation.evaluate_perplexity`).
+        recommended: the best (method, ablation) on this curve, and on which data it was chosen: with evaluation
+            domains, the lowest mean log of the out-of-domain ratio (geometric mean over the sets the calibration
+            never saw); otherwise the lowest mean log-perplexity over the sparsities.
+        protocol: the evaluation protocol (see :func:`~neuronscope_tl.evaluation.evaluate_perplexity`); with
+            domains, ``domains`` lists every set with its source, licence, token count and hash.
+        domains: with evaluation domains, one row per (method, sparsity, scope, ablation, domain): perplexity
+            (mean over seeds), dense perplexity of that domain and their ratio. The table then also holds
+            ``ratio_in_domain`` / ``ratio_out_of_domain``: geometric means of those ratios, and ``perplexity`` /
+            ``ratio`` are geometric means over all domains.
     """
 
     table: pd.DataFrame
@@ -59,6 +70,7 @@ class CurveResult(Result):
     recommended: dict
     protocol: dict
     timings: dict = field(default_factory=dict)
+    domains: Optional[pd.DataFrame] = None
 
 
 def prune_curve(
@@ -77,12 +89,15 @@ def prune_curve(
     calibration: Optional[Calibration] = None,
     progress: bool = False,
     on_run: Optional[Callable[[dict], None]] = None,
+    domains: Optional[Sequence[TextSet]] = None,
+    domain_windows_max: int = DEFAULT_DOMAIN_WINDOWS,
 ) -> CurveResult:
     """Perplexity against sparsity for each method (and ablation), with pruning simulated through hooks.
 
     ``methods``: registered method names; None for every one. ``precision``: ``fp32``, ``bf16`` or ``auto`` (bf16
     when dense bf16 is within 0.5% of dense fp32). ``on_run`` is called with each run's row as soon as it is
-    measured (progress reporting).
+    measured (progress reporting). ``domains``: named evaluation sets (:mod:`neuronscope_tl.domains`), each
+    measured separately on up to ``domain_windows_max`` windows, instead of ``eval_texts``.
     """
     if methods is None:
         methods = registry.method_names()
@@ -100,34 +115,68 @@ def prune_curve(
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be one of auto, fp32, bf16; got {precision!r}.")
     t0 = time.perf_counter()
-    wins = eval_windows(model, eval_texts, window, every)
+    sets = domain_windows(model, domains, window, domain_windows_max) if domains is not None else None
+    wins = eval_windows(model, eval_texts, window, every) if sets is None else None
     cal = calibration or calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams(methods))
     t_cal = time.perf_counter() - t0
 
-    fp32 = perplexity(*window_nll(model, wins))
-    bf16_ppl = perplexity(*window_nll(model, wins, bf16=True)) if precision != "fp32" else None
-    use_bf16 = precision == "bf16" or (precision == "auto" and abs(bf16_ppl / fp32 - 1) < BF16_TOLERANCE)
+    def measure(hooks, bf16: bool) -> Dict[str, float]:
+        if sets is None:
+            return {"": perplexity(*window_nll(model, wins, hooks, bf16))}
+        return domain_perplexities(model, sets, hooks, bf16)
+
+    fp32 = measure([], False)
+    bf16_ppl = measure([], True) if precision != "fp32" else None
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and all(abs(bf16_ppl[k] / fp32[k] - 1) < BF16_TOLERANCE for k in fp32))
     dense = bf16_ppl if use_bf16 else fp32
 
-    runs = []
+    runs, domain_runs = [], []
     jobs = [(m, s, a, seed) for a in ablations for m in methods for s in sparsities
             for seed in (seeds if registry.get(m).random else [0])]
     for method, sparsity, abl, seed in tqdm(jobs, desc="curve", disable=not progress):
         spec = build_spec(model, cal, method, sparsity, scope, abl, seed)
         hooks = simulation_hooks(spec) if spec is not None else []
-        ppl = perplexity(*window_nll(model, wins, hooks, use_bf16))
-        runs.append({"method": method, "sparsity": sparsity, "scope": scope, "ablation": abl, "seed": seed,
-                     "n_pruned": spec.n_pruned if spec else 0, "perplexity": ppl})
+        ppl = measure(hooks, use_bf16)
+        row = {"method": method, "sparsity": sparsity, "scope": scope, "ablation": abl, "seed": seed,
+               "n_pruned": spec.n_pruned if spec else 0, "perplexity": geometric_mean(ppl.values())}
+        if sets is not None:
+            summary = domain_summary(ppl, dense, sets)
+            row.update(ratio_in_domain=summary["in_domain"], ratio_out_of_domain=summary["out_of_domain"])
+            domain_runs += [{**{k: row[k] for k in ("method", "sparsity", "scope", "ablation", "seed")}, "domain": d.name,
+                             "in_domain": d.in_domain, "perplexity": ppl[d.name], "dense": dense[d.name]} for d in sets]
+        runs.append(row)
         if on_run is not None:
-            on_run(dict(runs[-1], dense=dense))
+            on_run(dict(row, dense=geometric_mean(dense.values())))
     runs_df = pd.DataFrame(runs)
-    table = summarise_runs(runs_df, dense)
-    protocol = protocol_record(model, wins, int(seeds[0]) if len(seeds) else 0, "bf16-autocast" if use_bf16 else "fp32", cal.record)
+    dense_all = geometric_mean(dense.values())
+    table = summarise_runs(runs_df, dense_all)
+    per_domain = None
+    if sets is not None:
+        keys = ["method", "sparsity", "scope", "ablation"]
+        extra = runs_df.groupby(keys, sort=False)[["ratio_in_domain", "ratio_out_of_domain"]].agg(
+            lambda v: geometric_mean(v) if v.notna().all() else None).reset_index()
+        table = table.merge(extra, on=keys, how="left")
+        d = pd.DataFrame(domain_runs)
+        per_domain = d.groupby(keys + ["domain", "in_domain"], sort=False).agg(
+            perplexity=("perplexity", "mean"), dense=("dense", "first")).reset_index()
+        per_domain["ratio"] = per_domain["perplexity"] / per_domain["dense"]
+    first = wins if sets is None else sets[0].wins
+    precision_name = "bf16-autocast" if use_bf16 else "fp32"
+    protocol = protocol_record(model, first, int(seeds[0]) if len(seeds) else 0, precision_name, cal.record)
     protocol["random_seeds"] = list(seeds)
+    if sets is not None:
+        protocol["eval_texts"] = None
+        protocol["domains"] = [d.wins.texts for d in sets]
+        protocol["windows_per_domain"] = domain_windows_max
+        protocol["n_tokens_scored"] = sum(d.wins.n_scored for d in sets)
+        protocol["n_windows"] = sum(len(d.wins.tokens) for d in sets)
+    fp32_all = geometric_mean(fp32.values())
     return CurveResult(
-        table=table, runs=runs_df, dense_perplexity=dense, dense_fp32=fp32, dense_bf16=bf16_ppl,
+        table=table, runs=runs_df, dense_perplexity=dense_all, dense_fp32=fp32_all,
+        dense_bf16=geometric_mean(bf16_ppl.values()) if bf16_ppl else None,
         recommended=recommend(table), protocol=protocol,
-        timings={"calibration_s": t_cal, "total_s": time.perf_counter() - t0},
+        timings={"calibration_s": t_cal, "total_s": time.perf_counter() - t0}, domains=per_domain,
     )
 
 
@@ -144,11 +193,16 @@ def summarise_runs(runs: pd.DataFrame, dense: float) -> pd.DataFrame:
 
 
 def recommend(table: pd.DataFrame) -> dict:
-    """The (method, ablation) with the lowest mean log-perplexity over the curve's sparsities (random methods
-    excluded)."""
+    """The best (method, ablation) of a curve (random methods excluded), and the data it was chosen on.
+
+    With a ``ratio_out_of_domain`` column (a curve over evaluation domains), the lowest mean over the sparsities
+    of the log out-of-domain ratio: the choice is made on text the calibration never saw. Otherwise the lowest
+    mean log-perplexity over the sparsities of the single evaluation set.
+    """
     t = table[~table["method"].map(registry.is_random).astype(bool)].copy()
     if t.empty:
         return {}
-    t["log_ppl"] = np.log(t["perplexity"])
-    best = t.groupby(["method", "ablation"])["log_ppl"].mean().idxmin()
-    return {"method": best[0], "ablation": best[1]}
+    ood = "ratio_out_of_domain" in t and t["ratio_out_of_domain"].notna().all()
+    t["key"] = np.log(t["ratio_out_of_domain"].astype(float)) if ood else np.log(t["perplexity"])
+    best = t.groupby(["method", "ablation"])["key"].mean().idxmin()
+    return {"method": best[0], "ablation": best[1], "chosen_on": "out_of_domain" if ood else "evaluation_set"}

@@ -22,6 +22,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .arch import hf_model
+from .domains import TextSet, check_unique
 from .export import Result
 from .hooks import attached_hooks
 from .metrics import perplexity, token_nll
@@ -55,7 +57,7 @@ def weights_hash(model) -> str:
     """SHA-256 over the HF model's parameters and buffers (clean names, sorted), first 16 hex digits."""
     h = hashlib.sha256()
     seen = set()
-    for key, value in sorted(model.original_model.state_dict().items()):
+    for key, value in sorted(hf_model(model).state_dict().items()):
         clean = key.replace("._original_component", "")
         if clean in seen or not torch.is_tensor(value):
             continue
@@ -166,3 +168,62 @@ def evaluate_perplexity(model, texts: Optional[Sequence[str]] = None, window: in
         perplexity=perplexity(total, count), mean_nll=total / count, n_tokens=count, n_windows=len(wins.tokens),
         protocol=protocol_record(model, wins, seed, "bf16-autocast" if bf16 else "fp32"),
     )
+
+
+# ---------------------------------------------------------------------------------------------- several domains
+
+# Windows scored per evaluation set: 12 x 512 tokens, about 6k tokens of each domain.
+DEFAULT_DOMAIN_WINDOWS = 12
+
+
+@dataclass
+class DomainWindows:
+    """The windows of one named evaluation set (:class:`~neuronscope_tl.domains.TextSet`).
+
+    Attributes:
+        name: the set's name; in_domain: whether calibration saw other texts of its source (None: unknown).
+        wins: up to ``max_windows`` windows spread evenly over the set (every n-th), with the set's record.
+    """
+
+    name: str
+    in_domain: Optional[bool]
+    wins: EvalWindows
+
+
+def domain_windows(model, sets: Sequence[TextSet], window: int = DEFAULT_WINDOW,
+                   max_windows: int = DEFAULT_DOMAIN_WINDOWS) -> List[DomainWindows]:
+    """Each set's windows: all non-overlapping ``window``-token windows, then every n-th so that at most
+    ``max_windows`` remain. Set names must be unique."""
+    window = check_window(model, window)
+    max_windows = check_int(max_windows, "max_windows", 1)
+    out = []
+    for s in check_unique(sets):
+        every_window = windows(model, s.texts, window)
+        every = max(1, -(-len(every_window) // max_windows))
+        chosen = every_window[::every][:max_windows]
+        record = s.record(n_tokens=sum(int(t.numel()) - 1 for t in chosen))
+        out.append(DomainWindows(s.name, s.in_domain, EvalWindows(chosen, window, every, record)))
+    return out
+
+
+def domain_perplexities(model, sets: Sequence[DomainWindows], hooks: Sequence = (), bf16: bool = False) -> Dict[str, float]:
+    """Perplexity of each set, with ``hooks`` attached."""
+    return {d.name: perplexity(*window_nll(model, d.wins, hooks, bf16)) for d in sets}
+
+
+def geometric_mean(values: Sequence[float]) -> Optional[float]:
+    """exp(mean(log v)); None for no values."""
+    values = list(values)
+    return float(np.exp(np.mean(np.log(values)))) if values else None
+
+
+def domain_summary(ppl: Dict[str, float], dense: Dict[str, float], sets: Sequence[DomainWindows]) -> dict:
+    """Ratios to dense per set, and their geometric means in-domain, out-of-domain (sets whose source the
+    calibration never saw, or of unknown relation) and over all sets."""
+    ratios = {d.name: ppl[d.name] / dense[d.name] for d in sets}
+    return {
+        "ratios": ratios,
+        "in_domain": geometric_mean([ratios[d.name] for d in sets if d.in_domain]),
+        "out_of_domain": geometric_mean([ratios[d.name] for d in sets if not d.in_domain]),
+        "all": geometric_mean(list(ratios.values())),
+    }

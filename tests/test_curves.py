@@ -176,7 +176,15 @@ def table_of(points):
     ({("random", "zero"): [1, 1, 1], ("magnitude", "zero"): [50, 60, 70], ("obs", "mean"): [40, 70, 90]}, ("magnitude", "zero")),
 ])
 def test_recommend_picks_the_lowest_mean_log_perplexity(points, expected):
-    assert curves.recommend(table_of(points)) == {"method": expected[0], "ablation": expected[1]}
+    assert curves.recommend(table_of(points)) == {"method": expected[0], "ablation": expected[1], "chosen_on": "evaluation_set"}
+
+
+def test_recommend_chooses_on_out_of_domain_ratio():
+    """With evaluation domains the choice is made on the out-of-domain ratio, even where in-domain disagrees."""
+    table = table_of({("obs", "mean"): [10, 11, 12], ("wanda", "mean"): [12, 13, 15], ("random", "zero"): [1, 1, 1]})
+    table["ratio_in_domain"] = [1.1, 1.2, 1.3, 1.3, 1.4, 1.5, 1.0, 1.0, 1.0]
+    table["ratio_out_of_domain"] = [2.0, 2.4, 2.9, 1.6, 1.9, 2.2, 1.0, 1.0, 1.0]
+    assert curves.recommend(table) == {"method": "wanda", "ablation": "mean", "chosen_on": "out_of_domain"}
 
 
 def test_recommend_without_candidates_is_empty():
@@ -328,7 +336,51 @@ def test_curve_command_writes_the_measured_table(long_ctx_dir, tmp_path):
     pd.testing.assert_frame_equal(table, expected.table, check_exact=True, check_dtype=False)
     pd.testing.assert_frame_equal(runs, expected.runs, check_exact=True, check_dtype=False)
     doc = json.loads((out / "protocol.json").read_text())
-    assert doc["recommended"] == expected.recommended == {"method": "wanda", "ablation": "zero"}
+    assert doc["recommended"] == expected.recommended == {"method": "wanda", "ablation": "zero", "chosen_on": "evaluation_set"}
     assert doc["dense_perplexity"] == expected.dense_perplexity
     assert doc["protocol"]["weights_sha256"] == expected.protocol["weights_sha256"]
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curve_over_domains_matches_hf_labels_loss(model, tiny_dirs, kind, cal):
+    """Each evaluation set is measured separately: dense and pruned perplexity of every set equal exp of HF's own
+    ``labels=`` loss on the same windows (pruned: the neurons zeroed in the HF weights), and the summaries are the
+    geometric means of those ratios."""
+    from neuronscope_tl.domains import TextSet
+
+    sets = [TextSet("near", list(ns.lee_articles()[201:203]), "lee", "LGPL", "evaluation", True),
+            TextSet("far", [" ".join(ns.lee_articles()[5].split()[::-1])], "reversed lee", "LGPL", "user", False)]
+    res = curves.prune_curve(model, ["wanda"], [0.25], ablation="zero", domains=sets, window=WINDOW, calibration=cal,
+                             precision="fp32", domain_windows_max=3)
+    dws = evaluation.domain_windows(model, sets, WINDOW, 3)
+    assert [len(d.wins.tokens) for d in dws] == [3, min(3, len(dws[1].wins.tokens))]
+    neurons = selection.select_neurons(model, cal, "wanda", 0.25, "per_layer")
+    dense_hf, pruned_hf = load_hf(tiny_dirs[kind]), load_hf(tiny_dirs[kind])
+    for layer, chosen in neurons.items():
+        zero_output_weights(pruned_hf, layer, chosen)
+
+    def labels_ppl(hf, wins):
+        total = count = 0.0
+        with torch.no_grad():
+            for ids in wins:
+                total += float(hf(ids[None], labels=ids[None]).loss) * (len(ids) - 1)
+                count += len(ids) - 1
+        return math.exp(total / count)
+
+    ratios = {}
+    for d in dws:
+        row = res.domains[(res.domains.domain == d.name) & (res.domains.sparsity == 0.25)].iloc[0]
+        dense, pruned = labels_ppl(dense_hf, d.wins.tokens), labels_ppl(pruned_hf, d.wins.tokens)
+        # HF's loss is a float32 mean: relative agreement to ~1e-5 on these short windows
+        assert row.dense == pytest.approx(dense, rel=1e-4) and row.perplexity == pytest.approx(pruned, rel=1e-4)
+        assert bool(row.in_domain) == d.in_domain
+        ratios[d.name] = row.perplexity / row.dense
+    summary = res.table.iloc[0]
+    assert summary.ratio_in_domain == pytest.approx(ratios["near"], rel=1e-12)
+    assert summary.ratio_out_of_domain == pytest.approx(ratios["far"], rel=1e-12)
+    assert summary.ratio == pytest.approx(math.sqrt(ratios["near"] * ratios["far"]), rel=1e-9)
+    assert [r["name"] for r in res.protocol["domains"]] == ["near", "far"]
+    assert all({"source", "licence", "n_tokens", "sha256"} <= set(r) for r in res.protocol["domains"])
+    assert res.recommended["chosen_on"] == "out_of_domain"
+    with pytest.raises(ValueError, match="near given more than once"):
+        curves.prune_curve(model, ["wanda"], [0.25], domains=sets + sets[:1], window=WINDOW, calibration=cal)

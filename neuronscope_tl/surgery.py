@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import activations
 from .activations import DEFAULT_CALIB_TOKENS
-from .arch import arch_for, clean_state_dict
+from .arch import arch_for, clean_state_dict, output_matrix
 from .export import Result
 from .hooks import ablation_hooks, capture_hook, mlp_post_name
 from .impact import ablation_values, check_ablation, check_candidates, make_plan
@@ -285,7 +285,7 @@ def make_spec(model, neurons, ablation: str = "zero", means: Optional[Dict[int, 
     neurons = check_neuron_sets(model, neurons)
     d_mlp = mlp_info(model).d_mlp
     spec = PruneSpec(neurons=neurons, d_mlp=d_mlp, ablation=ablation)
-    w_out_all = model.W_out.detach().float().cpu()  # [L, d_mlp, d_model]
+    w_out_all = output_matrix(model)  # [L, d_mlp, d_model]
     for layer, pruned in neurons.items():
         w_out = w_out_all[layer]
         if grams is not None:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .arch import mlp_input_bias, mlp_weights
+from .arch import parameters as arch_parameters
 from .export import Result, report_document, write_set
 from .models import mlp_info, model_name
 from .texts import as_finite_real, show
@@ -46,17 +47,10 @@ def check_percentile(threshold_percentile: float) -> float:
 
 
 def unique_parameters(model) -> List[Tensor]:
-    """The wrapped HF model's parameters, each storage counted once.
-
-    Tied matrices share one storage, and the bridge adds split views (GPT-2's fused ``c_attn`` is exposed as
-    q/k/v views of the same storage); for each storage we keep the largest tensor, which covers the others.
-    """
-    groups: Dict[int, Tensor] = {}
-    for p in model.original_model.parameters():
-        key = p.untyped_storage().data_ptr()
-        if key not in groups or p.numel() > groups[key].numel():
-            groups[key] = p
-    return list(groups.values())
+    """The model's parameters, each storage counted once (through the model kind's adapter): a bridge's wrapped HF
+    model's tensors, where tied matrices share one storage and the bridge's split views (GPT-2's fused ``c_attn``
+    as q/k/v) share their base's; a HookedTransformer's own parameters."""
+    return arch_parameters(model)
 
 
 def _count_below(sorted_values: Tensor, x: float, inclusive: bool = False) -> int:

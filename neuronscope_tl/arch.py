@@ -259,9 +259,15 @@ class Arch:
         return "gate" in self.input_weights(hf, 0)
 
     def parameters(self, model: Module) -> List[Tensor]:
-        """The model's parameters, each storage once: for a bridge, its wrapped HF model's (the checkpoint's
-        tensors; tied matrices counted once)."""
-        return unique_storages(hf_model(model).parameters())
+        """The model's parameters, each storage once: for a bridge, its wrapped HF model's parameters under the
+        names a fresh HF model of the same config has (the checkpoint's tensors; tied matrices counted once). The
+        bridge's own additions (alias views, and in some TransformerLens releases a synthetic unembedding bias
+        registered as a parameter) are left out."""
+        hf = hf_model(model)
+        with torch.device("meta"):
+            want = {n for n, _ in type(hf)(copy.deepcopy(hf.config)).named_parameters(remove_duplicate=False)}
+        named = hf.named_parameters(remove_duplicate=False)
+        return unique_storages(p for n, p in named if n.replace("._original_component", "") in want)
 
     def weight_source(self, model: Module) -> str:
         """``raw`` (the checkpoint's own numbers) or ``processed`` (TransformerLens folded norms or centred
@@ -444,9 +450,8 @@ class HookedArch(Arch):
         if not is_hooked_transformer(model) or getattr(model.cfg, "num_experts", None):
             return False
         blocks = getattr(model, "blocks", None)
-        return bool(blocks) and all(
-            hasattr(b.mlp, "hook_post") and hasattr(b.mlp, "W_in") and hasattr(b.mlp, "W_out") for b in blocks
-        )
+        mlps = [getattr(b, "mlp", None) for b in blocks or ()]
+        return bool(mlps) and all(hasattr(m, "hook_post") and hasattr(m, "W_in") and hasattr(m, "W_out") for m in mlps)
 
     def _no_hf(self, *args, **kwargs):
         raise ValueError(

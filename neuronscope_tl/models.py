@@ -110,6 +110,8 @@ def _resolve(name: Optional[str]) -> Tuple[str, str]:
 
 
 MODEL_KINDS = ("bridge", "hooked")
+# A model name starting with this loads as kind="hooked" (raw weights): `neuronscope-tl analyze --model hooked:default`.
+HOOKED_PREFIX = "hooked:"
 
 
 def check_kind(kind: str) -> str:
@@ -137,7 +139,9 @@ def load_model(
 
     Args:
         name: ``None`` (or ``"default"``) for the embedded SmolLM2-135M-Instruct; a Hugging Face model id
-            (needs network access); or a local directory with a saved HF model and tokenizer.
+            (needs network access); or a local directory with a saved HF model and tokenizer. Prefixed with
+            ``hooked:`` (``hooked:default``, ``hooked:/path/to/model``) it loads as ``kind="hooked"``, which is how
+            the command line asks for a HookedTransformer.
         kind: ``bridge`` for a ``TransformerBridge`` (TransformerLens 3.x and 4.x), ``hooked`` for a
             ``HookedTransformer`` (TransformerLens 3.x; built offline from the HF checkpoint, see the module
             docstring).
@@ -148,6 +152,8 @@ def load_model(
         device: torch device.
         trust_remote_code: passed to transformers; off unless the user asks, since it runs code from the hub.
     """
+    if isinstance(name, str) and name.startswith(HOOKED_PREFIX):
+        name, kind = name[len(HOOKED_PREFIX):] or None, "hooked"
     check_kind(kind)
     if processed and kind != "hooked":
         raise ValueError("processed=True applies to kind='hooked' only: a TransformerBridge always holds the raw weights.")
@@ -209,8 +215,17 @@ def hooked_from_hf(source: str, hf_model, tokenizer, *, display: Optional[str] =
     HookedTransformer, loading = hooked_api()
     kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     try:
-        cfg = loading.get_pretrained_model_config(source, hf_cfg=hf_model.config.to_dict(), fold_ln=processed,
-                                                  device=device, dtype=dtype, **kwargs)
+        if Path(source).is_dir():
+            # TransformerLens picks some families by a substring of the name ("llama", "gemma") and then reads no
+            # config at all for a local path; under a neutral name it reads the checkpoint's config.json.
+            with tempfile.TemporaryDirectory(prefix="neuronscope-") as tmp:
+                link = Path(tmp) / "checkpoint"
+                link.symlink_to(Path(source).resolve(), target_is_directory=True)
+                cfg = loading.get_pretrained_model_config(str(link), hf_cfg=hf_model.config.to_dict(),
+                                                          fold_ln=processed, device=device, dtype=dtype, **kwargs)
+        else:
+            cfg = loading.get_pretrained_model_config(source, hf_cfg=hf_model.config.to_dict(), fold_ln=processed,
+                                                      device=device, dtype=dtype, **kwargs)
     except ValueError as exc:
         raise ValueError(
             f"TransformerLens cannot build a HookedTransformer config for {source!r}: it reads a local checkpoint "

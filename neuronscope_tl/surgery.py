@@ -1,4 +1,5 @@
-"""Physical neuron removal: a smaller Hugging Face model that plain ``transformers`` loads.
+"""Physical neuron removal: a smaller Hugging Face model that plain ``transformers`` loads, or a smaller
+``HookedTransformer`` that TransformerLens 3.x loads.
 
 A :class:`PruneSpec` says, per layer, which MLP neurons go and what replaces their contribution:
 
@@ -16,11 +17,21 @@ of ``down_proj`` for Llama-style models, columns of ``c_fc`` and rows of ``c_pro
 Per-layer-uniform pruning gives one smaller MLP width in the config. Pruning that leaves different widths per layer
 (global scope) cannot be written in a standard config, so we write a **masked checkpoint** of the original shapes
 (pruned weights set to zero) and say so in the result (``masked=True``); it is exact but not smaller.
+
+A ``HookedTransformer`` (TransformerLens 3.x) is narrowed in its own weights (:func:`apply_spec_hooked`): columns of
+``W_in``/``W_gate``/``b_in`` and rows of ``W_out`` go, the extra bias is added to ``b_out`` and the config's
+``d_mlp`` shrinks. :func:`save_pruned` writes it as ``tl_config.json`` (the ``HookedTransformerConfig``, dtype as
+its name) plus ``model.safetensors`` (its state dict) and the tokenizer, which TransformerLens alone reloads
+(:func:`load_hooked`, a few lines that use nothing of neuronscope_tl). When the model holds the raw weights of a
+known checkpoint directory (``load_model(..., kind="hooked")`` records it), the same spec is also applied to that
+HF checkpoint and saved under ``hf/``. The processed weights of ``from_pretrained`` (norms folded, writing weights
+centred) are not a HF checkpoint's, so no HF copy is written for them.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -35,7 +46,7 @@ from torch import Tensor
 
 from . import activations
 from .activations import DEFAULT_CALIB_TOKENS
-from .arch import arch_for, clean_state_dict, output_matrix
+from .arch import RAW, SOURCE_ATTR, HookedArch, arch_for, clean_state_dict, output_matrix, weight_source
 from .export import Result
 from .hooks import ablation_hooks, capture_hook, mlp_post_name
 from .impact import ablation_values, check_ablation, check_candidates, make_plan
@@ -62,6 +73,8 @@ class PruneSpec:
             least-squares refit, or empty.
         replacement: {layer: [n_pruned] mean activations} for mean ablation without refit (what the hook
             simulation writes; ``bias`` holds the same thing folded through the output weights).
+        out_hooks: {layer: the hook point right after the MLP's output projection} for layers with a refit, from
+            the model kind's adapter (``mlp.hook_out`` on a bridge, ``hook_mlp_out`` on a HookedTransformer).
     """
 
     neurons: Neurons
@@ -70,6 +83,7 @@ class PruneSpec:
     bias: Dict[int, Tensor] = field(default_factory=dict)
     delta_out: Dict[int, Tensor] = field(default_factory=dict)
     replacement: Dict[int, Tensor] = field(default_factory=dict)
+    out_hooks: Dict[int, str] = field(default_factory=dict)
 
     @property
     def n_pruned(self) -> int:
@@ -133,6 +147,145 @@ def apply_spec(hf: torch.nn.Module, spec: PruneSpec) -> torch.nn.Module:
     return hf
 
 
+# ---------------------------------------------------------------------------------------------- HookedTransformer surgery
+
+
+def apply_spec_hooked(model: torch.nn.Module, spec: PruneSpec) -> torch.nn.Module:
+    """A new HookedTransformer with ``spec`` applied to a copy of ``model``'s weights (``model`` is untouched).
+
+    Uniform specs shrink ``d_mlp``: the kept columns of ``W_in``/``W_gate``/``b_in`` and rows of ``W_out`` (plus the
+    refit's ``delta_out``) stay, and the extra bias is added to ``b_out``. Non-uniform specs keep the shapes and
+    zero the pruned rows of ``W_out`` (a masked model). The config is rebuilt with ``from_dict`` so that its derived
+    fields (parameter count) follow the new width.
+    """
+    n_layers = int(model.cfg.n_layers)
+    counts = {len(spec.neurons.get(l, ())) for l in range(n_layers)}
+    shrink = len(counts) == 1
+    width = spec.d_mlp - counts.pop() if shrink else spec.d_mlp
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gated = bool(model.cfg.gated_mlp)
+    with torch.no_grad():
+        for layer in range(n_layers):
+            pre = f"blocks.{layer}.mlp."
+            dtype = state[pre + "W_out"].dtype
+            w_out = state[pre + "W_out"].float()
+            if layer in spec.delta_out:
+                w_out = w_out + spec.delta_out[layer].to(w_out.device)
+            pruned = spec.neurons.get(layer, [])
+            if not shrink:
+                w_out[pruned] = 0.0
+            keep = torch.as_tensor(spec.kept(layer) if shrink else list(range(spec.d_mlp)), dtype=torch.long)
+            state[pre + "W_out"] = w_out[keep].to(dtype).contiguous()
+            for name in ("W_in", "W_gate") if gated else ("W_in",):
+                state[pre + name] = state[pre + name][:, keep].contiguous()
+            state[pre + "b_in"] = state[pre + "b_in"][keep].contiguous()
+            if layer in spec.bias:
+                state[pre + "b_out"] = state[pre + "b_out"] + spec.bias[layer].to(state[pre + "b_out"])
+    cfg = type(model.cfg).from_dict({**copy.deepcopy(model.cfg.to_dict()), "d_mlp": width, "n_params": None})
+    pruned_model = type(model)(cfg, model.tokenizer, move_to_device=False)
+    pruned_model.load_state_dict(state, strict=True)
+    pruned_model.eval()
+    for attr in ("neuronscope_weights",):
+        if hasattr(model, attr):
+            setattr(pruned_model, attr, getattr(model, attr))
+    return pruned_model
+
+
+def hooked_config_json(cfg) -> dict:
+    """A HookedTransformerConfig as JSON-able values: the dtype by name (``float32``), the device as a string."""
+    out = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, torch.dtype):
+            value = str(value).replace("torch.", "")
+        elif isinstance(value, torch.device):
+            value = str(value)
+        out[key] = value
+    json.dumps(out)  # every value must be JSON; a TypeError here names the field
+    return out
+
+
+def save_hooked(model: torch.nn.Module, out: Union[str, Path]) -> None:
+    """Write a HookedTransformer into the directory ``out``: ``tl_config.json``, ``model.safetensors`` (its whole
+    state dict, parameters and buffers) and the tokenizer. :func:`load_hooked` reads it back."""
+    from safetensors.torch import save_file  # installed with transformers; imported only when a model is saved
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tl_config.json").write_text(json.dumps(hooked_config_json(model.cfg), indent=1))
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(out)
+
+
+def load_hooked(path: Union[str, Path]):
+    """Reload a directory written by :func:`save_hooked` with TransformerLens alone (the same few lines work
+    without neuronscope_tl)::
+
+        cfg = json.loads((path / "tl_config.json").read_text()); cfg["dtype"] = getattr(torch, cfg["dtype"])
+        model = HookedTransformer(HookedTransformerConfig.from_dict(cfg), AutoTokenizer.from_pretrained(path))
+        model.load_state_dict(safetensors.torch.load_file(path / "model.safetensors"))
+    """
+    from safetensors.torch import load_file  # installed with transformers; imported only when a model is loaded
+    from transformer_lens import HookedTransformer, HookedTransformerConfig  # TransformerLens 3.x only
+    from transformers import AutoTokenizer  # about 0.5 s; imported only when a model is loaded
+
+    path = Path(path)
+    cfg = json.loads((path / "tl_config.json").read_text())
+    cfg["dtype"] = getattr(torch, cfg["dtype"])
+    model = HookedTransformer(HookedTransformerConfig.from_dict(cfg), AutoTokenizer.from_pretrained(path), move_to_device=False)
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return model.eval()
+
+
+def hooked_parameters(model) -> Tuple[int, int]:
+    """(parameters, MLP parameters) of a HookedTransformer."""
+    total = sum(p.numel() for p in model.parameters())
+    mlp = sum(p.numel() for name, p in model.named_parameters() if ".mlp." in name)
+    return total, mlp
+
+
+def save_pruned_hooked(model, spec: PruneSpec, out: Path, measure_latency: bool, latency_tokens: int,
+                       latency_repeats: int) -> PrunedModel:
+    """:func:`save_pruned` for a HookedTransformer: the smaller HookedTransformer (see :func:`save_hooked`), and
+    under ``out/hf`` the HF checkpoint it came from with the same neurons removed, when the model holds that
+    checkpoint's raw weights."""
+    pruned = apply_spec_hooked(model, spec)
+    total0, mlp0 = hooked_parameters(model)
+    total1, mlp1 = hooked_parameters(pruned)
+    lat0 = median_latency(model, latency_tokens, latency_repeats) if measure_latency else None
+    lat1 = median_latency(pruned, latency_tokens, latency_repeats) if measure_latency else None
+    source = getattr(model, SOURCE_ATTR, None)
+    with_hf = source is not None and Path(source, "config.json").is_file() and weight_source(model) == RAW
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_hooked(model, tmp / "dense")
+        bytes0 = dir_size(tmp / "dense")
+        shutil.rmtree(tmp / "dense")
+        save_hooked(pruned, tmp)
+        bytes1 = dir_size(tmp)
+        if with_hf:
+            # transformers costs about 0.5 s to import; imported only when an HF copy is written.
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            hf = AutoModelForCausalLM.from_pretrained(source, dtype=next(model.parameters()).dtype).eval()
+            apply_spec(hf, spec).save_pretrained(tmp / "hf")
+            AutoTokenizer.from_pretrained(source).save_pretrained(tmp / "hf")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PrunedModel(
+        out=str(out), ablation=spec.ablation, compensated=bool(spec.delta_out), masked=not spec.uniform,
+        n_pruned=spec.n_pruned, d_mlp_before=spec.d_mlp, d_mlp_after=int(pruned.cfg.d_mlp),
+        parameters_before=total0, parameters_after=total1, mlp_parameters_before=mlp0, mlp_parameters_after=mlp1,
+        file_bytes_before=bytes0, file_bytes_after=bytes1, latency_tokens=latency_tokens,
+        latency_s_before=lat0, latency_s_after=lat1, format="hooked", hf_out=str(out / "hf") if with_hf else None,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- measuring
 
 
@@ -151,9 +304,13 @@ def count_parameters(hf) -> Tuple[int, int]:
 
 
 def median_latency(hf, n_tokens: int = 512, repeats: int = 5, vocab: Optional[int] = None) -> float:
-    """Median wall time in seconds of a forward over ``n_tokens`` random tokens (one warm-up first)."""
-    vocab = vocab or int(hf.config.vocab_size)
-    n_ctx = int(getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", n_tokens))
+    """Median wall time in seconds of a forward over ``n_tokens`` random tokens (one warm-up first); ``hf`` is a
+    plain HF model or a HookedTransformer."""
+    if hasattr(hf, "config"):
+        vocab = vocab or int(hf.config.vocab_size)
+        n_ctx = int(getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", n_tokens))
+    else:
+        vocab, n_ctx = vocab or int(hf.cfg.d_vocab), int(hf.cfg.n_ctx)
     ids = torch.randint(0, vocab, (1, min(n_tokens, n_ctx)), generator=torch.Generator().manual_seed(0))
     times = []
     with torch.no_grad():
@@ -181,6 +338,9 @@ class PrunedModel(Result):
         parameters_before / parameters_after, mlp_parameters_before / mlp_parameters_after: unique counts.
         file_bytes_before / file_bytes_after: size of the weight files of the dense and pruned checkpoints.
         latency_s_before / latency_s_after: median CPU forward time over ``latency_tokens`` tokens.
+        format: ``hf`` (a ``save_pretrained`` directory) or ``hooked`` (a HookedTransformer checkpoint:
+            ``tl_config.json`` + ``model.safetensors`` + tokenizer, see :func:`load_hooked`).
+        hf_out: for ``hooked``, the HF copy's directory (``out/hf``) when one was written, else None.
     """
 
     out: str
@@ -199,6 +359,8 @@ class PrunedModel(Result):
     latency_tokens: int
     latency_s_before: Optional[float]
     latency_s_after: Optional[float]
+    format: str = "hf"
+    hf_out: Optional[str] = None
 
 
 def check_out_dir(out: Union[str, Path], overwrite: bool) -> Path:
@@ -220,6 +382,8 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
     latency_tokens = check_int(latency_tokens, "latency_tokens", 1)
     latency_repeats = check_int(latency_repeats, "latency_repeats", 1, 1000)
     out = check_out_dir(out, overwrite)
+    if isinstance(arch_for(model), HookedArch):
+        return save_pruned_hooked(model, spec, out, measure_latency, latency_tokens, latency_repeats)
     dense = fresh_hf_copy(model)
     total0, mlp0 = count_parameters(dense)
     lat0 = median_latency(dense, latency_tokens, latency_repeats) if measure_latency else None
@@ -285,12 +449,14 @@ def make_spec(model, neurons, ablation: str = "zero", means: Optional[Dict[int, 
     neurons = check_neuron_sets(model, neurons)
     d_mlp = mlp_info(model).d_mlp
     spec = PruneSpec(neurons=neurons, d_mlp=d_mlp, ablation=ablation)
+    arch = arch_for(model)
     w_out_all = output_matrix(model)  # [L, d_mlp, d_model]
     for layer, pruned in neurons.items():
         w_out = w_out_all[layer]
         if grams is not None:
             delta, bias = refit_output(grams[layer], w_out, pruned, with_bias=ablation == "mean")
             spec.delta_out[layer] = delta
+            spec.out_hooks[layer] = arch.mlp_out_hook(layer)
             if bias is not None:
                 spec.bias[layer] = bias
         elif ablation == "mean":
@@ -306,7 +472,8 @@ def simulation_hooks(spec: PruneSpec) -> list:
     """Hooks that simulate ``spec`` on the bridge, for use with :func:`attached_hooks`.
 
     Pruned neurons are ablated on ``mlp.hook_post`` through the core's :func:`make_plan`/:func:`ablation_hooks`
-    (zero, or the mean activations); a refit adds ``a_ablated @ delta + bias`` on ``mlp.hook_out``.
+    (zero, or the mean activations); a refit adds ``a_ablated @ delta + bias`` on the hook point right after the
+    MLP's output projection (``spec.out_hooks``; ``mlp.hook_out`` when absent).
     """
     pairs = [(l, n) for l, ns_ in spec.neurons.items() for n in ns_]
     values = {l: None for l in spec.neurons}
@@ -318,7 +485,8 @@ def simulation_hooks(spec: PruneSpec) -> list:
     store: dict = {}
     for layer, delta in spec.delta_out.items():
         hooks.append((mlp_post_name(layer), capture_hook(store, str(layer))))
-        hooks.append((f"blocks.{layer}.mlp.hook_out", _refit_hook(store, str(layer), delta, spec.bias.get(layer))))
+        out_hook = spec.out_hooks.get(layer, f"blocks.{layer}.mlp.hook_out")
+        hooks.append((out_hook, _refit_hook(store, str(layer), delta, spec.bias.get(layer))))
     return hooks
 
 
@@ -346,7 +514,8 @@ def prune_model(model, neurons, ablation: str = "zero", out: Optional[Union[str,
         calib_texts: calibration texts (default: the Lee calibration split).
         spec: a prebuilt :class:`PruneSpec` (as :func:`prune_curve` makes); overrides the other arguments.
 
-    Returns a :class:`PrunedModel` (when ``out`` is given) or the pruned plain HF model.
+    Returns a :class:`PrunedModel` (when ``out`` is given) or the pruned model: a plain HF model for a bridge, a
+    smaller HookedTransformer for a HookedTransformer.
     """
     check_ablation(ablation)
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
@@ -359,5 +528,7 @@ def prune_model(model, neurons, ablation: str = "zero", out: Optional[Union[str,
         means = ablation_values(model, sorted(chosen), ablation, texts, calib_tokens) if ablation == "mean" and not compensate else None
         spec = make_spec(model, chosen, ablation, means, grams)
     if out is None:
+        if isinstance(arch_for(model), HookedArch):
+            return apply_spec_hooked(model, spec)
         return apply_spec(fresh_hf_copy(model), spec)
     return save_pruned(model, spec, out, overwrite=overwrite, measure_latency=measure_latency)

@@ -1,7 +1,12 @@
 """Weight statistics, sparsity and weight-based pruning candidates.
 
-Statistics are taken on the model's raw weights (the bridge is booted without LayerNorm folding), through the
-bridge's stacked ``W_in`` [layer, d_model, d_mlp], ``W_gate`` (gated MLPs) and ``W_out`` [layer, d_mlp, d_model].
+Statistics are taken on the MLP weights in TransformerLens's conventions, ``W_in`` [layer, d_model, d_mlp],
+``W_gate`` (gated MLPs) and ``W_out`` [layer, d_mlp, d_model], read through the model kind's adapter
+(:mod:`neuronscope_tl.arch`). Every result says which weights it was taken on (``weights``): ``raw``, the
+checkpoint's own numbers (a bridge, which is booted without LayerNorm folding; a HookedTransformer loaded without
+processing), or ``processed`` (a HookedTransformer from ``from_pretrained``, whose ``W_in`` has the norm weights
+folded in and whose writing weights are centred). ``weights="raw"`` on a processed model is refused with a message
+saying how to load it instead.
 
 Neuron n of layer l owns column n of ``W_in`` (and ``W_gate``) and row n of ``W_out``. Its *weight score* is the
 mean |w| over all those weights; NeuronScope's bands apply to it (< 0.01 very low, 0.01-0.05 low, > 0.05 normal).
@@ -21,7 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .arch import mlp_input_bias, mlp_weights
+from .arch import check_weight_source, mlp_input_bias, mlp_weights
 from .arch import parameters as arch_parameters
 from .export import Result, report_document, write_set
 from .models import mlp_info, model_name
@@ -89,14 +94,18 @@ def matrix_stats(w: Tensor, near_zero: float, bins: int, upper: float) -> dict:
     }
 
 
-def neuron_weight_table(model) -> pd.DataFrame:
+def neuron_weight_table(model, weights: str = "auto") -> pd.DataFrame:
     """One row per MLP neuron: norms of its input side (W_in, W_gate) and output side (W_out), mean |w|, bias.
+
+    ``weights``: ``auto`` (the weights the model holds), ``raw`` or ``processed``; ValueError when the model holds
+    the other kind (see :func:`neuronscope_tl.arch.check_weight_source`).
 
     Columns: layer, neuron, label (``L{l}N{n}``), w_in_norm, w_gate_norm (NaN without a gate), w_out_norm,
     input_norm (sqrt of w_in_norm^2 + w_gate_norm^2), mean_abs_weight, bias (NaN when the MLP has no input bias),
     band.
     """
     info = mlp_info(model)
+    check_weight_source(model, weights)
     w = mlp_weights(model)
     w_in_norm = w["in"].norm(dim=1)  # [L, d_mlp]
     w_out_norm = w["out"].norm(dim=2)  # [L, d_mlp]
@@ -148,6 +157,8 @@ class WeightAnalysis(Result):
             quantiles of |w|, zero and near-zero fractions, and a histogram of |w| on shared bins.
         neurons: the per-neuron table of :func:`neuron_weight_table`.
         low_weight_neurons: the neurons whose mean |w| falls in the ``very_low`` or ``low`` band.
+        weights: ``raw`` (the checkpoint's own numbers) or ``processed`` (TransformerLens-processed weights of a
+            HookedTransformer: norms folded into W_in, writing weights centred).
     """
 
     model: str
@@ -160,6 +171,7 @@ class WeightAnalysis(Result):
     layers: List[dict]
     neurons: pd.DataFrame = field(repr=False)
     low_weight_neurons: pd.DataFrame = field(repr=False)
+    weights: str = "raw"
 
     def summary(self) -> dict:
         d = self.to_dict()
@@ -169,8 +181,15 @@ class WeightAnalysis(Result):
         return d
 
 
-def analyze_weights(model, near_zero_threshold: float = 0.01, bins: int = 50) -> WeightAnalysis:
-    """Sparsity over all parameters, and per-layer and per-neuron statistics of the MLP weights."""
+def analyze_weights(model, near_zero_threshold: float = 0.01, bins: int = 50, weights: str = "auto") -> WeightAnalysis:
+    """Sparsity over all parameters, and per-layer and per-neuron statistics of the MLP weights.
+
+    ``weights``: ``auto`` (the weights the model holds, named in the result's ``weights``), ``raw`` or
+    ``processed``: asking for raw statistics of a HookedTransformer holding processed weights is a ValueError saying
+    how to load it instead. A HookedTransformer's parameters are its own tensors: the zero biases TransformerLens's
+    conversion adds and an untied copy of a tied unembedding count in the sparsity.
+    """
+    source = check_weight_source(model, weights)
     threshold = as_finite_real(near_zero_threshold)
     if threshold is None or threshold <= 0:
         raise ValueError(f"near_zero_threshold must be a finite number > 0, got {show(near_zero_threshold)}.")
@@ -192,7 +211,7 @@ def analyze_weights(model, near_zero_threshold: float = 0.01, bins: int = 50) ->
         for key, mat in w.items():
             entry[names[key]] = matrix_stats(mat[layer], near_zero_threshold, bins, upper)
         layers.append(entry)
-    neurons = neuron_weight_table(model)
+    neurons = neuron_weight_table(model, source)
     low = neurons[neurons["band"] != "normal"].reset_index(drop=True)
     return WeightAnalysis(
         model=model_name(model),
@@ -205,6 +224,7 @@ def analyze_weights(model, near_zero_threshold: float = 0.01, bins: int = 50) ->
         layers=layers,
         neurons=neurons,
         low_weight_neurons=low,
+        weights=source,
     )
 
 

@@ -6,6 +6,7 @@ articles, then loaded through ``neuronscope_tl.load_model(dir)``, the same path 
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -308,3 +309,168 @@ def stat_tolerances(a, eta: float, threshold: float) -> dict:
         "mean": eta + slack, "mean_abs": eta + slack, "rms": eta + slack, "max": eta + slack,
         "var": 2 * eta * std + eta**2 + slack, "frac_active": near + 1e-12,
     }
+
+
+# ---------------------------------------------------------------------------------------------- model kinds
+# The mechanics tests run over every model kind the adapters support: bridges over tiny Llama and GPT-2 HF models
+# (saved and loaded as above), and TransformerLens 3.x HookedTransformers built here from a HookedTransformerConfig
+# (a gated RMS/rotary one like Llama, a LayerNorm/learned-position one like GPT-2). TransformerLens 4 removed
+# HookedTransformer, so the hooked cases carry the ``hooked`` marker and are skipped there, saying why; CI's
+# TransformerLens 3.9 environment runs them.
+
+try:  # TransformerLens 3.x only
+    from transformer_lens import HookedTransformer as _HookedTransformer  # noqa: F401
+
+    HAS_HOOKED = True
+except ImportError:
+    HAS_HOOKED = False
+
+HOOKED_SKIP_REASON = (
+    "HookedTransformer was removed in TransformerLens 4; these cases run in CI's TransformerLens 3.9 environment"
+)
+requires_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=HOOKED_SKIP_REASON)
+
+
+def hooked_param(kind: str):
+    return pytest.param(kind, marks=[pytest.mark.hooked, requires_hooked], id=kind)
+
+
+MODEL_KINDS = ("bridge-llama", "bridge-gpt2", "hooked-llama", "hooked-gpt2")
+MODEL_KIND_PARAMS = [k if k.startswith("bridge") else hooked_param(k) for k in MODEL_KINDS]
+
+
+def hooked_config(family: str, vocab_size: int, seed: int = 0):
+    """A tiny HookedTransformerConfig: ``llama`` (gated SiLU MLP, RMSNorm, rotary, grouped-query attention) or
+    ``gpt2`` (GELU MLP, LayerNorm, learned positions)."""
+    from transformer_lens import HookedTransformerConfig
+
+    common = dict(n_layers=3, d_model=32, d_head=8, n_heads=4, d_vocab=vocab_size, n_ctx=128, seed=seed,
+                  default_prepend_bos=True)
+    if family == "llama":
+        return HookedTransformerConfig(**common, d_mlp=48, act_fn="silu", normalization_type="RMS", gated_mlp=True,
+                                       positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
+                                       final_rms=True)
+    if family == "gpt2":
+        return HookedTransformerConfig(**common, d_mlp=64, act_fn="gelu_new", normalization_type="LN",
+                                       positional_embedding_type="standard")
+    raise ValueError(family)
+
+
+def saved_tokenizer(path):
+    """The tiny tokenizer saved to ``path`` and loaded back (TransformerLens 3.x re-loads a tokenizer from its
+    ``name_or_path``, so it must come from a directory)."""
+    from transformers import AutoTokenizer
+
+    build_tokenizer().save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_hooked(family: str, seed: int = 0, tokenizer_dir=None):
+    """A tiny random HookedTransformer with the tiny tokenizer. Its weights are scaled up (x3) and its biases drawn at
+    random so that ablations visibly change predictions and every bias path is exercised."""
+    import tempfile
+
+    from transformer_lens import HookedTransformer
+
+    tok = saved_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny-tok-"))
+    model = HookedTransformer(hooked_config(family, len(tok), seed), tok, move_to_device=False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+            elif name.split(".")[-1].startswith("b_"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def processed_copy(model):
+    """The same HookedTransformer with TransformerLens's from_pretrained processing applied to its weights (fold the
+    norms, centre the writing weights and the unembedding, fold value biases): a processed-weights model."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig.from_dict({**copy.deepcopy(model.cfg.to_dict()), "n_params": None})
+    out = HookedTransformer(cfg, model.tokenizer, move_to_device=False)
+    out.load_and_process_state_dict({k: v.clone() for k, v in model.state_dict().items()}, fold_ln=True,
+                                    center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+    return out.eval()
+
+
+class KindModel:
+    """A model of one kind and its plain reference: for a bridge, the HF model loaded from the same directory; for
+    a HookedTransformer, a deep copy of it. References are edited in their weights, never through hooks."""
+
+    def __init__(self, kind: str, tiny_dirs, hooked_models):
+        self.kind = kind
+        self.family = kind.split("-")[1]
+        if kind.startswith("bridge"):
+            self.path = tiny_dirs[self.family]
+            self.model = ns.load_model(self.path)
+        else:
+            self.path = None
+            self.model = copy.deepcopy(hooked_models[self.family])
+
+    @property
+    def hooked(self) -> bool:
+        return self.path is None
+
+    def reference(self):
+        return load_hf(self.path) if self.path else copy.deepcopy(self.model)
+
+    def logits(self, ref, tokens) -> torch.Tensor:
+        """[pos, vocab] logits of a reference for one token sequence."""
+        with torch.no_grad():
+            if self.hooked:
+                return ref(torch.as_tensor(tokens)[None])[0].detach().clone()
+            return hf_logits(ref, tokens)
+
+    def output_weights(self, ref, layer: int) -> torch.Tensor:
+        """[d_mlp, d_model] output weights, read by hand from the reference."""
+        if self.hooked:
+            return ref.blocks[layer].mlp.W_out.detach()
+        if hasattr(ref, "transformer"):
+            return ref.transformer.h[layer].mlp.c_proj.weight.detach()
+        return ref.model.layers[layer].mlp.down_proj.weight.detach().t()
+
+    def zero(self, ref, layer: int, neurons):
+        if not self.hooked:
+            return zero_output_weights(ref, layer, neurons)
+        with torch.no_grad():
+            ref.blocks[layer].mlp.W_out[list(neurons)] = 0.0
+        return ref
+
+    def fold_mean(self, ref, layer: int, neurons, means):
+        if not self.hooked:
+            return fold_mean_into_bias(ref, layer, neurons, means)
+        mlp = ref.blocks[layer].mlp
+        with torch.no_grad():
+            mlp.b_out += torch.as_tensor(means, dtype=torch.float32) @ mlp.W_out[list(neurons)]
+            mlp.W_out[list(neurons)] = 0.0
+        return ref
+
+    def forward_error(self, ref, token_lists) -> float:
+        """Measured fp32 rounding of a forward (see :func:`fp32_forward_error`)."""
+        if not self.hooked:
+            return fp32_forward_error(ref, token_lists)
+        double = copy.deepcopy(ref).double()
+        err = 0.0
+        with torch.no_grad():
+            for ids in token_lists:
+                ids = torch.as_tensor(ids)[None]
+                err = max(err, float((ref(ids).double() - double(ids)).abs().max()))
+        return err
+
+
+@pytest.fixture(scope="session")
+def hooked_models(tmp_path_factory):
+    """{family: tiny HookedTransformer}, built once (tests take deep copies); empty without HookedTransformer."""
+    if not HAS_HOOKED:
+        return {}
+    tok_dir = tmp_path_factory.mktemp("tiny-tokenizer")
+    return {f: build_hooked(f, tokenizer_dir=tok_dir) for f in ("llama", "gpt2")}
+
+
+@pytest.fixture(params=MODEL_KIND_PARAMS)
+def kind_model(request, tiny_dirs, hooked_models):
+    """A fresh model of each kind with its reference (see :class:`KindModel`)."""
+    return KindModel(request.param, tiny_dirs, hooked_models)

@@ -9,50 +9,12 @@ import neuronscope_tl as ns
 from neuronscope_tl.hooks import hook_count
 from neuronscope_tl.texts import batches, tokenize
 
-from conftest import (
-    FP32_EPS, fold_mean_into_bias, hf_logits, kl64, kl_tolerance, load_hf, logit_noise, mlp_inputs, nll64,
-    nll_tolerance, zero_output_weights,
-)
+from _reference import bridge_noise, impact_reference, impact_tolerances
+from conftest import FP32_EPS, fold_mean_into_bias, hf_logits, load_hf, logit_noise, mlp_inputs, zero_output_weights
 
 TEXTS = ["The council met on Tuesday to discuss the budget.", "Rain is expected across the coast tomorrow."]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def reference(model_dir, tokens, change):
-    """Float64 impact metrics of ``change(hf)`` (an edit of raw HF weights) pooled over the texts, with tolerances.
-
-    Returns (impact, loss_change, top1, clean_logits, pruned_logits): impact = mean over every position of every
-    text of KL(P_orig || P_pruned); loss_change = mean next-token NLL pruned minus original, pooled.
-    """
-    clean_hf = load_hf(model_dir)
-    pruned_hf = change(load_hf(model_dir))
-    clean = [hf_logits(clean_hf, t) for t in tokens]
-    pruned = [hf_logits(pruned_hf, t) for t in tokens]
-    impact = float(torch.cat([kl64(c, p) for c, p in zip(clean, pruned)]).mean())
-    loss = float(torch.cat([nll64(p, t) - nll64(c, t) for c, p, t in zip(clean, pruned, tokens)]).mean())
-    top1 = float(torch.cat([(c.argmax(-1) == p.argmax(-1)).double() for c, p in zip(clean, pruned)]).mean())
-    return impact, loss, top1, clean, pruned
-
-
-def tolerances(clean, pruned, tokens, eta, runs=1):
-    """Pooled bounds on |impact - impact64| and |loss_change - loss_change64| (see conftest.kl_tolerance)."""
-    kl_tol = float(torch.cat([kl_tolerance(c, p, eta, runs) for c, p in zip(clean, pruned)]).mean())
-    loss_tol = float(torch.cat([nll_tolerance(c, t, eta, runs) + nll_tolerance(p, t, eta, runs) for c, p, t in zip(clean, pruned, tokens)]).mean())
-    return kl_tol, loss_tol
-
-
-def bridge_noise(model, model_dir, tokens, batch_size):
-    """How far the bridge's clean logits, batched and right-padded as the analysis batches them, are from plain HF
-    on each text alone (the fp32 rounding both computations carry)."""
-    hf = load_hf(model_dir)
-    eta = 0.0
-    with torch.no_grad():
-        for batch in batches(model, tokens, batch_size):
-            logits = model(batch.tokens)
-            for row, (i, length) in enumerate(zip(batch.text_index, batch.lengths)):
-                eta = max(eta, logit_noise(logits[row, :length], hf_logits(hf, tokens[i])))
-    return eta
 
 
 def ties(clean, pruned, eta):
@@ -73,10 +35,10 @@ def test_individual_impacts_equal_zeroed_weights_in_float64(tiny_model, tiny_dir
     tokens = tokenize(tiny_model, TEXTS)
     n_positions = sum(len(t) for t in tokens)
     for (layer, neuron), row in zip(pairs, b.individual.itertuples()):
-        impact, loss, top1, clean, pruned = reference(model_dir, tokens, lambda hf: zero_output_weights(hf, layer, [neuron]))
+        impact, loss, top1, clean, pruned = impact_reference(model_dir, tokens, lambda hf: zero_output_weights(hf, layer, [neuron]))
         for batch_size, got in [(2, row), (1, ns.simulate_pruning(tiny_model, layer, [neuron], TEXTS, batch_size=1))]:
             eta = bridge_noise(tiny_model, model_dir, tokens, batch_size)
-            kl_tol, loss_tol = tolerances(clean, pruned, tokens, eta)
+            kl_tol, loss_tol = impact_tolerances(clean, pruned, tokens, eta)
             assert abs(got.impact_score - impact) <= kl_tol, (layer, neuron, batch_size, got.impact_score, impact, kl_tol)
             assert abs(got.loss_change - loss) <= loss_tol, (layer, neuron, batch_size, got.loss_change, loss, loss_tol)
             assert abs(got.top1_agreement - top1) <= ties(clean, pruned, eta) / n_positions
@@ -101,8 +63,8 @@ def test_every_cumulative_step_equals_zeroed_weights(tiny_model, tiny_dirs, tiny
                 zero_output_weights(hf, layer, [neuron])
             return hf
 
-        impact, loss, _, clean, pruned = reference(model_dir, tokens, prune_first_k)
-        kl_tol, loss_tol = tolerances(clean, pruned, tokens, eta)
+        impact, loss, _, clean, pruned = impact_reference(model_dir, tokens, prune_first_k)
+        kl_tol, loss_tol = impact_tolerances(clean, pruned, tokens, eta)
         assert abs(row.impact_score - impact) <= kl_tol, (k, row.impact_score, impact, kl_tol)
         assert abs(row.loss_change - loss) <= loss_tol, (k, row.loss_change, loss, loss_tol)
         assert (row.layer, row.neuron) == pairs[k - 1]
@@ -150,11 +112,11 @@ def test_mean_ablation_equals_bias_folded_weights(tiny_model, tiny_dirs, tiny_ki
     torch.testing.assert_close(values.double(), means64, rtol=0, atol=64 * FP32_EPS * float(means64.abs().max() + 1))
     r = ns.simulate_pruning(tiny_model, layer, neurons, TEXTS, ablation="mean", calib_texts=calib)
     tokens = tokenize(tiny_model, TEXTS)
-    impact, loss, _, clean, pruned = reference(model_dir, tokens, lambda hf: fold_mean_into_bias(hf, layer, neurons, means64.float()))
+    impact, loss, _, clean, pruned = impact_reference(model_dir, tokens, lambda hf: fold_mean_into_bias(hf, layer, neurons, means64.float()))
     eta = bridge_noise(tiny_model, model_dir, tokens, 1)
-    kl_tol, loss_tol = tolerances(clean, pruned, tokens, eta)
+    kl_tol, loss_tol = impact_tolerances(clean, pruned, tokens, eta)
     assert abs(r.impact_score - impact) <= kl_tol and abs(r.loss_change - loss) <= loss_tol
-    zero_impact = reference(model_dir, tokens, lambda hf: zero_output_weights(hf, layer, neurons))[0]
+    zero_impact = impact_reference(model_dir, tokens, lambda hf: zero_output_weights(hf, layer, neurons))[0]
     assert abs(zero_impact - impact) > 10 * kl_tol  # mean and zero ablation are told apart
     assert r.ablation == "mean" and hook_count(tiny_model) == 0
 
@@ -201,9 +163,9 @@ def test_batching_does_not_change_results(tiny_model, tiny_dirs, tiny_kind):
     a = ns.simulate_pruning(tiny_model, 0, [1, 2], texts, batch_size=1)
     b = ns.simulate_pruning(tiny_model, 0, [1, 2], texts, batch_size=3)
     tokens = tokenize(tiny_model, texts)
-    _, _, _, clean, pruned = reference(tiny_dirs[tiny_kind], tokens, lambda hf: zero_output_weights(hf, 0, [1, 2]))
+    _, _, _, clean, pruned = impact_reference(tiny_dirs[tiny_kind], tokens, lambda hf: zero_output_weights(hf, 0, [1, 2]))
     eta = max(bridge_noise(tiny_model, tiny_dirs[tiny_kind], tokens, 1), bridge_noise(tiny_model, tiny_dirs[tiny_kind], tokens, 3))
-    kl_tol, loss_tol = tolerances(clean, pruned, tokens, eta, runs=2)
+    kl_tol, loss_tol = impact_tolerances(clean, pruned, tokens, eta, runs=2)
     assert abs(a.impact_score - b.impact_score) <= kl_tol
     assert abs(a.loss_change - b.loss_change) <= loss_tol
     assert a.n_tokens == b.n_tokens == sum(len(t) for t in tokens)

@@ -209,9 +209,10 @@ class GramAccumulator:
 
 def activation_grams(model, texts: Sequence[str], layers: Sequence[int], max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS) -> Dict[int, Tensor]:
     """Per layer, the Gram matrix ``E[ã ã^T]`` [d_mlp + 1, d_mlp + 1] of the MLP activations augmented with a
-    constant 1 (its last row holds the mean activations), over the first ``max_tokens`` tokens of ``texts``."""
+    constant 1 (its last row holds the mean activations), over the first ``max_tokens`` tokens of ``texts`` (texts
+    longer than the model's context are cut into context-sized pieces)."""
     acc = GramAccumulator(check_layers(model, layers), mlp_info(model).d_mlp)
-    engine.run(model, tokenize(model, texts, max_tokens=max_tokens), [acc], by_length=False, desc="grams")
+    engine.run(model, calibration_tokens(model, texts, max_tokens), [acc], by_length=False, desc="grams")
     return acc.grams()
 
 

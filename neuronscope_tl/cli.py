@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import activations, candidates, curves, evaluation, impact, metrics, models, plots, scores, scoring, selection, surgery, texts, weights
+from . import activations, candidates, pipelines, curves, evaluation, impact, metrics, models, plots, scores, scoring, selection, surgery, texts, weights
 from .app.state import AppSettings
 from .export import report_document, write_csv, write_json
 
@@ -79,7 +79,8 @@ def _shown(value) -> str:
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--flag`` per field of the config dataclass ``cls`` (nested dataclass fields contribute their own
     fields), with the type, default and help text the dataclass declares. ``metadata`` may give ``required`` or
-    ``choices`` (a list, or a function returning one; shown in the help); booleans that default to False are switches, those that default to True get ``--no-...``."""
+    ``choices`` (a list, or a function returning one; shown in the help) or ``repeat`` (the flag may be given
+    several times); booleans that default to False are switches, those that default to True get ``--no-...``."""
     hints = typing.get_type_hints(cls)
     docs = arg_docs(cls)
     for f in dataclasses.fields(cls):
@@ -105,6 +106,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
             choices = f.metadata["choices"]
             choices = choices() if callable(choices) else choices  # a callable: read when the parser is built
             shown = f"one of {', '.join(choices)}; {shown}"
+        if f.metadata.get("repeat"):  # NAME=FILE given once per set
+            parser.add_argument(flag, dest=f.name, action="append", default=[], help=f"{text} (repeatable; {shown})")
+            continue
         parser.add_argument(flag, dest=f.name, type=convert, default=None if required else default, required=required,
                             help=f"{text} ({shown})")
 
@@ -376,8 +380,12 @@ class CurveConfig:
         sparsities: comma-separated fractions of MLP neurons in [0, 1).
         scope: per_layer (the same fraction of every layer) or global (one ranking over all layers).
         ablations: comma-separated: zero and/or mean.
-        every: score every n-th 512-token window of the evaluation split (3: about 8k tokens).
-        calib_tokens: calibration tokens of the Lee calibration split.
+        every: with --no-domains, score every n-th 512-token window of the Lee evaluation split (3: about 8k tokens).
+        calib_texts: a text file (one text per line) to calibrate on; omit for the default mix of news, forum and docs.
+        calib_tokens: calibration tokens.
+        eval_texts: NAME=FILE, an extra evaluation set measured beside the default domains.
+        domains: measure every default evaluation domain separately (12 windows of 512 tokens each); --no-domains
+            measures the Lee evaluation split only (and the NAME=FILE sets, if any).
         precision: auto (bf16 when within 0.5% of fp32 on the dense model), fp32 or bf16.
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
     """
@@ -389,11 +397,16 @@ class CurveConfig:
     scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
     ablations: List[str] = field(default_factory=lambda: ["zero", "mean"])
     every: int = evaluation.DEFAULT_EVERY
+    calib_texts: Optional[str] = None
     calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
+    eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
+    domains: bool = True
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
     trust_remote_code: bool = False
 
     def __post_init__(self):
+        _, calibration_domains = pipelines.calibration_texts_for(self.calib_texts)  # bad files fail before any work
+        pipelines.evaluation_sets_for(self.eval_texts, calibration_domains, defaults=self.domains)
         for m in self.methods:
             scores.check_method(m)
         for s in self.sparsities:
@@ -410,21 +423,30 @@ class CurveConfig:
 def run_curve(cfg: CurveConfig, log=print) -> dict:
     """Measure the curve and write curve.csv, curve_runs.csv, protocol.json and curve.png into ``cfg.out``."""
 
+    log(f"loading {cfg.model or models.DEFAULT_MODEL_NAME}")
     model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    calib, calibration_domains = pipelines.calibration_texts_for(cfg.calib_texts)
+    sets = pipelines.evaluation_sets_for(cfg.eval_texts, calibration_domains, defaults=cfg.domains)
+    log(f"calibrating on {cfg.calib_tokens} tokens")
     res = curves.prune_curve(
-        model, cfg.methods, cfg.sparsities, cfg.scope, cfg.ablations, every=cfg.every, calib_tokens=cfg.calib_tokens,
-        precision=cfg.precision, progress=True,
+        model, cfg.methods, cfg.sparsities, cfg.scope, cfg.ablations, calib_texts=calib, every=cfg.every,
+        calib_tokens=cfg.calib_tokens, precision=cfg.precision, progress=True, domains=sets or None,
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [write_csv(out / "curve.csv", res.table), write_csv(out / "curve_runs.csv", res.runs)]
+    if res.domains is not None:
+        files.append(write_csv(out / "curve_domains.csv", res.domains))
     doc = {"protocol": res.protocol, "dense_perplexity": res.dense_perplexity, "dense_fp32": res.dense_fp32,
            "dense_bf16": res.dense_bf16, "recommended": res.recommended, "timings": res.timings, "config": asdict(cfg)}
     files.append(write_json(out / "protocol.json", doc))
     files.append(plots.plot_curve(res, out / "curve.png"))
     for row in res.table.itertuples():
         spread = f" (seeds {row.perplexity_min:.1f}-{row.perplexity_max:.1f})" if row.n_seeds > 1 else ""
-        log(f"{row.method:12s} {row.ablation:5s} {row.sparsity:.2f}: ppl {row.perplexity:10.2f}  x{row.ratio:.2f}{spread}")
+        where = "".join(f", x{value:.2f} {label}" for value, label in (
+            (getattr(row, "ratio_in_domain", None), "in-domain"), (getattr(row, "ratio_out_of_domain", None), "out-of-domain"))
+            if value is not None and value == value)
+        log(f"{row.method:12s} {row.ablation:5s} {row.sparsity:.2f}: ppl {row.perplexity:10.2f}  x{row.ratio:.2f}{spread}{where}")
     log(f"dense {res.dense_perplexity:.2f}; recommended {res.recommended}; wrote {len(files)} files to {out}")
     return {"files": [str(f) for f in files], "recommended": res.recommended, "dense_perplexity": res.dense_perplexity}
 
@@ -436,13 +458,15 @@ class PruneConfig:
     Args:
         sparsity: fraction of MLP neurons to remove, in [0, 1).
         out: a new or empty output directory (or any directory with --overwrite).
-        model: HF model id or local directory; None for the embedded default.
-        method: ranking method; none means the recommended method.
+        model: HF model id or local directory; omit for the embedded default.
+        method: ranking method; omit for the recommended method (chosen on out-of-domain text).
         scope: per_layer (one smaller intermediate size) or global (masked checkpoint, same shapes).
-        ablation: zero, or mean (mean activation folded into an output bias); none means the recommendation's.
+        ablation: zero, or mean (mean activation folded into an output bias); omit for the recommendation's.
         overwrite: replace a non-empty output directory.
+        calib_texts: a text file (one text per line) to calibrate on; omit for the default mix of news, forum and docs.
         calib_tokens: calibration tokens (scores, means and the least-squares refit).
-        evaluate: also measure dense and pruned perplexity on the default protocol (bf16, every third window).
+        eval_texts: NAME=FILE, an extra evaluation set measured beside the default domains.
+        evaluate: measure dense and pruned perplexity on every evaluation set before saving (bf16 autocast).
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
     """
 
@@ -453,7 +477,9 @@ class PruneConfig:
     scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
     ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"]})
     overwrite: bool = False
+    calib_texts: Optional[str] = None
     calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
+    eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
     evaluate: bool = True
     trust_remote_code: bool = False
 
@@ -467,34 +493,40 @@ class PruneConfig:
         selection.check_scope(self.scope)
         impact.check_ablation(self.ablation)
         surgery.check_out_dir(self.out, self.overwrite)
+        _, domains = pipelines.calibration_texts_for(self.calib_texts)  # unreadable or empty files fail here
+        pipelines.evaluation_sets_for(self.eval_texts, domains)
+
+
+def log_domains(evaluation: dict, log) -> None:
+    """One line per evaluation set (dense, pruned, ratio), then the geometric means."""
+    for s in evaluation["sets"]:
+        name = s["name"]
+        where = "in-domain" if s.get("in_domain") else "out-of-domain"
+        log(f"  {name:10s} {where:14s} ppl {evaluation['dense'][name]:8.2f} -> {evaluation['pruned'][name]:8.2f}  "
+            f"x{evaluation['ratios'][name]:.3f}  ({s['n_tokens']} tokens, {s['source']})")
+    for key in ("in_domain", "out_of_domain", "all"):
+        if evaluation[key] is not None:
+            log(f"  geometric mean {key.replace('_', '-'):14s} x{evaluation[key]:.3f}")
 
 
 def run_prune(cfg: PruneConfig, log=print) -> dict:
-    """Select, prune, save the smaller model and write ``pruning_report.json`` beside its files."""
-
+    """Calibrate, select, measure every evaluation set, prune and save; ``pruning_report.json`` goes beside the model."""
+    log(f"loading {cfg.model or models.DEFAULT_MODEL_NAME}")
     model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    cal = selection.calibrate(model, calib_tokens=cfg.calib_tokens, with_grams=scores.needs_grams([cfg.method]))
-    spec = selection.build_spec(model, cal, cfg.method, cfg.sparsity, cfg.scope, cfg.ablation)
-    if spec is None:
-        raise ValueError(f"sparsity {cfg.sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")
-    report = {"method": cfg.method, "ablation": cfg.ablation, "scope": cfg.scope, "sparsity": cfg.sparsity}
-    if cfg.evaluate:
-        wins = evaluation.eval_windows(model, None, evaluation.DEFAULT_WINDOW, evaluation.DEFAULT_EVERY)
-        dense = metrics.perplexity(*evaluation.window_nll(model, wins, bf16=True))
-        pruned = metrics.perplexity(*evaluation.window_nll(model, wins, surgery.simulation_hooks(spec), bf16=True))
-        report.update({"dense_perplexity": dense, "pruned_perplexity": pruned, "ratio": pruned / dense,
-                       "protocol": evaluation.protocol_record(model, wins, 0, "bf16-autocast", cal.record)})
-    result = surgery.prune_model(model, None, cfg.ablation, out=cfg.out, overwrite=cfg.overwrite, spec=spec)
-    report["model"] = result.to_dict()
-    write_json(Path(cfg.out) / "pruning_report.json", report)
+    calib, domains = pipelines.calibration_texts_for(cfg.calib_texts)
+    sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains) if cfg.evaluate else None
+    report = pipelines.prune_and_save(
+        model, cfg.sparsity, cfg.out, cfg.method, cfg.scope, cfg.ablation, calib, domains, cfg.calib_tokens, sets,
+        cfg.overwrite, log=log,
+    )
+    result = report.model
     if result.masked:
         log("widths differ per layer: wrote a MASKED checkpoint of the original shapes (pruned weights set to zero); it is not smaller.")
-    log(f"pruned {result.n_pruned} neurons ({cfg.method}, {cfg.ablation}, {cfg.scope}); d_mlp {result.d_mlp_before} -> {result.d_mlp_after}; "
-        f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; file {result.file_bytes_before/1e6:.1f} -> {result.file_bytes_after/1e6:.1f} MB; "
-        f"latency {result.latency_s_before*1e3:.0f} -> {result.latency_s_after*1e3:.0f} ms / {result.latency_tokens} tokens")
-    if cfg.evaluate:
-        log(f"perplexity {report['dense_perplexity']:.2f} -> {report['pruned_perplexity']:.2f} (x{report['ratio']:.3f})")
-    return report
+    log(f"pruned {result.n_pruned} neurons ({report.method}, {report.ablation}, {report.scope}); d_mlp {result.d_mlp_before} -> {result.d_mlp_after}; "
+        f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; file {result.file_bytes_before/1e6:.1f} -> {result.file_bytes_after/1e6:.1f} MB")
+    if report.evaluation is not None:
+        log_domains(report.evaluation, log)
+    return report.to_dict()
 
 
 COMMANDS = {

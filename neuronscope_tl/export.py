@@ -127,7 +127,7 @@ def _write_temp(path: Path, write: Callable[[io.TextIOBase], None]) -> str:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
     except BaseException:
         _remove(tmp)
         raise
@@ -153,7 +153,7 @@ def atomic_write(path: Union[str, Path], write: Callable[[io.TextIOBase], None])
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

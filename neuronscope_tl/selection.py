@@ -31,9 +31,9 @@ from .activations import DEFAULT_CALIB_TOKENS, activation_grams
 from .evaluation import check_seed, texts_record
 from .impact import check_ablation
 from .models import mlp_info
-from .scoring import score_neurons
+from .scoring import accumulate_scores
 from .surgery import Neurons, PruneSpec, make_spec
-from .texts import as_finite_real, check_max_tokens, show
+from .texts import as_finite_real, calibration_tokens, check_max_tokens, show
 from .weights import neuron_weight_table
 
 SCOPES = ("per_layer", "global")
@@ -95,7 +95,8 @@ class Calibration:
 
 def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
               with_grams: bool = True, scores: Optional[pd.DataFrame] = None) -> Calibration:
-    """One scoring pass (:func:`score_neurons`) and, when ``with_grams``, one Gram pass over the calibration tokens.
+    """One scoring pass (:func:`~neuronscope_tl.scoring.accumulate_scores`) and, when ``with_grams``, one Gram pass
+    over the calibration tokens (texts longer than the model's context are cut into context-sized pieces).
 
     ``scores`` reuses a score table already computed on the same texts.
     """
@@ -104,7 +105,7 @@ def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: 
     record["max_tokens"] = calib_tokens
     info = mlp_info(model)
     if scores is None:
-        scores = score_neurons(model, texts, max_tokens=calib_tokens)
+        scores = accumulate_scores(model, calibration_tokens(model, texts, calib_tokens)).table(model)
     scores = scores.sort_values(["layer", "neuron"]).reset_index(drop=True)
     mag = torch.tensor(neuron_weight_table(model)["mean_abs_weight"].to_numpy()).reshape(info.n_layers, info.d_mlp)
     mean = torch.tensor(scores["mean"].to_numpy(), dtype=torch.float32).reshape(info.n_layers, info.d_mlp)

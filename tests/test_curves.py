@@ -318,25 +318,35 @@ def long_ctx_dir(tmp_path_factory):
 
 
 def test_curve_command_writes_the_measured_table(long_ctx_dir, tmp_path):
-    """``neuronscope-tl curve``: curve.csv and curve_runs.csv hold the numbers prune_curve measures with the same
-    settings (read back and compared), protocol.json its protocol and recommendation, curve.png a PNG."""
-    from neuronscope_tl import cli
+    """``neuronscope-tl curve``: curve.csv, curve_runs.csv and curve_domains.csv hold the numbers prune_curve
+    measures with the same settings (read back and compared), protocol.json its protocol and recommendation,
+    curve.png a PNG. Calibration: the default mix; evaluation: the user's NAME=FILE set."""
+    from neuronscope_tl import cli, pipelines
+    from neuronscope_tl.domains import user_set
 
     out = tmp_path / "curve"
+    mine = tmp_path / "mine.txt"
+    mine.write_text("\n".join(ns.lee_articles()[250:252]))
     argv = ["curve", "--model", long_ctx_dir, "--out", str(out), "--methods", "wanda,random", "--sparsities", "0.1,0.3",
-            "--ablations", "zero", "--every", "40", "--calib-tokens", "300", "--precision", "fp32"]
+            "--ablations", "zero", "--calib-tokens", "300", "--precision", "fp32", "--no-domains", "--eval-texts", f"mine={mine}"]
     assert cli.main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "curve.png", "curve_runs.csv", "protocol.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "curve.png", "curve_domains.csv", "curve_runs.csv", "protocol.json"]
     model = ns.load_model(long_ctx_dir)
-    expected = curves.prune_curve(model, ["wanda", "random"], [0.1, 0.3], ablation="zero", every=40, calib_tokens=300, precision="fp32")
+    calib, _ = pipelines.calibration_texts_for(None)
+    sets = [user_set(f"mine={mine}")]
+    sets[0].in_domain = False
+    expected = curves.prune_curve(model, ["wanda", "random"], [0.1, 0.3], ablation="zero", calib_texts=calib, calib_tokens=300,
+                                  precision="fp32", domains=sets)
     table, runs = pd.read_csv(out / "curve.csv"), pd.read_csv(out / "curve_runs.csv")
     assert list(table.columns) == list(expected.table.columns) and list(runs.columns) == list(expected.runs.columns)
     assert len(table) == 4 and len(runs) == 2 + 2 * 3
     # same computation, same machine: the CSV holds the measured numbers exactly (floats round-trip through CSV)
     pd.testing.assert_frame_equal(table, expected.table, check_exact=True, check_dtype=False)
     pd.testing.assert_frame_equal(runs, expected.runs, check_exact=True, check_dtype=False)
+    domains_csv = pd.read_csv(out / "curve_domains.csv")
+    pd.testing.assert_frame_equal(domains_csv, expected.domains, check_exact=True, check_dtype=False)
     doc = json.loads((out / "protocol.json").read_text())
-    assert doc["recommended"] == expected.recommended == {"method": "wanda", "ablation": "zero", "chosen_on": "evaluation_set"}
+    assert doc["recommended"] == expected.recommended == {"method": "wanda", "ablation": "zero", "chosen_on": "out_of_domain"}
     assert doc["dense_perplexity"] == expected.dense_perplexity
     assert doc["protocol"]["weights_sha256"] == expected.protocol["weights_sha256"]
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

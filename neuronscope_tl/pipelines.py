@@ -1,0 +1,136 @@
+"""Pipelines the front ends share: the CLI, the web app and the benchmarks call these, never their own copies.
+
+* :func:`calibration_texts_for` / :func:`evaluation_sets_for`: resolve the calibration texts and the named
+  evaluation sets from user choices (a text file, ``NAME=FILE`` sets) or the defaults of
+  :mod:`neuronscope_tl.domains`, refusing bad input before any model work.
+* :func:`prune_and_save`: select, measure per domain (hook simulation), physically prune and save, returning a
+  :class:`PruneReport`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+from . import curves
+from . import scores as registry
+from .activations import DEFAULT_CALIB_TOKENS
+from .domains import (
+    DEFAULT_CALIBRATION_DOMAINS, TextSet, check_unique, default_evaluation_sets, mixed_calibration_texts, user_set,
+)
+from .evaluation import DEFAULT_DOMAIN_WINDOWS, DEFAULT_WINDOW, domain_perplexities, domain_summary, domain_windows
+from .export import Result, write_json
+from .impact import check_ablation
+from .selection import build_spec, calibrate, check_scope, check_sparsity
+from .surgery import PrunedModel, check_out_dir, save_pruned, simulation_hooks
+from .texts import check_max_tokens, read_text_file, tokenize
+
+
+def calibration_texts_for(calib_file: Optional[str] = None) -> Tuple[List[str], Sequence[str]]:
+    """(calibration texts, names of the domains they come from): the user's file, or the default mix."""
+    if calib_file is None:
+        return mixed_calibration_texts(DEFAULT_CALIBRATION_DOMAINS), DEFAULT_CALIBRATION_DOMAINS
+    try:
+        return read_text_file(calib_file), ()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read calibration text file {calib_file}: {exc}.") from None
+
+
+def evaluation_sets_for(eval_specs: Sequence[str] = (), calibration_domains: Sequence[str] = DEFAULT_CALIBRATION_DOMAINS,
+                        defaults: bool = True) -> List[TextSet]:
+    """The default evaluation sets (held-out part of each calibration domain, all of the others) and the user's
+    ``NAME=FILE`` sets (out-of-domain), with unique names."""
+    sets = default_evaluation_sets() if defaults else []
+    for s in sets:
+        s.in_domain = s.name in calibration_domains
+    users = [user_set(spec, "user") for spec in eval_specs]
+    for s in users:
+        s.in_domain = False
+    return check_unique(sets + users)
+
+
+def check_calibration_size(model, texts: Sequence[str], calib_tokens: int) -> int:
+    """The number of calibration tokens the texts hold; a ValueError when fewer than ``calib_tokens``."""
+    have = sum(int(t.numel()) for t in tokenize(model, texts, max_tokens=calib_tokens))
+    if have < calib_tokens:
+        raise ValueError(f"the calibration texts hold {have} tokens, fewer than the {calib_tokens} asked for; "
+                         f"give more text or ask for at most {have} calibration tokens.")
+    return have
+
+
+@dataclass
+class PruneReport(Result):
+    """What ``prune`` did and what it costs, per evaluation domain.
+
+    Attributes:
+        method / ablation / scope / sparsity: the pruning, and ``method_source``: ``given`` or ``recommended``.
+        calibration: the calibration texts (name, count, hash, tokens).
+        evaluation: per set: dense and pruned perplexity (hook simulation, bf16 autocast) and their ratio; the
+            in-domain, out-of-domain and overall geometric means; every set's source, licence, tokens and hash.
+        model: the :class:`~neuronscope_tl.surgery.PrunedModel` written.
+    """
+
+    method: str
+    method_source: str
+    ablation: str
+    scope: str
+    sparsity: float
+    calibration: dict
+    evaluation: Optional[dict]
+    model: PrunedModel = field(repr=False)
+
+
+def prune_and_save(
+    model,
+    sparsity: float,
+    out: Union[str, Path],
+    method: Optional[str] = None,
+    scope: str = "per_layer",
+    ablation: Optional[str] = None,
+    calib_texts: Optional[Sequence[str]] = None,
+    calibration_domains: Sequence[str] = DEFAULT_CALIBRATION_DOMAINS,
+    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    eval_sets: Optional[Sequence[TextSet]] = None,
+    overwrite: bool = False,
+    measure_latency: bool = True,
+    window: int = DEFAULT_WINDOW,
+    log: Callable[[str], None] = lambda _: None,
+) -> PruneReport:
+    """Calibrate, select, measure every evaluation set dense and pruned, then write the smaller model to ``out``
+    with ``pruning_report.json`` beside it.
+
+    ``method=None`` takes the recommended method and ablation (chosen on out-of-domain text). ``calib_texts=None``
+    calibrates on the default mix of ``calibration_domains``. ``eval_sets=None`` skips the perplexity check.
+    """
+    method_source = "given" if method is not None else "recommended"
+    if method is None:
+        method, ablation = curves.RECOMMENDED_METHOD, ablation or curves.RECOMMENDED_ABLATION
+    registry.check_method(method)
+    ablation = check_ablation(ablation or "zero")
+    sparsity, scope = check_sparsity(sparsity), check_scope(scope)
+    calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
+    check_out_dir(out, overwrite)
+    if calib_texts is None:
+        calib_texts = mixed_calibration_texts(calibration_domains)
+    check_calibration_size(model, calib_texts, calib_tokens)
+    sets = domain_windows(model, eval_sets, min(window, int(model.cfg.n_ctx)), DEFAULT_DOMAIN_WINDOWS) if eval_sets else None
+
+    log(f"calibrating on {calib_tokens} tokens ({method}, {ablation})")
+    cal = calibrate(model, calib_texts, calib_tokens, with_grams=registry.get(method).needs_grams)
+    spec = build_spec(model, cal, method, sparsity, scope, ablation)
+    if spec is None:
+        raise ValueError(f"sparsity {sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")
+    evaluation = None
+    if sets is not None:
+        log(f"measuring {len(sets)} evaluation sets, dense and pruned")
+        dense = domain_perplexities(model, sets, bf16=True)
+        pruned = domain_perplexities(model, sets, simulation_hooks(spec), bf16=True)
+        evaluation = {"dense": dense, "pruned": pruned, **domain_summary(pruned, dense, sets),
+                      "sets": [{**d.wins.texts, "in_domain": d.in_domain} for d in sets], "precision": "bf16-autocast"}
+    log(f"writing the pruned model to {out}")
+    result = save_pruned(model, spec, out, overwrite=overwrite, measure_latency=measure_latency)
+    report = PruneReport(method=method, method_source=method_source, ablation=ablation, scope=scope, sparsity=sparsity,
+                         calibration=cal.record, evaluation=evaluation, model=result)
+    write_json(Path(out) / "pruning_report.json", report.to_dict())
+    return report

@@ -32,7 +32,8 @@ def test_analyze_on_tiny_model_writes_report(tiny_dirs, tmp_path):
     assert len(report["impacts"]) == 3 == len(impacts)
     # the report's numbers are the exported analyses' numbers
     assert [i["impact_score"] for i in report["impacts"]] == [d["result"]["impact_score"] for d in impacts]
-    assert [i["impact_score"] for i in batch["result"]["individual"]] == pytest.approx([d["result"]["impact_score"] for d in impacts], rel=1e-5)
+    # the same texts, batch size and plan: the same fp32 forwards in the same order, so the same numbers
+    assert [i["impact_score"] for i in batch["result"]["individual"]] == [d["result"]["impact_score"] for d in impacts]
     assert batch["texts"]["n_texts"] == 3
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 from _app_live import LiveServer
-from conftest import probe_logits
+from conftest import FP32_EPS, fp32_forward_error, probe_logits
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
@@ -49,8 +49,9 @@ def test_gradio_impact_shows_library_score_and_token_kl(gclient, model):
     (detail,) = expected.token_kl
     assert [item["token"] for item in shaded] == detail["tokens"]
     top = max(detail["kl"])
-    assert [item["class_or_confidence"] for item in shaded] == pytest.approx([k / top for k in detail["kl"]])
-    assert [row[2] for row in tokens["data"]] == pytest.approx(detail["kl"])
+    # the UI shows the library's numbers: the same floats through JSON (which round-trips them exactly)
+    assert [item["class_or_confidence"] for item in shaded] == [k / top for k in detail["kl"]]
+    assert [row[2] for row in tokens["data"]] == detail["kl"]
 
 
 def test_gradio_errors_carry_the_library_message(gclient, model):
@@ -83,7 +84,7 @@ def test_gradio_weights_candidates_importance_batch_export(gclient, model):
     table = {"headers": ["layer_index", "neuron_index"], "data": [[0, 1], [2, 3]]}
     note, individual, _curve, rec = gclient.predict(table, "\n".join(ns.EXAMPLE_TEXTS[:2]), 1, "zero", api_name="/batch")
     batch = impact.batch_analysis(model, [(0, 1), (2, 3)], ns.EXAMPLE_TEXTS[:2], progress=False)
-    assert [row[1] for row in individual["data"]] == pytest.approx(batch.individual["impact_score"].tolist())
+    assert [row[1] for row in individual["data"]] == batch.individual["impact_score"].tolist()  # same call, same floats
     assert rec["max_safe_prefix"] == batch.recommendations["max_safe_prefix"]
     doc = json.loads(open(gclient.predict("impact", api_name="/export")).read())
     assert doc["kind"] == "batch_analysis"
@@ -95,7 +96,7 @@ def test_gradio_top_contexts_equal_scoring_pass(gclient, model):
     note, table = gclient.predict(1, 5, "\n".join(ns.EXAMPLE_TEXTS), api_name="/contexts")
     expected = scoring.top_contexts(scoring.score_pass(model, ns.EXAMPLE_TEXTS), 1, 5)
     assert "L1N5" in note and len(table["data"]) == len(expected) > 0
-    assert [row[0] for row in table["data"]] == pytest.approx(expected["activation"].tolist())
+    assert [row[0] for row in table["data"]] == expected["activation"].tolist()  # same pass, same floats
     assert [row[3] for row in table["data"]] == (expected["left"] + "[" + expected["token"] + "]" + expected["right"]).tolist()
     with pytest.raises(AppError, match="out of range"):
         gclient.predict(1, 10_000, "some text", api_name="/contexts")
@@ -128,7 +129,7 @@ def _check_curve_and_prune(gclient, model, tmp_path):
     expected = curves.prune_curve(model, ["wanda", "random"], [0.25], "per_layer", "mean", calibration=cal)
     got = dict(zip([r[0] for r in table["data"]], [r[table["headers"].index("perplexity")] for r in table["data"]]))
     for row in expected.table.itertuples():
-        assert got[row.method] == pytest.approx(row.perplexity, rel=1e-6)
+        assert got[row.method] == row.perplexity  # the same calibration and windows: the same computation
     assert f"{expected.dense_perplexity:.2f}" in note and open(png, "rb").read(4) == b"\x89PNG"
 
     archive = gclient.predict("wanda", 0.25, "per_layer", "mean", 256, api_name="/prune")
@@ -142,7 +143,10 @@ def _check_curve_and_prune(gclient, model, tmp_path):
 
     with torch.no_grad(), attached_hooks(model, surgery.simulation_hooks(spec)):
         simulated = model(toks)
-    torch.testing.assert_close(pruned(toks).logits, simulated, atol=1e-4, rtol=0)
+    # two fp32 routes (a smaller model; hooks on the dense bridge): each within the forward's measured fp32 error
+    # (floored at 4 ulps of the largest logit), twice that, doubled as a margin
+    atol = 4 * max(fp32_forward_error(pruned, [toks[0]]), 4 * FP32_EPS * float(simulated.abs().max()))
+    torch.testing.assert_close(pruned(toks).logits, simulated, atol=atol, rtol=0)
     with pytest.raises(AppError, match=r"\[0, 1\)"):
         gclient.predict(["wanda"], "1.5", "per_layer", "zero", 256, api_name="/curve")
 

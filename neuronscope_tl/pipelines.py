@@ -22,7 +22,7 @@ from .domains import (
 from .evaluation import DEFAULT_DOMAIN_WINDOWS, DEFAULT_WINDOW, domain_perplexities, domain_summary, domain_windows
 from .export import Result, write_json
 from .impact import check_ablation
-from .selection import build_spec, calibrate, check_scope, check_sparsity
+from .selection import Calibration, build_spec, calibrate, check_scope, check_sparsity
 from .surgery import PrunedModel, check_out_dir, save_pruned, simulation_hooks
 from .texts import check_max_tokens, read_text_file, tokenize
 
@@ -95,13 +95,15 @@ def prune_and_save(
     overwrite: bool = False,
     measure_latency: bool = True,
     window: int = DEFAULT_WINDOW,
+    calibration: Optional[Calibration] = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> PruneReport:
     """Calibrate, select, measure every evaluation set dense and pruned, then write the smaller model to ``out``
     with ``pruning_report.json`` beside it.
 
     ``method=None`` takes the recommended method and ablation (chosen on out-of-domain text). ``calib_texts=None``
-    calibrates on the default mix of ``calibration_domains``. ``eval_sets=None`` skips the perplexity check.
+    calibrates on the default mix of ``calibration_domains``; ``calibration`` reuses a calibration already computed
+    (then ``calib_texts`` and ``calib_tokens`` are not used). ``eval_sets=None`` skips the perplexity check.
     """
     method_source = "given" if method is not None else "recommended"
     if method is None:
@@ -111,13 +113,15 @@ def prune_and_save(
     sparsity, scope = check_sparsity(sparsity), check_scope(scope)
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     check_out_dir(out, overwrite)
-    if calib_texts is None:
-        calib_texts = mixed_calibration_texts(calibration_domains)
-    check_calibration_size(model, calib_texts, calib_tokens)
+    if calibration is None:
+        calib_texts = mixed_calibration_texts(calibration_domains) if calib_texts is None else calib_texts
+        check_calibration_size(model, calib_texts, calib_tokens)
     sets = domain_windows(model, eval_sets, min(window, int(model.cfg.n_ctx)), DEFAULT_DOMAIN_WINDOWS) if eval_sets else None
 
-    log(f"calibrating on {calib_tokens} tokens ({method}, {ablation})")
-    cal = calibrate(model, calib_texts, calib_tokens, with_grams=registry.get(method).needs_grams)
+    cal = calibration
+    if cal is None:
+        log(f"calibrating on {calib_tokens} tokens ({method}, {ablation})")
+        cal = calibrate(model, calib_texts, calib_tokens, with_grams=registry.get(method).needs_grams)
     spec = build_spec(model, cal, method, sparsity, scope, ablation)
     if spec is None:
         raise ValueError(f"sparsity {sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")

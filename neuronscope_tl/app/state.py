@@ -11,6 +11,7 @@ time: every operation that runs the model holds ``AppState.lock``. A request tha
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
-from .. import activations, candidates, curves, evaluation, impact, scores, scoring, selection, surgery, texts, weights
+from .. import activations, candidates, curves, evaluation, impact, pipelines, scores, scoring, selection, texts, weights
 from ..impact import BatchAnalysis, ImpactResult
 from ..metrics import ImpactThresholds
 from ..models import mlp_info, model_name
@@ -226,21 +227,17 @@ class AppState:
             )
 
     def prune(self, method: str, sparsity: float, scope: str, ablation: str, calib_tokens: int) -> Path:
-        """Physically prune a copy of the model into a fresh private directory and return a zip of it."""
-        import shutil
-
+        """Physically prune a copy of the model into a fresh private directory and return a zip of it
+        (:func:`~neuronscope_tl.pipelines.prune_and_save` on the app's kept calibration, no evaluation)."""
         scores.check_method(method)
         selection.check_sparsity(sparsity)
         selection.check_scope(scope)
         impact.check_ablation(ablation)
         with self.model_work():
-            cal = self._calibrate(calib_tokens, scores.needs_grams([method]))
-            spec = selection.build_spec(self.model, cal, method, sparsity, scope, ablation)
-            if spec is None:
-                raise ValueError(f"sparsity {sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")
+            cal = self._calibrate(calib_tokens, scores.get(method).needs_grams)
             work = Path(tempfile.mkdtemp(prefix="pruned_", dir=self.downloads_dir()))
             out = work / f"pruned-{method}-{ablation}-{scope}-{sparsity:g}"
-            surgery.prune_model(self.model, None, ablation, out=out, spec=spec, measure_latency=False)
+            pipelines.prune_and_save(self.model, sparsity, out, method, scope, ablation, calibration=cal, measure_latency=False)
             return Path(shutil.make_archive(str(out), "zip", root_dir=out))
 
     def export_document(self, export_type: str) -> Tuple[str, dict]:

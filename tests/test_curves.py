@@ -75,6 +75,9 @@ def test_perplexity_matches_hf_in_float64(model, tiny_dirs, kind):
     assert set(p["versions"]) >= {"torch", "transformers", "transformer_lens"} and len(p["weights_sha256"]) == 16
     # bf16 autocast is recorded as such and stays near fp32 (bf16 keeps 8 bits of mantissa: 0.4% per rounding)
     bf = evaluation.evaluate_perplexity(model, EVAL, window=WINDOW, every=2, bf16=True)
+    # bf16 keeps 8 mantissa bits (relative rounding up to 2^-9 per operation); 5% only asserts that the two are
+    # close and differ: how far bf16 may move a curve is decided at run time by prune_curve(precision="auto"),
+    # which measures both and keeps fp32 beyond 0.5%
     assert bf.protocol["precision"] == "bf16-autocast" and bf.perplexity == pytest.approx(res.perplexity, rel=0.05)
     assert bf.perplexity != res.perplexity
 
@@ -369,20 +372,13 @@ def test_curve_over_domains_matches_hf_labels_loss(model, tiny_dirs, kind, cal):
     for layer, chosen in neurons.items():
         zero_output_weights(pruned_hf, layer, chosen)
 
-    def labels_ppl(hf, wins):
-        total = count = 0.0
-        with torch.no_grad():
-            for ids in wins:
-                total += float(hf(ids[None], labels=ids[None]).loss) * (len(ids) - 1)
-                count += len(ids) - 1
-        return math.exp(total / count)
-
     ratios = {}
     for d in dws:
         row = res.domains[(res.domains.domain == d.name) & (res.domains.sparsity == 0.25)].iloc[0]
-        dense, pruned = labels_ppl(dense_hf, d.wins.tokens), labels_ppl(pruned_hf, d.wins.tokens)
-        # HF's loss is a float32 mean: relative agreement to ~1e-5 on these short windows
-        assert row.dense == pytest.approx(dense, rel=1e-4) and row.perplexity == pytest.approx(pruned, rel=1e-4)
+        (dense, dense_logits), (pruned, pruned_logits) = hf_perplexity(dense_hf, d.wins.tokens), hf_perplexity(pruned_hf, d.wins.tokens)
+        eta = 2 * fp32_forward_error(dense_hf, d.wins.tokens)
+        assert abs(row.dense / dense - 1) <= perplexity_tolerance(dense_logits, d.wins.tokens, eta)
+        assert abs(row.perplexity / pruned - 1) <= perplexity_tolerance(pruned_logits, d.wins.tokens, eta)
         assert bool(row.in_domain) == d.in_domain
         ratios[d.name] = row.perplexity / row.dense
     summary = res.table.iloc[0]

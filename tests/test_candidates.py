@@ -7,6 +7,8 @@ import torch
 import neuronscope_tl as ns
 from neuronscope_tl import candidates
 
+from conftest import FP32_EPS, logit_noise, single_and_padded_activations, stat_tolerances
+
 CALIB = ["The council met on Tuesday to discuss the budget.", "Rain is expected across the coast tomorrow.", "Shares fell."]
 
 
@@ -31,13 +33,19 @@ def test_evidence_matches_hf_activations(tiny_model, fresh_hf, tiny_kind):
     tokens = [tiny_model.to_tokens(t)[0] for t in CALIB]
     acts, w_out = hf_mlp_inputs(fresh_hf, tiny_kind, CALIB, tokens)
     ev = candidates.activation_evidence(tiny_model, CALIB, calib_tokens=None, safe_percentile=30.0)
+    bridge, _ = single_and_padded_activations(tiny_model, tokens, 1)
     for layer, (a, w) in enumerate(zip(acts, w_out)):
         rows = ev[ev.layer == layer].sort_values("neuron")
         rms = np.sqrt((a**2).mean(0))
         score = rms * np.linalg.norm(w, axis=1)
-        # fp32 forward vs fp32 forward: activations agree to ~1e-6 relative; the RMS averages them.
-        np.testing.assert_allclose(rows.activation_rms, rms, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(rows.activation_score, score, rtol=1e-4, atol=1e-6)
+        # the bridge's fp32 activations differ from plain HF's by at most eta (measured, floored at 4 ulps); the RMS
+        # then moves by <= eta (conftest.stat_tolerances), the score by ||w|| eta plus the fp32 norm's rounding
+        eta = logit_noise(bridge[layer], torch.from_numpy(a))
+        rms_tol = stat_tolerances(torch.from_numpy(a), eta, 0.01)["rms"]
+        norm = np.linalg.norm(w, axis=1)
+        assert (np.abs(rows.activation_rms.to_numpy() - rms) <= rms_tol).all()
+        score_tol = norm * rms_tol + score * (w.shape[1] + 2) * FP32_EPS
+        assert (np.abs(rows.activation_score.to_numpy() - score) <= score_tol).all()
         larger = np.array([(score > s * (1 + 1e-3)).sum() for s in score])
         larger_or_tied = np.array([(score > s * (1 - 1e-3)).sum() - 1 for s in score])
         safety = rows.safety_score.to_numpy() * (len(score) - 1)

@@ -12,14 +12,14 @@ from neuronscope_tl import cli, curves, scores, scoring, selection
 from neuronscope_tl.obs import obs_order
 from neuronscope_tl.scores import Column, Score
 
+from conftest import FP32_EPS
+
 CALIB = [" ".join(a.split()[i : i + 20]) for a in ns.lee_articles()[:1] for i in range(0, len(a.split()), 20)]
 EVAL = list(ns.lee_articles()[200:201])
 WINDOW = 128
 BUILT_IN = ("magnitude", "activation", "wanda", "fluctuation", "taylor", "random", "obs")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-from conftest import FP32_EPS
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import activations, candidates, compare, pipelines, curves, evaluation, impact, metrics, models, plots, scores, scoring, search, selection, surgery, texts, weights
+from . import activations, candidates, compare, pipelines, curves, evaluation, impact, models, plots, scores, scoring, search, selection, surgery, texts, weights
 from .app.state import AppSettings
 from .export import report_document, write_csv, write_json, write_set
 
@@ -431,6 +431,7 @@ def run_curve(cfg: CurveConfig, log=print) -> dict:
     res = curves.prune_curve(
         model, cfg.methods, cfg.sparsities, cfg.scope, cfg.ablations, calib_texts=calib, every=cfg.every,
         calib_tokens=cfg.calib_tokens, precision=cfg.precision, progress=True, domains=sets or None,
+        window=default_window(model),
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -495,6 +496,11 @@ class PruneConfig:
         surgery.check_out_dir(self.out, self.overwrite)
         _, domains = pipelines.calibration_texts_for(self.calib_texts)  # unreadable or empty files fail here
         pipelines.evaluation_sets_for(self.eval_texts, domains)
+
+
+def default_window(model) -> int:
+    """The evaluation window: 512 tokens, or the model's whole context when it is shorter."""
+    return min(evaluation.DEFAULT_WINDOW, int(model.cfg.n_ctx))
 
 
 def log_domains(evaluation: dict, log) -> None:
@@ -580,7 +586,7 @@ def run_search(cfg: SearchConfig, log=print) -> dict:
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains)
     log(f"calibrating on {cfg.calib_tokens} tokens, then searching ({cfg.method}, {cfg.ablation}, budget +{cfg.loss_budget:.0%})")
     res = search.search_pruning(model, cfg.loss_budget, cfg.method, cfg.ablation, cfg.scope, calib_texts=calib,
-                                calib_tokens=cfg.calib_tokens, domains=sets)
+                                calib_tokens=cfg.calib_tokens, domains=sets, window=default_window(model))
     for row in res.steps.itertuples():
         log(f"  sparsity {row.sparsity:.4f}: x{row.ratio:.3f} {'accepted' if row.accepted else 'over budget'}")
     out = Path(cfg.out)

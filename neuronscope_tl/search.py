@@ -9,14 +9,17 @@ step halved, down to ``min_step``. The result carries the chosen :class:`~neuron
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
 from . import scores as registry
 from .activations import DEFAULT_CALIB_TOKENS
 from .curves import RECOMMENDED_ABLATION, RECOMMENDED_METHOD
-from .evaluation import DEFAULT_EVERY, DEFAULT_WINDOW, eval_windows, protocol_record, window_nll
+from .domains import TextSet
+from .evaluation import (
+    DEFAULT_EVERY, DEFAULT_WINDOW, domain_perplexities, domain_windows, eval_windows, geometric_mean, protocol_record, window_nll,
+)
 from .export import Result
 from .impact import check_ablation
 from .metrics import perplexity
@@ -82,11 +85,14 @@ def search_pruning(
     every: int = DEFAULT_EVERY,
     bf16: bool = True,
     calibration: Optional[Calibration] = None,
+    domains: Optional[Sequence[TextSet]] = None,
 ) -> SearchResult:
     """Grow the sparsity in steps of ``step``, re-evaluating after each; when a step goes over the budget, back off
     and halve the step, until it is below ``min_step``.
 
-    ``loss_budget`` is the allowed relative perplexity increase on the held-out windows (0.05 = +5%).
+    ``loss_budget`` is the allowed relative perplexity increase on the held-out windows (0.05 = +5%). With
+    ``domains`` (named evaluation sets) the budget applies to the geometric mean over the out-of-domain sets (all
+    sets when none is out-of-domain), and each step records every set's ratio to dense.
     """
     budget = check_budget(loss_budget)
     registry.check_method(method)
@@ -97,9 +103,19 @@ def search_pruning(
         raise ValueError(f"min_step must be in (0, step] = (0, {step}], got {show(min_step)}.")
     max_sparsity = check_sparsity(max_sparsity, "max_sparsity")
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
-    wins = eval_windows(model, eval_texts, window, every)
+    sets = domain_windows(model, domains, window) if domains is not None else None
+    wins = eval_windows(model, eval_texts, window, every) if sets is None else sets[0].wins
+    judged = None if sets is None else ([d for d in sets if not d.in_domain] or sets)
     cal = calibration or calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams([method]))
-    dense = perplexity(*window_nll(model, wins, bf16=bf16))
+
+    def measure(hooks) -> Tuple[float, dict]:
+        """The perplexity the budget applies to, and each set's perplexity."""
+        if sets is None:
+            return perplexity(*window_nll(model, wins, hooks, bf16)), {}
+        ppl = domain_perplexities(model, sets, hooks, bf16)
+        return geometric_mean([ppl[d.name] for d in judged]), ppl
+
+    dense, dense_sets = measure([])
     limit = dense * (1 + budget)
     current, best_ppl, best_spec, steps = 0.0, dense, None, []
     while step >= min_step:
@@ -108,9 +124,10 @@ def search_pruning(
             step /= 2
             continue
         spec = build_spec(model, cal, method, trial, scope, ablation)
-        ppl = perplexity(*window_nll(model, wins, simulation_hooks(spec) if spec else [], bf16)) if spec else dense
+        ppl, per_set = measure(simulation_hooks(spec)) if spec else (dense, dense_sets)
         ok = ppl <= limit
-        steps.append({"sparsity": trial, "perplexity": ppl, "ratio": ppl / dense, "accepted": ok})
+        steps.append({"sparsity": trial, "perplexity": ppl, "ratio": ppl / dense, "accepted": ok,
+                      **{f"ratio_{name}": value / dense_sets[name] for name, value in per_set.items()}})
         if ok:
             current, best_ppl, best_spec = trial, ppl, spec
         else:
@@ -119,5 +136,6 @@ def search_pruning(
         method=method, ablation=ablation, scope=scope, loss_budget=budget, sparsity=current, perplexity=best_ppl,
         dense_perplexity=dense, budget_perplexity=limit, steps=pd.DataFrame(steps),
         neurons=best_spec.neurons if best_spec else {}, spec=best_spec,
-        protocol=protocol_record(model, wins, 0, "bf16-autocast" if bf16 else "fp32", cal.record),
+        protocol={**protocol_record(model, wins, 0, "bf16-autocast" if bf16 else "fp32", cal.record),
+                  **({"domains": [d.wins.texts for d in sets], "budget_on": [d.name for d in judged]} if sets else {})},
     )

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 import neuronscope_tl as ns
 from neuronscope_tl.activations import NeuronAccumulator, stream_activations

@@ -1,6 +1,5 @@
 """Integration tests on the embedded default model (SmolLM2-135M-Instruct) and the Lee corpus."""
 
-import re
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Weight statistics against numpy on the raw HF weights."""
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -155,6 +155,8 @@ class Arch:
     name: str = ""
     description: str = ""
     width_key: str = ""
+    # A NOTICE file the model's licence requires beside every copy of a modified model, or None.
+    notice: Optional[str] = None
 
     def matches(self, model: Module) -> bool:
         """True when ``model`` (a bridge or an HF model) belongs to this family."""
@@ -350,6 +352,14 @@ class Gemma3Arch(LlamaArch):
 
     name = "gemma3"
     description = "Gemma 3 text decoders (Gemma3ForCausalLM: gated GELU-tanh MLPs, sliding-window and global layers)"
+    # Gemma Terms of Use, section 3.1: every Distribution of Gemma or a Model Derivative (a pruned model is one)
+    # carries this notice in a "Notice" text file, and modified files say that they were modified.
+    notice = (
+        "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n\n"
+        "Modified: MLP neurons were removed from this model (its weight files differ from the original Gemma 3 "
+        "checkpoint) by neuronscope-tl. Use is subject to the use restrictions of section 3.2 of the Gemma Terms of "
+        "Use and the Gemma Prohibited Use Policy (ai.google.dev/gemma/prohibited_use_policy).\n"
+    )
 
     def matches(self, model: Module) -> bool:
         hf = hf_model(model)

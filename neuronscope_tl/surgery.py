@@ -398,6 +398,9 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
         lat1 = median_latency(pruned, latency_tokens, latency_repeats) if measure_latency else None
         pruned.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
+        notice = arch_for(pruned).notice
+        if notice:  # a licence that requires a notice beside modified copies (Gemma Terms of Use, 3.1)
+            (tmp / "NOTICE").write_text(notice)
         bytes1 = dir_size(tmp)
         if out.exists():
             shutil.rmtree(out)

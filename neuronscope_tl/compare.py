@@ -73,6 +73,7 @@ class ModelComparison(Result):
         peaks: every neuron's peak |activation| (peak_abs) and its ratio to the median.
         peak_median: the median over neurons of the peak |activation|.
         winner: the best (method, ablation) on this model's curve.
+        window / every: the evaluation windows (every ``every``-th ``window``-token window of the texts).
         seconds: wall time of this model's measurements.
     """
 
@@ -91,6 +92,8 @@ class ModelComparison(Result):
     peaks: pd.DataFrame = field(default=None, repr=False)
     peak_median: float = 0.0
     winner: Dict[str, str] = field(default_factory=dict)
+    window: int = DEFAULT_WINDOW
+    every: int = 1
     seconds: float = 0.0
 
 
@@ -186,7 +189,7 @@ def compare_one(model, texts: Sequence[str], calib_texts: Sequence[str], methods
         vocab=int(model.cfg.d_vocab), n_eval_tokens=int(sum(int(t.numel()) - 1 for t in wins.tokens)),
         dense_perplexity=dense, curve=table.reset_index(drop=True), sensitivity=sensitivity, importance=imp,
         importance_summary=importance_summary(imp["relative"].to_numpy()), outliers=out, peaks=peaks, peak_median=peak_median,
-        winner=dict(curve.recommended), seconds=time.perf_counter() - t0,
+        winner=dict(curve.recommended), window=window, every=every, seconds=time.perf_counter() - t0,
     )
 
 

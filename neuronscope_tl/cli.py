@@ -36,6 +36,14 @@ DEFAULT_OUT = "neuronscope_report"
 # ---------------------------------------------------------------------------------------------- flags from configs
 
 
+def check_paths(out: str, texts: Optional[str] = None) -> None:
+    """``--out`` must be a directory or absent; ``--texts``, when given, an existing file."""
+    if texts is not None and not Path(texts).is_file():
+        raise ValueError(f"--texts {texts}: no such file.")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory.")
+
+
 def arg_docs(cls) -> Dict[str, str]:
     """``{field: help}`` from the "Args:" section of a config dataclass's docstring (Google style)."""
     docs: Dict[str, str] = {}
@@ -160,10 +168,7 @@ class AnalyzeConfig:
             raise ValueError(f"n_candidates must be >= 1, got {self.n_candidates}.")
         if self.max_texts < 1:
             raise ValueError(f"max_texts must be >= 1, got {self.max_texts}.")
-        if self.texts is not None and not Path(self.texts).is_file():
-            raise ValueError(f"--texts {self.texts}: no such file.")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out} exists and is not a directory.")
+        check_paths(self.out, self.texts)
 
 
 def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
@@ -322,10 +327,7 @@ class ScoreConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.validate_n < 0 or self.validate_n == 1:
             raise ValueError(f"validate_n must be 0 (skip) or >= 2, got {self.validate_n}.")
-        if self.texts is not None and not Path(self.texts).is_file():
-            raise ValueError(f"--texts {self.texts}: no such file.")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out} exists and is not a directory.")
+        check_paths(self.out, self.texts)
 
 
 def run_score(cfg: ScoreConfig, log=print) -> dict:
@@ -416,8 +418,7 @@ class CurveConfig:
             impact.check_ablation(a)
         if self.every < 1 or self.calib_tokens < 1:
             raise ValueError(f"every and calib_tokens must be >= 1, got {self.every}, {self.calib_tokens}.")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out} exists and is not a directory.")
+        check_paths(self.out)
 
 
 def run_curve(cfg: CurveConfig, log=print) -> dict:
@@ -572,8 +573,7 @@ class SearchConfig:
         impact.check_ablation(self.ablation)
         selection.check_scope(self.scope)
         search.check_budget(self.loss_budget)
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out} exists and is not a directory.")
+        check_paths(self.out)
         _, domains = pipelines.calibration_texts_for(self.calib_texts)
         pipelines.evaluation_sets_for(self.eval_texts, domains)
 
@@ -635,10 +635,7 @@ class CompareConfig:
             scores.check_method(m)
         selection.check_sparsities(self.sparsities)
         impact.check_ablation(self.ablation)
-        if self.texts is not None and not Path(self.texts).is_file():
-            raise ValueError(f"--texts {self.texts}: no such file.")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ValueError(f"--out {self.out} exists and is not a directory.")
+        check_paths(self.out, self.texts)
 
 
 def run_compare(cfg: CompareConfig, log=print) -> dict:

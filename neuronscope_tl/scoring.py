@@ -197,16 +197,10 @@ def score_pass(
     return ScorePass(acc.table(model), acc, token_lists, model.tokenizer, sum(int(t.numel()) for t in token_lists))
 
 
-def score_neurons(
-    model,
-    texts: Sequence[str],
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_tokens: Optional[int] = None,
-    top_k_contexts: int = DEFAULT_TOP_K,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """One row per (layer, neuron) of every layer with the columns :func:`score_columns` (see module docstring)."""
-    return score_pass(model, texts, batch_size, max_tokens, top_k_contexts, progress).table
+def score_neurons(model, texts: Sequence[str], **options) -> pd.DataFrame:
+    """One row per (layer, neuron) of every layer with the columns :func:`score_columns` (see module docstring);
+    ``options`` are those of :func:`score_pass` (batch_size, max_tokens, top_k_contexts, progress)."""
+    return score_pass(model, texts, **options).table
 
 
 def top_contexts(result: ScorePass, layer: int, neuron: int, window: int = DEFAULT_CONTEXT) -> pd.DataFrame:

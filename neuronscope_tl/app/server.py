@@ -42,6 +42,7 @@ def create_app(model, settings: Optional[AppSettings] = None, ui: bool = True) -
 
     app.include_router(router)
     if ui:
+        # Gradio takes seconds to import; an app without the demo (ui=False, the REST tests) never loads it.
         import gradio as gr
 
         from .ui import build_ui
@@ -133,7 +134,7 @@ def address(sock: socket.socket) -> str:
 
 def serve(app: FastAPI, sock: socket.socket, log: Callable[[str], None] = print) -> None:
     """Run uvicorn on an already bound socket until interrupted."""
-    import uvicorn
+    import uvicorn  # the server is needed only to serve, not to build the app (tests use TestClient)
 
     url = address(sock)
     log(f"neuronscope-tl: serving on {url} (demo {url}/, REST {url}{PREFIX}, docs {url}/docs)")

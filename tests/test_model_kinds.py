@@ -122,9 +122,9 @@ def test_one_pass_scores_equal_cached_activations(kind_model):
         # RMS within that, wanda within ||w|| times it plus the fp32 norm's (d_model + 2) eps
         rms_tol = stat_tolerances(a, logit_noise(a, a), 0.01)["rms"]
         norm = w_out[layer].norm(dim=1)
-        assert ((torch.from_numpy(rows["rms"].to_numpy()) - rms).abs() <= rms_tol).all()
+        assert ((torch.tensor(rows["rms"].to_numpy()) - rms).abs() <= rms_tol).all()
         wanda_tol = norm * rms_tol + rms * norm * (w_out.shape[-1] + 2) * FP32_EPS
-        assert ((torch.from_numpy(rows["wanda"].to_numpy()) - rms * norm).abs() <= wanda_tol).all()
+        assert ((torch.tensor(rows["wanda"].to_numpy()) - rms * norm).abs() <= wanda_tol).all()
 
 
 @pytest.mark.parametrize("mode", ["mean", "refit"])
@@ -283,3 +283,52 @@ def test_pruned_hooked_model_from_a_checkpoint_also_writes_the_hf_directory(tiny
 def test_build_hooked_is_deterministic():
     a, b = build_hooked("llama", seed=3), build_hooked("llama", seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_search_and_candidates_on_every_kind(kind_model):
+    """search_pruning's chosen set, measured again on the reference with those neurons' output weights zeroed,
+    gives its reported perplexity ratio (float64, fp32 bound) within the budget; assess_candidates runs on every
+    kind and its activation scores equal RMS x ||W_out row|| from run_with_cache."""
+    import math
+
+    from neuronscope_tl.evaluation import eval_windows
+    from neuronscope_tl.texts import calibration_tokens
+
+    km, model = kind_model, kind_model.model
+    evalt = ns.lee_articles()[200:202]
+    res = ns.search_pruning(model, 0.5, "wanda", "zero", eval_texts=evalt, calib_texts=CALIB, calib_tokens=128,
+                            window=32, every=1, bf16=False, step=0.2, min_step=0.1)
+    assert res.perplexity <= res.budget_perplexity
+    wins = eval_windows(model, evalt, 32, 1)
+    ref, pruned = km.reference(), km.reference()
+    for layer, ns_ in res.neurons.items():
+        km.zero(pruned, layer, ns_)
+
+    with torch.no_grad():  # how far the library's fp32 forward and the reference's are apart, measured
+        eta = max(logit_noise(model(w[None])[0], km.logits(ref, w)) for w in wins.tokens)
+
+    def log_ppl(m):
+        total = count = tol = 0.0
+        for w in wins.tokens:
+            logits = km.logits(m, w)
+            total += float(nll64(logits, w).sum())
+            tol += float(nll_tolerance(logits, w, eta, runs=2).sum())
+            count += int(w.numel()) - 1
+        return total / count, tol / count
+
+    d, dt = log_ppl(ref)
+    p, pt = log_ppl(pruned)
+    assert abs(math.log(res.dense_perplexity) - d) <= dt and abs(math.log(res.perplexity) - p) <= pt
+
+    cands = ns.assess_candidates(model, 10.0, calib_texts=CALIB, calib_tokens=128)
+    assert len(cands) > 0
+    toks = calibration_tokens(model, CALIB, 128)
+    sq = None
+    for ids in toks:
+        _, cache = model.run_with_cache(ids[None], names_filter=lambda n: n.endswith("mlp.hook_post"))
+        s = torch.stack([cache[mlp_post_name(l)][0].double().square().sum(0) for l in range(int(model.cfg.n_layers))])
+        sq = s if sq is None else sq + s
+    n_tok = sum(int(t.numel()) for t in toks)
+    score = (sq / n_tok).sqrt() * arch.output_matrix(model).double().norm(dim=2)
+    for row in cands.head(5).itertuples():
+        assert row.activation_score == pytest.approx(float(score[row.layer, row.neuron]), rel=1e-5, abs=1e-9)

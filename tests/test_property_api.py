@@ -325,7 +325,8 @@ valid_layers = st.one_of(
 invalid_layers = st.one_of(
     st.just([]),
     st.lists(layer_any, min_size=1, max_size=4).filter(lambda ls: len(set(map(repr, ls))) < len(ls) or not all(layer_ok(l) for l in ls)),
-    invalid_layer.filter(lambda l: l is not None),  # a bare value, not a list (None means every layer)
+    # a bare value, not a list (None means every layer; a list such as [1] is a valid list of layers)
+    invalid_layer.filter(lambda l: l is not None and not isinstance(l, list)),
 )
 
 

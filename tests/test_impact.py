@@ -7,7 +7,7 @@ import torch
 
 import neuronscope_tl as ns
 from neuronscope_tl.hooks import hook_count
-from neuronscope_tl.texts import batches, tokenize
+from neuronscope_tl.texts import tokenize
 
 from _reference import bridge_noise, impact_reference, impact_tolerances
 from conftest import FP32_EPS, fold_mean_into_bias, hf_logits, load_hf, logit_noise, mlp_inputs, zero_output_weights

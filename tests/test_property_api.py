@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuronscope_tl as ns
-from neuronscope_tl import ablation, curves, evaluation, scoring, search, selection, surgery, texts as texts_mod
+from neuronscope_tl import ablation, curves, evaluation, scoring, search, selection, surgery
 from neuronscope_tl.hooks import hook_count
 from neuronscope_tl.metrics import HIGH, MODERATE, SAFE
 

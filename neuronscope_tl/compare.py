@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .activations import DEFAULT_CALIB_TOKENS
 from .arch import arch_for
 from .curves import prune_curve
 from .evaluation import DEFAULT_WINDOW, eval_windows, window_nll

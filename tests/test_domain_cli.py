@@ -11,6 +11,8 @@ import neuronscope_tl as ns
 from neuronscope_tl import cli, evaluation, search, selection
 from neuronscope_tl.domains import TextSet
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny forwards: one thread, no spin-waiting
+
 
 @pytest.fixture
 def files(tmp_path):

@@ -1,7 +1,8 @@
 """neuronscope_tl: decide which MLP neurons of a language model can be pruned, and prove it by measurement.
 
-A plugin for TransformerLens 4.x: every analysis takes a ``TransformerBridge`` and works through its hook points
-(``blocks.{l}.mlp.hook_post``, [batch, pos, d_mlp]); simulated pruning never edits weights.
+A plugin for TransformerLens 3.x and 4.x: every analysis takes a ``TransformerBridge`` or (TransformerLens 3.x) a
+``HookedTransformer`` and works through its hook points (``blocks.{l}.mlp.hook_post``, [batch, pos, d_mlp]), with
+what differs between model kinds in :mod:`neuronscope_tl.arch`; simulated pruning never edits weights.
 """
 
 from .ablation import ablate_each
@@ -9,6 +10,7 @@ from .analyzers import MultiModelLoader, PruningImpactAnalyzer, WeightAnalyzer
 from .candidates import PruningCandidate, activation_evidence, assess_candidates
 from .activations import NeuronAccumulator, calibration_stats, NeuronImportance, neuron_importance, stream_activations
 from ._version import __version__ as __version__
+from .compare import Comparison, compare_models, comparison_table, plot_comparison, write_comparison
 from .curves import CurveResult, prune_curve
 from .evaluation import evaluate_perplexity
 from .export import SCHEMA_VERSION, report_document, write_csv, write_json
@@ -43,7 +45,12 @@ __all__ = [
     "assess_candidates",
     "calibration_stats",
     "BatchAnalysis",
+    "Comparison",
     "CurveResult",
+    "compare_models",
+    "comparison_table",
+    "plot_comparison",
+    "write_comparison",
     "PruneSpec",
     "PrunedModel",
     "SearchResult",

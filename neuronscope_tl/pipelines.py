@@ -106,10 +106,9 @@ def prune_and_save(
     (then ``calib_texts`` and ``calib_tokens`` are not used). ``eval_sets=None`` skips the perplexity check.
     """
     method_source = "given" if method is not None else "recommended"
-    if method is None:
-        method, ablation = curves.RECOMMENDED_METHOD, ablation or curves.RECOMMENDED_ABLATION
+    method, ablation = curves.resolve_method(method, ablation)
     registry.check_method(method)
-    ablation = check_ablation(ablation or "zero")
+    ablation = check_ablation(ablation)
     sparsity, scope = check_sparsity(sparsity), check_scope(scope)
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     check_out_dir(out, overwrite)

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +45,7 @@ from torch import Tensor
 from . import activations
 from .activations import DEFAULT_CALIB_TOKENS
 from .arch import RAW, SOURCE_ATTR, HookedArch, arch_for, clean_state_dict, output_matrix, weight_source
-from .export import Result
+from .export import Result, atomic_directory
 from .hooks import ablation_hooks, capture_hook, mlp_post_name
 from .impact import ablation_values, check_ablation, check_candidates, make_plan
 from .models import mlp_info
@@ -256,9 +254,7 @@ def save_pruned_hooked(model, spec: PruneSpec, out: Path, measure_latency: bool,
     lat1 = median_latency(pruned, latency_tokens, latency_repeats) if measure_latency else None
     source = getattr(model, SOURCE_ATTR, None)
     with_hf = source is not None and Path(source, "config.json").is_file() and weight_source(model) == RAW
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_hooked(model, tmp / "dense")
         bytes0 = dir_size(tmp / "dense")
         shutil.rmtree(tmp / "dense")
@@ -271,12 +267,6 @@ def save_pruned_hooked(model, spec: PruneSpec, out: Path, measure_latency: bool,
             hf = AutoModelForCausalLM.from_pretrained(source, dtype=next(model.parameters()).dtype).eval()
             apply_spec(hf, spec).save_pretrained(tmp / "hf")
             AutoTokenizer.from_pretrained(source).save_pretrained(tmp / "hf")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PrunedModel(
         out=str(out), ablation=spec.ablation, compensated=bool(spec.delta_out), masked=not spec.uniform,
         n_pruned=spec.n_pruned, d_mlp_before=spec.d_mlp, d_mlp_after=int(pruned.cfg.d_mlp),
@@ -387,9 +377,7 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
     dense = fresh_hf_copy(model)
     total0, mlp0 = count_parameters(dense)
     lat0 = median_latency(dense, latency_tokens, latency_repeats) if measure_latency else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         dense.save_pretrained(tmp / "dense")
         bytes0 = dir_size(tmp / "dense")
         shutil.rmtree(tmp / "dense")
@@ -402,12 +390,6 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
         if notice:  # a licence that requires a notice beside modified copies (Gemma Terms of Use, 3.1)
             (tmp / "NOTICE").write_text(notice)
         bytes1 = dir_size(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     width = arch_for(pruned).width(pruned.config)
     return PrunedModel(
         out=str(out), ablation=spec.ablation, compensated=bool(spec.delta_out), masked=not spec.uniform,

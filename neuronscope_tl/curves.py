@@ -30,6 +30,7 @@ from .export import Result
 from .impact import check_ablation
 from .metrics import perplexity
 from .selection import Calibration, build_spec, calibrate, check_scope, check_sparsities
+from .sequential import calibration_windows, check_refit, check_sequential_method, sequential_sources, sequential_spec
 from .surgery import simulation_hooks
 from .texts import check_max_tokens, show
 
@@ -99,6 +100,9 @@ def prune_curve(
     on_run: Optional[Callable[[dict], None]] = None,
     domains: Optional[Sequence[TextSet]] = None,
     domain_windows_max: int = DEFAULT_DOMAIN_WINDOWS,
+    sequential: bool = False,
+    refit: Union[str, float, None] = "auto",
+    calib_sources: Optional[Dict[str, Sequence[str]]] = None,
 ) -> CurveResult:
     """Perplexity against sparsity for each method (and ablation), with pruning simulated through hooks.
 
@@ -106,6 +110,12 @@ def prune_curve(
     when dense bf16 is within 0.5% of dense fp32). ``on_run`` is called with each run's row as soon as it is
     measured (progress reporting). ``domains``: named evaluation sets (:mod:`neuronscope_tl.domains`), each
     measured separately on up to ``domain_windows_max`` windows, instead of ``eval_texts``.
+
+    ``sequential=True`` selects and refits every point layer by layer on the model pruned so far
+    (:mod:`neuronscope_tl.sequential`), calibrating on ``calib_tokens`` tokens of ``calib_sources`` ({name: texts},
+    one fold per source; default: the calibration parts of the default domains) or of ``calib_texts`` (one source
+    in four folds); ``refit`` is its damping (``"auto"``: chosen per layer on held-out folds; a number; None for no
+    refit on methods without one).
     """
     if methods is None:
         methods = registry.method_names()
@@ -125,7 +135,17 @@ def prune_curve(
     t0 = time.perf_counter()
     sets = domain_windows(model, domains, window, domain_windows_max) if domains is not None else None
     wins = eval_windows(model, eval_texts, window, every) if sets is None else None
-    cal = calibration or calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams(methods))
+    if sequential:
+        for m in methods:
+            check_sequential_method(m)
+        check_refit(refit)
+        if scope != "per_layer":
+            raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer', got {scope!r}.")
+        seq_windows = calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
+        cal = None
+    else:
+        cal = calibration or calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams(methods),
+                                       with_gradients=registry.needs_gradients(methods))
     t_cal = time.perf_counter() - t0
 
     def measure(hooks, bf16: bool) -> Dict[str, float]:
@@ -143,7 +163,11 @@ def prune_curve(
     jobs = [(m, s, a, seed) for a in ablations for m in methods for s in sparsities
             for seed in (seeds if registry.get(m).random else [0])]
     for method, sparsity, abl, seed in tqdm(jobs, desc="curve", disable=not progress):
-        spec = build_spec(model, cal, method, sparsity, scope, abl, seed)
+        if sequential:
+            spec = sequential_spec(model, seq_windows, method, sparsity, abl, refit, seed).spec
+            spec = spec if spec.neurons else None
+        else:
+            spec = build_spec(model, cal, method, sparsity, scope, abl, seed)
         hooks = simulation_hooks(spec) if spec is not None else []
         ppl = measure(hooks, use_bf16)
         row = {"method": method, "sparsity": sparsity, "scope": scope, "ablation": abl, "seed": seed,

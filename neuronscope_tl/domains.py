@@ -243,11 +243,34 @@ def default_evaluation_sets(calibration_domains: Sequence[str] = DEFAULT_CALIBRA
     return check_unique(sets)
 
 
+# Words per piece when calibration texts of several domains are interleaved (about 200 tokens).
+MIX_PIECE_WORDS = 150
+
+
+def _pieces(text: str, words: int = MIX_PIECE_WORDS) -> List[str]:
+    w = text.split()
+    return [" ".join(w[i : i + words]) for i in range(0, len(w), words)]
+
+
+def calibration_sources(domains: Sequence[str] = DEFAULT_CALIBRATION_DOMAINS) -> Dict[str, List[str]]:
+    """{domain: its calibration texts}, for calibrations that keep each source apart (sequential calibration
+    folds)."""
+    return {n: domain_set(n, CALIBRATION).texts for n in domains}
+
+
 def mixed_calibration_texts(domains: Sequence[str] = DEFAULT_CALIBRATION_DOMAINS) -> List[str]:
-    """The calibration parts of several domains interleaved text by text (a, b, c, a, b, c, ...), so that any
-    token budget draws on every domain about equally."""
-    parts = [domain_set(n, CALIBRATION).texts for n in domains]
-    out: List[str] = []
-    for i in range(max(len(p) for p in parts)):
-        out += [p[i] for p in parts if i < len(p)]
-    return out
+    """The calibration parts of several domains cut into pieces of at most 150 words and interleaved so that every
+    prefix of the list holds about as many words of each domain (the next piece always comes from the domain with
+    the fewest words so far, while it has any): a token budget draws on every domain about equally, whatever the
+    length of its texts."""
+    parts = [[p for t in texts for p in _pieces(t)] for texts in calibration_sources(domains).values()]
+    taken, words, out = [0] * len(parts), [0] * len(parts), []
+    while True:
+        open_ = [i for i, p in enumerate(parts) if taken[i] < len(p)]
+        if not open_:
+            return out
+        i = min(open_, key=lambda j: (words[j], j))
+        piece = parts[i][taken[i]]
+        out.append(piece)
+        taken[i] += 1
+        words[i] += len(piece.split())

@@ -19,8 +19,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+# SparseGPT's dampening: 1% of the mean diagonal of the Gram matrix.
+DEFAULT_DAMP = 0.01
 
-def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: bool, damp: float = 0.01) -> Tuple[Tensor, Optional[Tensor]]:
+
+def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: bool, damp: float = DEFAULT_DAMP) -> Tuple[Tensor, Optional[Tensor]]:
     """Least-squares refit of the kept neurons' output weights after removing ``pruned`` (ZipLM/SparseGPT OBS).
 
     Args:
@@ -43,7 +46,7 @@ def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: 
     g = gram.double()
     g_kk = g[k][:, k]
     g_kp = g[k][:, p]
-    # Dampening as in SparseGPT (1% of the mean diagonal) keeps the solve stable for dead neurons.
+    # Dampening (a fraction of the mean diagonal, as in SparseGPT) keeps the solve stable for dead neurons.
     g_kk = g_kk + damp * g.diagonal()[:d].mean().clamp_min(1e-12) * torch.eye(len(k), dtype=g.dtype)
     update = torch.linalg.solve(g_kk, g_kp @ w_out.double()[p])  # [|K|(+1), d_model]
     delta = torch.zeros_like(w_out, dtype=torch.float64)
@@ -54,7 +57,7 @@ def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: 
 
 
 def obs_order(gram: Tensor, w_out: Tensor, n_remove: int, keep_constant: bool = True,
-              block: Optional[int] = None, damp: float = 0.01) -> Tuple[List[int], List[float]]:
+              block: Optional[int] = None, damp: float = DEFAULT_DAMP) -> Tuple[List[int], List[float]]:
     """Greedy structured OBS (ZipLM, Kurtic et al. 2023): repeatedly remove the neurons whose removal, after the
     optimal refit of the others, adds the least output error ``||w_i||^2 / [G^-1]_ii``.
 
@@ -98,3 +101,48 @@ def obs_order(gram: Tensor, w_out: Tensor, n_remove: int, keep_constant: bool = 
         alive[idx] = False
         w[idx] = 0.0
     return order, errors
+
+
+def refit_residual(gram: Tensor, w_out: Tensor, pruned: Sequence[int], delta: Tensor, bias: Optional[Tensor]) -> float:
+    """The mean squared error per token, ``E || a W - (a_K (W_K + delta_K) + b) ||^2``, of a refit measured on
+    ``gram`` (an augmented Gram matrix as in :func:`refit_output`, typically of tokens the refit never saw)."""
+    d = w_out.shape[0]
+    c = torch.zeros(d + 1, w_out.shape[1], dtype=torch.float64)
+    c[:d] = -delta.double()
+    p = torch.as_tensor(sorted(pruned), dtype=torch.long)
+    c[p] = w_out.double()[p]
+    if bias is not None:
+        c[d] = -bias.double()
+    return float(torch.einsum("ik,ij,jk->", c, gram.double(), c))
+
+
+# Refit damping candidates (fractions of the mean diagonal of the Gram matrix), chosen per layer on held-out folds.
+DAMP_GRID = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def choose_damp(fold_grams: Sequence[Tensor], fold_counts: Sequence[int], w_out: Tensor, pruned: Sequence[int],
+                with_bias: bool, grid: Sequence[float] = DAMP_GRID) -> Tuple[float, List[float]]:
+    """The refit damping with the least held-out error: for each fold, refit on the other folds' pooled Gram
+    matrix and measure the error on the fold's own (:func:`refit_residual`), relative to the fold's dense output
+    energy so that every fold counts the same. Returns (best damping, mean relative error for each grid value).
+
+    With calibration folds drawn from different domains this is leave-one-domain-out validation: the damping that
+    carries best to text the refit did not see.
+    """
+    if len(fold_grams) < 2:
+        raise ValueError(f"choosing the refit damping needs at least 2 calibration folds, got {len(fold_grams)}.")
+    d = w_out.shape[0]
+    w = w_out.double()
+    total = sum(g.double() * n for g, n in zip(fold_grams, fold_counts))
+    n_all = sum(fold_counts)
+    errors = []
+    for damp in grid:
+        rel = []
+        for g, n in zip(fold_grams, fold_counts):
+            train = (total - g.double() * n) / max(n_all - n, 1)
+            delta, bias = refit_output(train, w_out, pruned, with_bias, damp)
+            energy = float(torch.einsum("ik,ij,jk->", w, g.double()[:d, :d], w))
+            rel.append(refit_residual(g, w_out, pruned, delta, bias) / max(energy, 1e-30))
+        errors.append(sum(rel) / len(rel))
+    best = min(range(len(grid)), key=lambda i: errors[i])
+    return float(grid[best]), errors

@@ -120,7 +120,8 @@ def prune_and_save(
     cal = calibration
     if cal is None:
         log(f"calibrating on {calib_tokens} tokens ({method}, {ablation})")
-        cal = calibrate(model, calib_texts, calib_tokens, with_grams=registry.get(method).needs_grams)
+        cal = calibrate(model, calib_texts, calib_tokens, with_grams=registry.get(method).needs_grams,
+                        with_gradients=registry.needs_gradients([method]))
     spec = build_spec(model, cal, method, sparsity, scope, ablation)
     if spec is None:
         raise ValueError(f"sparsity {sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")

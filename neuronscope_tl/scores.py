@@ -135,6 +135,10 @@ class Score:
         order = self.scores(cal, ablation, seed).argsort(dim=1, stable=True)[:, :k]
         return {l: sorted(order[l].tolist()) for l in range(order.shape[0])}
 
+    def select_layer(self, model, cal: "Calibration", layer: int, k: int, ablation: str, seed: int = 0) -> List[int]:
+        """The ``k`` lowest-scored neurons of one layer (sequential calibration selects layer by layer)."""
+        return sorted(self.scores(cal, ablation, seed)[layer].argsort(stable=True)[:k].tolist())
+
     def comparable(self, model, cal: "Calibration", sparsity: float, ablation: str, seed: int = 0) -> Tensor:
         """Scores comparable across layers for global selection: z-scored within each layer (as FLAP does).
         A non-finite entry is never selected."""
@@ -160,7 +164,10 @@ class ObsScore(Score):
         return order[:n_remove], err[:n_remove]
 
     def per_layer(self, model, cal: "Calibration", k: int, ablation: str, seed: int = 0) -> Neurons:
-        return {l: sorted(self.order(model, cal, ablation, l, k)[0]) for l in range(cal.shape[0])}
+        return {l: self.select_layer(model, cal, l, k, ablation, seed) for l in range(cal.shape[0])}
+
+    def select_layer(self, model, cal: "Calibration", layer: int, k: int, ablation: str, seed: int = 0) -> List[int]:
+        return sorted(self.order(model, cal, ablation, layer, k)[0])
 
     def comparable(self, model, cal: "Calibration", sparsity: float, ablation: str, seed: int = 0) -> Tensor:
         """The cumulative reconstruction error divided by the layer's output energy, along each layer's removal
@@ -238,6 +245,11 @@ def columns() -> Tuple[Column, ...]:
 def needs_grams(methods: Iterable[str]) -> bool:
     """Whether any of these methods needs the calibration Gram matrices."""
     return any(get(m).needs_grams for m in methods)
+
+
+def needs_gradients(methods: Iterable[str]) -> bool:
+    """Whether any of these methods reads gradients (calibration then runs a backward pass)."""
+    return any(get(m).needs == "gradients" for m in methods)
 
 
 def is_random(method: str) -> bool:

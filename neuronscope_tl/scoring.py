@@ -141,16 +141,26 @@ class ScoreAccumulator:
 
     def table(self, model) -> pd.DataFrame:
         """The per-neuron score table (columns :func:`score_columns`)."""
-        weights = neuron_weight_table(model)
-        table = self.stats.table()
-        table.insert(3, "w_in_norm", weights["w_in_norm"].to_numpy())
-        table.insert(4, "w_out_norm", weights["w_out_norm"].to_numpy())
         sums = registry.PassSums(self.sum_grad.reshape(-1).numpy(), self.sum_grad_act.reshape(-1).numpy(), max(self.n_targets, 1))
-        for column in registry.columns():
-            if column.name in table.columns:
-                raise ValueError(f"score column {column.name!r} would overwrite a column of the scoring pass.")
-            table[column.name] = column.formula(table, sums)
-        return table[list(score_columns())]
+        return score_table(self.stats.table(), neuron_weight_table(model), sums)
+
+
+def score_table(stats: pd.DataFrame, weights: pd.DataFrame, sums: Optional[registry.PassSums] = None) -> pd.DataFrame:
+    """The score table (columns :func:`score_columns`) from activation statistics
+    (:meth:`~neuronscope_tl.activations.NeuronAccumulator.table`), the weight table
+    (:func:`~neuronscope_tl.weights.neuron_weight_table`) and the gradient sums; without ``sums`` (a pass with no
+    gradients) the gradient-based columns are NaN."""
+    table = stats.copy()
+    table.insert(3, "w_in_norm", weights["w_in_norm"].to_numpy())
+    table.insert(4, "w_out_norm", weights["w_out_norm"].to_numpy())
+    if sums is None:
+        nan = np.full(len(table), np.nan)
+        sums = registry.PassSums(nan, nan, 1)
+    for column in registry.columns():
+        if column.name in table.columns:
+            raise ValueError(f"score column {column.name!r} would overwrite a column of the scoring pass.")
+        table[column.name] = column.formula(table, sums)
+    return table[list(score_columns())]
 
 
 @dataclass

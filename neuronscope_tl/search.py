@@ -106,7 +106,8 @@ def search_pruning(
     sets = domain_windows(model, domains, window) if domains is not None else None
     wins = eval_windows(model, eval_texts, window, every) if sets is None else sets[0].wins
     judged = None if sets is None else ([d for d in sets if not d.in_domain] or sets)
-    cal = calibration or calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams([method]))
+    cal = calibration or calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams([method]),
+                                     with_gradients=registry.needs_gradients([method]))
 
     def measure(hooks) -> Tuple[float, dict]:
         """The perplexity the budget applies to, and each set's perplexity."""

@@ -27,11 +27,13 @@ import torch
 from torch import Tensor
 
 from . import scores as registry
-from .activations import DEFAULT_CALIB_TOKENS, activation_grams
+from . import engine
+from .activations import DEFAULT_CALIB_TOKENS, GramAccumulator, NeuronAccumulator
+from .domains import DEFAULT_CALIBRATION_DOMAINS, mixed_calibration_texts
 from .evaluation import check_seed, texts_record
 from .impact import check_ablation
 from .models import mlp_info
-from .scoring import accumulate_scores
+from .scoring import accumulate_scores, score_table
 from .surgery import Neurons, PruneSpec, make_spec
 from .texts import as_finite_real, calibration_tokens, check_max_tokens, show
 from .weights import neuron_weight_table
@@ -93,24 +95,48 @@ class Calibration:
         return torch.tensor(self.scores[name].to_numpy(), dtype=torch.float64).reshape(self.shape)
 
 
-def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
-              with_grams: bool = True, scores: Optional[pd.DataFrame] = None) -> Calibration:
-    """One scoring pass (:func:`~neuronscope_tl.scoring.accumulate_scores`) and, when ``with_grams``, one Gram pass
-    over the calibration tokens (texts longer than the model's context are cut into context-sized pieces).
+def pruning_calibration_texts(calib_texts: Optional[Sequence[str]] = None) -> Tuple[List[str], dict]:
+    """The texts pruning calibrates on and their record: the user's texts, or by default the documented mix of
+    :data:`~neuronscope_tl.domains.DEFAULT_CALIBRATION_DOMAINS` (news, forum posts and Python documentation,
+    interleaved so that every token budget draws on each about equally)."""
+    if calib_texts is not None:
+        return texts_record(calib_texts, "calibration")
+    texts, record = texts_record(mixed_calibration_texts(DEFAULT_CALIBRATION_DOMAINS), "calibration")
+    record["name"] = "mix(" + "+".join(DEFAULT_CALIBRATION_DOMAINS) + ")"
+    return texts, record
 
-    ``scores`` reuses a score table already computed on the same texts.
+
+def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
+              with_grams: bool = True, scores: Optional[pd.DataFrame] = None, with_gradients: bool = True) -> Calibration:
+    """The calibration context of every method, over the first ``calib_tokens`` tokens of the calibration texts
+    (texts longer than the model's context are cut into context-sized pieces).
+
+    With ``with_gradients`` the score table comes from the scoring pass (:func:`~neuronscope_tl.scoring.accumulate_scores`:
+    a forward and a backward per batch); without, from a forward-only statistics pass, and the gradient columns
+    (``taylor``) are NaN. ``with_grams`` also collects the activation Gram matrices, in the same forward pass when
+    there is no backward. ``scores`` reuses a score table already computed on the same texts.
     """
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
-    texts, record = texts_record(calib_texts, "calibration")
+    texts, record = pruning_calibration_texts(calib_texts)
     record["max_tokens"] = calib_tokens
     info = mlp_info(model)
+    tokens = calibration_tokens(model, texts, calib_tokens)
+    weights = neuron_weight_table(model)
+    if scores is None and with_gradients:
+        scores = accumulate_scores(model, tokens).table(model)
+    accs: list = []
+    stats = NeuronAccumulator(list(range(info.n_layers)), info.d_mlp) if scores is None else None
+    grams = GramAccumulator(list(range(info.n_layers)), info.d_mlp) if with_grams else None
+    accs = [a for a in (stats, grams) if a is not None]
+    if accs:
+        engine.run(model, tokens, accs, by_length=False, desc="calibration")
     if scores is None:
-        scores = accumulate_scores(model, calibration_tokens(model, texts, calib_tokens)).table(model)
+        scores = score_table(stats.table(), weights)
     scores = scores.sort_values(["layer", "neuron"]).reset_index(drop=True)
-    mag = torch.tensor(neuron_weight_table(model)["mean_abs_weight"].to_numpy()).reshape(info.n_layers, info.d_mlp)
+    mag = torch.tensor(weights["mean_abs_weight"].to_numpy()).reshape(info.n_layers, info.d_mlp)
     mean = torch.tensor(scores["mean"].to_numpy(), dtype=torch.float32).reshape(info.n_layers, info.d_mlp)
-    grams = activation_grams(model, texts, list(range(info.n_layers)), calib_tokens) if with_grams else None
-    return Calibration(scores, mag, {l: mean[l] for l in range(info.n_layers)}, grams, record=record)
+    return Calibration(scores, mag, {l: mean[l] for l in range(info.n_layers)}, grams.grams() if grams else None,
+                       record=record)
 
 
 def select_neurons(model, cal: Calibration, method: str, sparsity: float, scope: str = "per_layer",

@@ -49,7 +49,7 @@ from .export import Result, atomic_directory
 from .hooks import ablation_hooks, capture_hook, mlp_post_name
 from .impact import ablation_values, check_ablation, check_candidates, make_plan
 from .models import mlp_info
-from .obs import refit_output
+from .obs import DEFAULT_DAMP, refit_output
 from .texts import calibration_texts, check_int, check_max_tokens
 
 Neurons = Dict[int, List[int]]
@@ -424,11 +424,12 @@ def check_neuron_sets(model, neurons) -> Neurons:
 
 
 def make_spec(model, neurons, ablation: str = "zero", means: Optional[Dict[int, Tensor]] = None,
-              grams: Optional[Dict[int, Tensor]] = None) -> PruneSpec:
+              grams: Optional[Dict[int, Tensor]] = None, damp: Union[float, Dict[int, float]] = DEFAULT_DAMP) -> PruneSpec:
     """Build a :class:`PruneSpec` from validated neurons.
 
     ``ablation='mean'`` needs ``means`` ({layer: [d_mlp]}); a least-squares refit happens when ``grams`` (from
-    :func:`~neuronscope_tl.activations.activation_grams`) is given, with an output bias when ``ablation='mean'``.
+    :func:`~neuronscope_tl.activations.activation_grams`) is given, with an output bias when ``ablation='mean'``,
+    damped by ``damp`` (one value, or one per layer; see :func:`~neuronscope_tl.obs.refit_output`).
     """
     check_ablation(ablation)
     neurons = check_neuron_sets(model, neurons)
@@ -439,7 +440,8 @@ def make_spec(model, neurons, ablation: str = "zero", means: Optional[Dict[int, 
     for layer, pruned in neurons.items():
         w_out = w_out_all[layer]
         if grams is not None:
-            delta, bias = refit_output(grams[layer], w_out, pruned, with_bias=ablation == "mean")
+            layer_damp = damp[layer] if isinstance(damp, dict) else damp
+            delta, bias = refit_output(grams[layer], w_out, pruned, with_bias=ablation == "mean", damp=layer_damp)
             spec.delta_out[layer] = delta
             spec.out_hooks[layer] = arch.mlp_out_hook(layer)
             if bias is not None:

@@ -40,9 +40,23 @@ def test_default_sets_and_mix():
     assert [s.in_domain for s in sets] == [True] * 3 + [False] * 2
     mix = domains.mixed_calibration_texts()
     parts = [domains.domain_set(n, domains.CALIBRATION).texts for n in domains.DEFAULT_CALIBRATION_DOMAINS]
-    assert mix[:3] == [p[0] for p in parts] and sorted(mix) == sorted(sum(parts, []))
-    held_out = {t for s in sets for t in s.texts}
-    assert not held_out & set(mix)  # no evaluation text is ever calibrated on
+    # Every word of every calibration text appears once, in order within its domain.
+    assert " ".join(mix).split() != [] and sorted(" ".join(mix).split()) == sorted(" ".join(sum(parts, [])).split())
+    # The first 30,000 words draw on each domain about equally (whole texts would give docs most of them).
+    source = {}
+    for n, p in zip(domains.DEFAULT_CALIBRATION_DOMAINS, parts):
+        for t in p:
+            for w in range(0, len(t.split()), domains.MIX_PIECE_WORDS):
+                source[" ".join(t.split()[w : w + domains.MIX_PIECE_WORDS])] = n
+    share, words = dict.fromkeys(domains.DEFAULT_CALIBRATION_DOMAINS, 0), 0
+    for piece in mix:
+        share[source[piece]] += len(piece.split())
+        words += len(piece.split())
+        if words >= 30_000:
+            break
+    assert max(share.values()) / min(share.values()) < 1.02, share
+    held_out = {w for s in sets if s.in_domain for t in s.texts for w in [t]}
+    assert not any(piece in t for t in held_out for piece in mix[:50])  # no evaluation text is calibrated on
 
 
 def test_user_sets_and_bad_input(tmp_path):

@@ -17,20 +17,166 @@ library functions; no analysis logic lives here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import re
+import socket
 import sys
+import threading
 import time
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
-from . import activations, candidates, compare, pipelines, curves, evaluation, impact, models, plots, scores, scoring, search, selection, surgery, texts, weights
+import numpy as np
+import pandas as pd
+
+from . import activations, candidates, compare, pipelines, curves, evaluation, impact, models, plots, report, scores, scoring, search, selection, surgery, texts, weights
 from .app.state import AppSettings
 from .export import report_document, write_csv, write_json, write_set
 
-DEFAULT_OUT = "neuronscope_report"
+DEFAULT_OUT = "neuronscope_report"  # analyze's; every command has its own folder
+DEFAULT_SCORE_OUT = "neuronscope_scores"
+CONTEXT_WINDOW = 4  # tokens either side of a top-activating token in top_contexts.csv
+HUB_HOST = ("huggingface.co", 443)
+DEFAULT_MODEL_TEXT = f"the embedded {models.DEFAULT_MODEL_NAME}"
+
+
+def recommended_method_text() -> str:
+    """The help's name for an omitted --method: the recommendation, read when the parser is built."""
+    return f"the recommended method, {curves.resolve_method(None, None)[0]}"
+
+
+def recommended_ablation_text() -> str:
+    return f"the recommended method's, {curves.resolve_method(None, None)[1]}; zero with a given --method"
+
+
+# ---------------------------------------------------------------------------------------------- what the user sees
+
+
+class Heartbeat:
+    """The log of one command. Every message is printed at once; when nothing has been printed for ``every``
+    seconds, a line says how long the command has been busy since its last message, so no step runs in silence.
+    Use it as a context manager (it starts and stops its timer thread)."""
+
+    def __init__(self, log: Callable[[str], None] = print, every: float = 10.0):
+        self.log, self.every = log, every
+        self.message, self.since = "starting", time.monotonic()
+        self.last = self.since
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __call__(self, message: str) -> None:
+        with self._lock:
+            self.log(message)
+            self.message, self.since = message.strip(), time.monotonic()
+            self.last = self.since
+
+    def tick(self, *_args) -> None:
+        """Progress was shown elsewhere (a progress bar): stay quiet for another ``every`` seconds."""
+        self.last = time.monotonic()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(1.0, self.every / 2)):
+            with self._lock:
+                now = time.monotonic()
+                if now - self.last >= self.every:
+                    self.log(f"  ... still working, {now - self.since:.0f} s since: {self.message}")
+                    self.last = now
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def log_files(files: Sequence, log: Callable[[str], None]) -> List[str]:
+    """List every file written, with its size; returns the paths as strings."""
+    paths = [str(f) for f in files]
+    log(f"wrote {len(paths)} files:")
+    for f in paths:
+        size = Path(f).stat().st_size if Path(f).is_file() else sum(p.stat().st_size for p in Path(f).rglob("*") if p.is_file())
+        log(f"  {f} ({size / 1e6:.2f} MB)" if size >= 1e5 else f"  {f} ({size / 1e3:.1f} kB)")
+    return paths
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` (False in offline mode)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline() -> typing.Iterator[None]:
+    """Hugging Face's offline mode for the duration: a hub id not in the local cache fails at once, without the
+    hub client's retries. The previous setting is restored afterwards."""
+    # huggingface_hub reads HF_HUB_OFFLINE when imported; the module constant is what its calls consult.
+    import huggingface_hub.constants as hub_constants
+
+    before_env, before = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub_constants.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env
+
+
+def is_hub_id(name: Optional[str]) -> bool:
+    """A ``--model`` that only the Hugging Face hub can provide: neither a built-in name nor a local directory."""
+    if name is None:
+        return False
+    bare = name[len(models.HOOKED_PREFIX):] if name.startswith(models.HOOKED_PREFIX) else name
+    if not bare or bare in models._DEFAULT_ALIASES or bare in models._GEMMA_ALIASES:
+        return False
+    return not Path(bare).expanduser().exists() and not bare.startswith(("/", ".", "~"))
+
+
+def load_model_cli(name: Optional[str], trust_remote_code: bool, log: Callable[[str], None]):
+    """``models.load_model`` for the command line: says what it loads, fails fast when the hub is unreachable,
+    and words a failure in terms of flags (``omit --model``)."""
+    log(f"loading {name or models.DEFAULT_MODEL_NAME}")
+    offline = is_hub_id(name) and not hub_reachable()
+    try:
+        with hub_offline() if offline else contextlib.nullcontext():
+            return models.load_model(name, trust_remote_code=trust_remote_code)
+    except RuntimeError as exc:
+        if not isinstance(exc.__cause__, (OSError, ValueError)):
+            raise
+        where = ("the Hugging Face hub is unreachable from this machine and the model is not in its local cache"
+                 if offline else "it is neither a local directory nor a model the Hugging Face hub provided")
+        cause = str(exc.__cause__).strip().splitlines()[0] if str(exc.__cause__).strip() else type(exc.__cause__).__name__
+        raise ValueError(
+            f"cannot load --model {name}: {where}. Omit --model for the embedded default ({models.DEFAULT_MODEL_NAME}), "
+            f"or give a directory holding a saved Hugging Face model and tokenizer. ({cause})"
+        ) from None
+
+
+def machine_load_note() -> str:
+    """A sentence about how busy the machine is while timing (1-minute load average against the CPU count)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cpus = os.cpu_count() or 1
+    if load <= 0.5 * cpus:
+        return f"machine idle enough (load average {load:.1f} on {cpus} CPUs)."
+    return (f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other jobs slow both runs unevenly, "
+            "so compare latencies on an idle machine.")
 
 
 # ---------------------------------------------------------------------------------------------- flags from configs
@@ -81,7 +227,9 @@ def _names(text: str) -> List[str]:
 
 
 def _shown(value) -> str:
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) if value else "none"
+    return "none" if value is None else str(value)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -109,7 +257,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         base = next((a for a in args if a is not type(None)), kind) if typing.get_origin(kind) is typing.Union else kind
         convert = {List[float]: _floats, List[str]: _names}.get(base, base)
         required = f.metadata.get("required", False)
-        shown = "required" if required else f"default: {'none' if default is None else _shown(default)}"
+        described = f.metadata.get("default_text")  # a default that None stands for, named in the help
+        described = described() if callable(described) else described
+        shown = "required" if required else f"default: {described or _shown(default)}"
         if "choices" in f.metadata:  # listed in the help; the config's own check refuses others with a ValueError
             choices = f.metadata["choices"]
             choices = choices() if callable(choices) else choices  # a callable: read when the parser is built
@@ -150,7 +300,7 @@ class AnalyzeConfig:
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
     """
 
-    model: Optional[str] = None
+    model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
     texts: Optional[str] = None
     out: str = DEFAULT_OUT
     threshold: float = 10.0
@@ -172,12 +322,13 @@ class AnalyzeConfig:
 
 
 def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
-    """Run the analysis workflow and write the report files; returns the summary written to ``report.json``."""
+    """Run the analysis workflow and write the report files (JSON, CSV, ``report.html``); returns the summary
+    written to ``report.json``. Each candidate's impact is measured once, by the batch test."""
 
     t0 = time.perf_counter()
     timings = {}
     out = Path(cfg.out)
-    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model_cli(cfg.model, cfg.trust_remote_code, log)
     timings["load_s"] = time.perf_counter() - t0
     if cfg.texts:
         calib = evalt = texts.read_text_file(cfg.texts)
@@ -190,12 +341,14 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
+    log("weight statistics")
     wa = weights.analyze_weights(model)
     files = [str(p) for p in weights.export_weights(wa, out / "weight_analysis.json")]
     timings["weights_s"] = time.perf_counter() - t
-    log(f"weights: {wa.total_parameters:,} parameters, sparsity {wa.overall_sparsity:.4%} exactly zero, {wa.near_zero_fraction:.2%} |w| < {wa.near_zero_threshold}")
+    log(f"  {wa.total_parameters:,} parameters, sparsity {wa.overall_sparsity:.4%} exactly zero, {wa.near_zero_fraction:.2%} |w| < {wa.near_zero_threshold}")
 
     t = time.perf_counter()
+    log(f"candidates at or below the {cfg.threshold:g}th percentile of mean |w|, with their activation evidence")
     cands = candidates.assess_candidates(model, cfg.threshold, calib_texts=calib, weight_table=wa.neurons)
     files.append(str(write_csv(out / "candidates.csv", cands)))
     first = candidates.first_candidates(cands, cfg.n_candidates)
@@ -203,21 +356,13 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
         first = candidates.first_candidates(cands, cfg.n_candidates, safe_only=False)
     pairs = [(int(r.layer), int(r.neuron)) for r in first.itertuples()]
     timings["candidates_s"] = time.perf_counter() - t
-    log(f"candidates: {len(cands)} neurons at or below the {cfg.threshold:g}th percentile of mean |w| in their layer, "
-        f"{int(cands['is_pruning_candidate'].sum())} flagged safe by their activation evidence")
-    log("  " + candidates.WEIGHT_ONLY_LIMITS.format(safe=candidates.DEFAULT_SAFE_PERCENTILE))
+    safe_rule = candidates.WEIGHT_ONLY_LIMITS.format(safe=candidates.DEFAULT_SAFE_PERCENTILE)
+    log(f"  {len(cands)} candidates, {int(cands['is_pruning_candidate'].sum())} flagged safe by their activation evidence")
+    log("  " + safe_rule)
 
     t = time.perf_counter()
-    sims = []
-    for layer, neuron in pairs:
-        r = impact.simulate_pruning(model, layer, [neuron], evalt, cfg.ablation, cfg.batch_size, calib_texts=calib)
-        sims.append(r)
-        log(f"impact L{layer}N{neuron}: {r.impact_score:.4f} nats ({r.verdict}), loss change {r.loss_change:+.4f}, top-1 {r.top1_agreement:.3f}")
-    files.append(str(write_json(out / "impact_analysis.json", [impact.impact_document(r) for r in sims])))
-    timings["impact_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    imp = activations.neuron_importance(model, calib, batch_size=cfg.batch_size, max_tokens=activations.DEFAULT_CALIB_TOKENS)
+    log(f"neuron importance over {len(calib)} texts")
+    imp = activations.neuron_importance(model, calib, batch_size=cfg.batch_size, max_tokens=activations.DEFAULT_CALIB_TOKENS, progress=True)
     files.append(str(write_csv(out / "neuron_importance.csv", imp.table)))
     imp_doc = report_document(
         "neuron_importance", imp.model, {"active_threshold": imp.active_threshold, "layers": imp.layers},
@@ -227,12 +372,21 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     timings["importance_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    batch = impact.batch_analysis(model, pairs, evalt, cfg.batch_size, cfg.ablation, calib_texts=calib)
+    log(f"impact of {len(pairs)} candidates, each alone and the first k together ({cfg.ablation} ablation, {len(evalt)} texts)")
+    batch = impact.batch_analysis(model, pairs, evalt, cfg.batch_size, cfg.ablation, calib_texts=calib, progress=True)
     files += [str(p) for p in impact.export_impact(batch, out / "batch_analysis.json")]
     timings["batch_s"] = time.perf_counter() - t
+    for r in batch.individual.itertuples():
+        log(f"  {r.label}: {r.impact_score:.4f} nats ({r.verdict}), loss change {r.loss_change:+.4f}, top-1 {r.top1_agreement:.3f}")
     rec = batch.recommendations
-    log(f"batch: {len(rec['safe_to_prune'])} safe, {len(rec['moderate'])} moderate, {len(rec['risky_to_prune'])} risky; "
+    log(f"  {len(rec['safe_to_prune'])} safe, {len(rec['moderate'])} moderate, {len(rec['risky_to_prune'])} risky; "
         f"cumulative impact {rec['cumulative_impact']:.4f} ({rec['cumulative_verdict']}), safe prefix {rec['max_safe_prefix']}")
+
+    log("report.html")
+    html_path = out / "report.html"
+    report.write_report(html_path, f"{models.model_name(model)}: which MLP neurons can be pruned?",
+                        report.analyze_sections(wa, cands, batch, imp, safe_rule), files)
+    files.append(str(html_path))
     timings["total_s"] = time.perf_counter() - t0
 
     summary = {
@@ -242,14 +396,16 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
         "total_parameters": wa.total_parameters,
         "n_candidates": len(cands),
         "n_safe_candidates": int(cands["is_pruning_candidate"].sum()),
-        "candidate_limits": candidates.WEIGHT_ONLY_LIMITS.format(safe=candidates.DEFAULT_SAFE_PERCENTILE),
-        "impacts": [{"layer_index": r.layer_index, "neuron_indices": r.neuron_indices, "impact_score": r.impact_score, "verdict": r.verdict} for r in sims],
+        "candidate_limits": safe_rule,
+        "impacts": [{"layer_index": int(r.layer), "neuron_indices": [int(r.neuron)], "impact_score": float(r.impact_score),
+                     "verdict": r.verdict} for r in batch.individual.itertuples()],
         "recommendations": rec,
         "timings": timings,
         "files": files + [str(out / "report.json")],
     }
     write_json(out / "report.json", summary)
-    log(f"wrote {len(summary['files'])} files to {out} in {timings['total_s']:.1f} s")
+    log_files(summary["files"], log)
+    log(f"done in {timings['total_s']:.1f} s; open {html_path} in a browser")
     return summary
 
 
@@ -265,7 +421,7 @@ class ServeConfig:
         settings: the app's limits (:class:`neuronscope_tl.app.AppSettings`), each its own flag.
     """
 
-    model: Optional[str] = None
+    model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
     host: str = "127.0.0.1"
     port: int = 7860
     trust_remote_code: bool = False
@@ -306,9 +462,9 @@ class ScoreConfig:
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
     """
 
-    model: Optional[str] = None
+    model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
     texts: Optional[str] = None
-    out: str = DEFAULT_OUT
+    out: str = DEFAULT_SCORE_OUT
     max_tokens: int = 2048
     batch_size: int = 1
     top_k_contexts: int = 8
@@ -335,7 +491,7 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model_cli(cfg.model, cfg.trust_remote_code, log)
     calib = texts.read_text_file(cfg.texts) if cfg.texts else texts.calibration_texts()
     scores = [s.strip() for s in cfg.scores.split(",") if s.strip()]
     unknown = [s for s in scores if s not in scoring.SCORE_COLUMNS]
@@ -343,17 +499,23 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
         raise ValueError(f"unknown score(s) {unknown}; choose from {', '.join(scoring.CHEAP_SCORES)}.")
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    result = scoring.score_pass(model, calib, cfg.batch_size, cfg.max_tokens, cfg.top_k_contexts)
+    log(f"scoring every neuron over {cfg.max_tokens} tokens (one forward and backward per text)")
+    result = scoring.score_pass(model, calib, cfg.batch_size, cfg.max_tokens, cfg.top_k_contexts, progress=True)
     score_s = time.perf_counter() - t
     log(f"scored {len(result.table)} neurons over {result.n_tokens} tokens in {score_s:.1f} s")
     settings = asdict(cfg)
     files = [str(write_csv(out / "scores.csv", result.table))]
+    log(f"decoding the top {cfg.top_k_contexts} contexts of every neuron")
+    files.append(str(write_csv(out / "top_contexts.csv", contexts_table(result, CONTEXT_WINDOW))))
     files.append(str(write_json(out / "scores.json", report_document(
         "neuron_scores", models.model_name(model), settings, {"n_texts": len(result.token_lists), "n_tokens": result.n_tokens}, result.table))))
     summary = {"model": models.model_name(model), "config": settings, "score_s": score_s, "n_tokens": result.n_tokens}
     if cfg.validate_n:
         t = time.perf_counter()
-        v = scoring.validate_scores(model, None, calib, cfg.validate_n, scores, cfg.ablation, cfg.validate_tokens, cfg.seed)
+        log(f"validating {', '.join(scores)}: exact {cfg.ablation} ablation of up to {cfg.validate_n * (len(scores) + 1)} "
+            f"neurons, one at a time, over {cfg.validate_tokens} tokens")
+        v = scoring.validate_scores(model, None, calib, cfg.validate_n, scores, cfg.ablation, cfg.validate_tokens, cfg.seed,
+                                    progress=True)
         summary["validate_s"] = time.perf_counter() - t
         files.append(str(write_csv(out / "validation_measured.csv", v.measured)))
         doc = {k: val for k, val in v.to_dict().items() if k != "measured"}
@@ -367,8 +529,35 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
     summary["total_s"] = time.perf_counter() - t0
     summary["files"] = files + [str(out / "score_report.json")]
     write_json(out / "score_report.json", summary)
-    log(f"wrote {len(summary['files'])} files to {out} in {summary['total_s']:.1f} s")
+    log_files(summary["files"], log)
+    log(f"done in {summary['total_s']:.1f} s")
     return summary
+
+
+def contexts_table(result: "scoring.ScorePass", window: int = CONTEXT_WINDOW) -> pd.DataFrame:
+    """Every neuron's top-activating tokens from a scoring pass, one row each (highest first within a neuron):
+    layer, neuron, rank, activation, text index, position, the token and ``window`` tokens either side."""
+    acc = result.accumulator
+    value, text, pos = (np.asarray(a) for a in (acc.top_value, acc.top_text, acc.top_pos))  # [layers, k, d_mlp]
+    layer, rank, neuron = np.nonzero(text >= 0)
+    pieces = {}
+
+    def piece(i: int) -> str:
+        if i not in pieces:
+            pieces[i] = result.tokenizer.decode([i])
+        return pieces[i]
+
+    ids = [t.tolist() for t in result.token_lists]
+    t_idx, p_idx = text[layer, rank, neuron], pos[layer, rank, neuron]
+    token, left, right = [], [], []
+    for t, p in zip(t_idx.tolist(), p_idx.tolist()):
+        row = ids[t]
+        token.append(piece(row[p]))
+        left.append("".join(piece(i) for i in row[max(0, p - window):p]))
+        right.append("".join(piece(i) for i in row[p + 1:p + 1 + window]))
+    table = pd.DataFrame({"layer": layer, "neuron": neuron, "rank": rank + 1, "activation": value[layer, rank, neuron],
+                          "text_index": t_idx, "position": p_idx, "token": token, "left": left, "right": right})
+    return table.sort_values(["layer", "neuron", "rank"], kind="stable").reset_index(drop=True)
 
 
 @dataclass
@@ -392,7 +581,7 @@ class CurveConfig:
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
     """
 
-    model: Optional[str] = None
+    model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
     out: str = "neuronscope_curve"
     methods: List[str] = field(default_factory=lambda: list(scores.method_names()), metadata={"choices": scores.method_names})
     sparsities: List[float] = field(default_factory=lambda: list(curves.DEFAULT_SPARSITIES))
@@ -424,15 +613,14 @@ class CurveConfig:
 def run_curve(cfg: CurveConfig, log=print) -> dict:
     """Measure the curve and write curve.csv, curve_runs.csv, protocol.json and curve.png into ``cfg.out``."""
 
-    log(f"loading {cfg.model or models.DEFAULT_MODEL_NAME}")
-    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model_cli(cfg.model, cfg.trust_remote_code, log)
     calib, calibration_domains = pipelines.calibration_texts_for(cfg.calib_texts)
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, calibration_domains, defaults=cfg.domains)
-    log(f"calibrating on {cfg.calib_tokens} tokens")
+    log(f"calibrating on {cfg.calib_tokens} tokens, then measuring dense perplexity; a progress bar follows")
     res = curves.prune_curve(
         model, cfg.methods, cfg.sparsities, cfg.scope, cfg.ablations, calib_texts=calib, every=cfg.every,
         calib_tokens=cfg.calib_tokens, precision=cfg.precision, progress=True, domains=sets or None,
-        window=default_window(model),
+        window=default_window(model), on_run=getattr(log, "tick", None),
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -443,14 +631,16 @@ def run_curve(cfg: CurveConfig, log=print) -> dict:
            "dense_bf16": res.dense_bf16, "recommended": res.recommended, "timings": res.timings, "config": asdict(cfg)}
     files.append(write_json(out / "protocol.json", doc))
     files.append(plots.plot_curve(res, out / "curve.png"))
+    files.append(report.write_report(out / "report.html", f"{res.protocol['model']}: pruning curve",
+                                     report.curve_sections(res), [str(f) for f in files]))
     for row in res.table.itertuples():
         spread = f" (seeds {row.perplexity_min:.1f}-{row.perplexity_max:.1f})" if row.n_seeds > 1 else ""
         where = "".join(f", x{value:.2f} {label}" for value, label in (
             (getattr(row, "ratio_in_domain", None), "in-domain"), (getattr(row, "ratio_out_of_domain", None), "out-of-domain"))
             if value is not None and value == value)
         log(f"{row.method:12s} {row.ablation:5s} {row.sparsity:.2f}: ppl {row.perplexity:10.2f}  x{row.ratio:.2f}{spread}{where}")
-    log(f"dense {res.dense_perplexity:.2f}; recommended {res.recommended}; wrote {len(files)} files to {out}")
-    return {"files": [str(f) for f in files], "recommended": res.recommended, "dense_perplexity": res.dense_perplexity}
+    log(f"dense {res.dense_perplexity:.2f}; recommended {res.recommended}")
+    return {"files": log_files(files, log), "recommended": res.recommended, "dense_perplexity": res.dense_perplexity}
 
 
 @dataclass
@@ -474,10 +664,10 @@ class PruneConfig:
 
     sparsity: float = field(default=0.2, metadata={"required": True})
     out: str = field(default="neuronscope_pruned", metadata={"required": True})
-    model: Optional[str] = None
-    method: Optional[str] = field(default=None, metadata={"choices": scores.method_names})
+    model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
+    method: Optional[str] = field(default=None, metadata={"choices": scores.method_names, "default_text": recommended_method_text})
     scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
-    ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"]})
+    ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"], "default_text": recommended_ablation_text})
     overwrite: bool = False
     calib_texts: Optional[str] = None
     calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
@@ -494,6 +684,9 @@ class PruneConfig:
         surgery.check_out_dir(self.out, self.overwrite)
         _, domains = pipelines.calibration_texts_for(self.calib_texts)  # unreadable or empty files fail here
         pipelines.evaluation_sets_for(self.eval_texts, domains)
+
+
+LATENCY_REPEATS = 5  # surgery.save_pruned's default
 
 
 def default_window(model) -> int:
@@ -515,22 +708,28 @@ def log_domains(evaluation: dict, log) -> None:
 
 def run_prune(cfg: PruneConfig, log=print) -> dict:
     """Calibrate, select, measure every evaluation set, prune and save; ``pruning_report.json`` goes beside the model."""
-    log(f"loading {cfg.model or models.DEFAULT_MODEL_NAME}")
-    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model_cli(cfg.model, cfg.trust_remote_code, log)
     calib, domains = pipelines.calibration_texts_for(cfg.calib_texts)
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains) if cfg.evaluate else None
-    report = pipelines.prune_and_save(
+    pruned = pipelines.prune_and_save(
         model, cfg.sparsity, cfg.out, cfg.method, cfg.scope, cfg.ablation, calib, domains, cfg.calib_tokens, sets,
         cfg.overwrite, log=log,
     )
-    result = report.model
+    result = pruned.model
     if result.masked:
         log("widths differ per layer: wrote a MASKED checkpoint of the original shapes (pruned weights set to zero); it is not smaller.")
-    log(f"pruned {result.n_pruned} neurons ({report.method}, {report.ablation}, {report.scope}); d_mlp {result.d_mlp_before} -> {result.d_mlp_after}; "
+    log(f"pruned {result.n_pruned} neurons ({pruned.method}, {pruned.ablation}, {pruned.scope}); d_mlp {result.d_mlp_before} -> {result.d_mlp_after}; "
         f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; file {result.file_bytes_before/1e6:.1f} -> {result.file_bytes_after/1e6:.1f} MB")
-    if report.evaluation is not None:
-        log_domains(report.evaluation, log)
-    return report.to_dict()
+    if result.latency_s_before is not None:
+        log(f"latency, median of {LATENCY_REPEATS} forwards over {result.latency_tokens} tokens: dense "
+            f"{result.latency_s_before * 1e3:.0f} ms, pruned {result.latency_s_after * 1e3:.0f} ms; {machine_load_note()}")
+    if pruned.evaluation is not None:
+        log_domains(pruned.evaluation, log)
+    out = Path(cfg.out)
+    report.write_report(out / "report.html", f"{models.model_name(model)} pruned to {cfg.out}", report.prune_sections(pruned),
+                        sorted(str(f) for f in out.iterdir() if f.is_file()))
+    log_files(sorted(f for f in out.iterdir() if f.is_file()), log)
+    return pruned.to_dict()
 
 
 @dataclass
@@ -552,9 +751,9 @@ class SearchConfig:
 
     loss_budget: float = 0.25
     out: str = "neuronscope_search"
-    model: Optional[str] = None
-    method: Optional[str] = field(default=None, metadata={"choices": scores.method_names})
-    ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"]})
+    model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
+    method: Optional[str] = field(default=None, metadata={"choices": scores.method_names, "default_text": recommended_method_text})
+    ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"], "default_text": recommended_ablation_text})
     scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
     calib_texts: Optional[str] = None
     calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
@@ -574,8 +773,7 @@ class SearchConfig:
 
 def run_search(cfg: SearchConfig, log=print) -> dict:
     """The largest sparsity within the budget; writes search.json and search_steps.csv into ``cfg.out``."""
-    log(f"loading {cfg.model or models.DEFAULT_MODEL_NAME}")
-    model = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model_cli(cfg.model, cfg.trust_remote_code, log)
     calib, domains = pipelines.calibration_texts_for(cfg.calib_texts)
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains)
     log(f"calibrating on {cfg.calib_tokens} tokens, then searching ({cfg.method}, {cfg.ablation}, budget +{cfg.loss_budget:.0%})")
@@ -587,8 +785,8 @@ def run_search(cfg: SearchConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     doc = {k: v for k, v in res.to_dict().items() if k not in ("spec", "neurons")}
     files = write_set({out / "search.json": {**doc, "config": asdict(cfg)}, out / "search_steps.csv": res.steps})
-    log(f"largest sparsity within +{cfg.loss_budget:.0%}: {res.sparsity:.4f} (x{res.perplexity / res.dense_perplexity:.3f}); "
-        f"wrote {', '.join(str(f) for f in files)}")
+    log(f"largest sparsity within +{cfg.loss_budget:.0%}: {res.sparsity:.4f} (x{res.perplexity / res.dense_perplexity:.3f})")
+    log_files(files, log)
     return doc
 
 
@@ -677,7 +875,11 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         name, cfg = parse_args(argv)
-        COMMANDS[name][1](cfg)
+        if name == "serve":  # runs until interrupted: its own log, no heartbeat
+            COMMANDS[name][1](cfg)
+        else:
+            with Heartbeat(print) as log:
+                COMMANDS[name][1](cfg, log=log)
     except (ValueError, RuntimeError, OSError) as exc:  # OSError: a full disk or a refused write, say
         print(f"neuronscope-tl: error: {exc}", file=sys.stderr)
         return 2

@@ -333,7 +333,7 @@ def test_curve_command_writes_the_measured_table(long_ctx_dir, tmp_path):
     argv = ["curve", "--model", long_ctx_dir, "--out", str(out), "--methods", "wanda,random", "--sparsities", "0.1,0.3",
             "--ablations", "zero", "--calib-tokens", "300", "--precision", "fp32", "--no-domains", "--eval-texts", f"mine={mine}"]
     assert cli.main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "curve.png", "curve_domains.csv", "curve_runs.csv", "protocol.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "curve.png", "curve_domains.csv", "curve_runs.csv", "protocol.json", "report.html"]
     model = ns.load_model(long_ctx_dir)
     calib, _ = pipelines.calibration_texts_for(None)
     sets = [user_set(f"mine={mine}")]

@@ -28,8 +28,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .distributed import is_writer
-
 SCHEMA_VERSION = "1.0"
 
 
@@ -145,11 +143,8 @@ def _remove(name: Union[str, Path]) -> None:
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[io.TextIOBase], None]) -> Path:
-    """Write a text file atomically through ``write(fileobj)``; on error nothing is left behind. Under torchrun
-    only rank 0 writes (:func:`~neuronscope_tl.distributed.is_writer`)."""
+    """Write a text file atomically through ``write(fileobj)``; on error nothing is left behind."""
     path = _check_target(path)
-    if not is_writer():
-        return path
     tmp = _write_temp(path, write)
     try:
         os.replace(tmp, path)
@@ -162,12 +157,8 @@ def atomic_write(path: Union[str, Path], write: Callable[[io.TextIOBase], None])
 @contextmanager
 def atomic_directory(out: Union[str, Path]) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; when the body finishes, it replaces ``out`` whole. If the
-    body raises, the temporary directory is removed and ``out`` is left as it was. Under torchrun the ranks other
-    than rank 0 get a private temporary directory, removed afterwards: ``out`` is rank 0's alone."""
+    body raises, the temporary directory is removed and ``out`` is left as it was."""
     out = Path(out)
-    if not is_writer():
-        yield from _discarded_directory()
-        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -189,14 +180,6 @@ def normal_permissions(directory: Union[str, Path]) -> None:
     for path in Path(directory).rglob("*"):
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def _discarded_directory() -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="neuronscope-rank-"))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def current_umask() -> int:
@@ -267,8 +250,6 @@ def write_set(files: Dict[Union[str, Path], Any]) -> List[Path]:
             raise ValueError(f"{path} is given twice (also as {seen[key]}); each file of a set may be written once.")
         seen[key] = path
     texts = [csv_text(v) if isinstance(v, pd.DataFrame) else json_text(v) for v in files.values()]
-    if not is_writer():  # under torchrun only rank 0 writes
-        return targets
     temps: List[str] = []
     backups: Dict[Path, Path] = {}
     try:

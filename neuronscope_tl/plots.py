@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 from .curves import CurveResult
-from .distributed import is_writer
 from .export import current_umask
 
 SIGNIFICANT_DIGITS = 4
@@ -46,13 +45,9 @@ def _pyplot():
 
 
 def save_figure(fig, path: Union[str, Path], dpi: int = 110) -> Path:
-    """Write the figure atomically as PNG (mode 0666 minus the umask, as any file the user creates); closes it.
-    Under torchrun only rank 0 writes."""
+    """Write the figure atomically as PNG (mode 0666 minus the umask, as any file the user creates); closes it."""
     plt = _pyplot()
     path = Path(path)
-    if not is_writer():
-        plt.close(fig)
-        return path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:

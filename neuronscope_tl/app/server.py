@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+import threading
 from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -50,6 +51,8 @@ def create_app(model, settings: Optional[AppSettings] = None, ui: bool = True) -
         blocks = build_ui(state)
         blocks.queue(default_concurrency_limit=state.settings.ui_concurrency)
         app = gr.mount_gradio_app(app, blocks, path="/", allowed_paths=[str(state.downloads_dir())])
+        if state.settings.warm_start:  # the weight analysis is the slowest first call: compute it before anyone asks
+            threading.Thread(target=state.warm, name="neuronscope-warm", daemon=True).start()
     return app
 
 

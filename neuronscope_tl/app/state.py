@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import pandas as pd
 
-from .. import activations, candidates, curves, evaluation, impact, pipelines, scores, scoring, selection, texts, weights
+from .. import activations, candidates, curves, evaluation, impact, pipelines, scores, scoring, selection, surgery, texts, weights
 from ..impact import BatchAnalysis, ImpactResult
 from ..metrics import ImpactThresholds
 from ..models import mlp_info, model_name
+from . import picker
+from .live import LivePruning, LiveResult
 
 EXPORT_TYPES = ("weight", "impact")
 
@@ -42,6 +45,8 @@ class AppSettings:
         max_top_k: critical neurons returned by neuron importance.
         max_body_bytes: size of a REST request body.
         max_calib_tokens: calibration tokens of a pruning curve or a pruned download in the demo.
+        max_basket: neurons in the demo's candidate basket.
+        warm_start: compute the weight analysis in the background at start-up, so the first call does not wait.
         lock_timeout_s: how long a request waits for the model before it is refused (HTTP 503).
         ui_concurrency: Gradio events handled at once (they still queue on the model lock).
         thresholds: verdict thresholds of every impact result.
@@ -54,12 +59,14 @@ class AppSettings:
     max_top_k: int = 100
     max_body_bytes: int = 1_000_000
     max_calib_tokens: int = 8192
+    max_basket: int = 512
+    warm_start: bool = True
     lock_timeout_s: float = 120.0
     ui_concurrency: int = 4
     thresholds: ImpactThresholds = field(default_factory=ImpactThresholds)
 
     def __post_init__(self):
-        for name in ("max_texts", "max_tokens", "max_candidates", "max_batch_size", "max_top_k", "max_body_bytes", "max_calib_tokens", "ui_concurrency"):
+        for name in ("max_texts", "max_tokens", "max_candidates", "max_batch_size", "max_top_k", "max_body_bytes", "max_calib_tokens", "max_basket", "ui_concurrency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
@@ -91,7 +98,8 @@ class AppState:
         self.last_impact: Optional[Union[ImpactResult, BatchAnalysis]] = None
         self._downloads: Optional[Path] = None
         self._score_pass: Optional[Tuple[Tuple[str, ...], scoring.ScorePass]] = None
-        self._calibration: dict = {}  # (calib_tokens, with_grams) -> selection.Calibration
+        self._calibration: dict = {}  # (calib_tokens, with_grams, with_gradients) -> selection.Calibration
+        self.live_engine = LivePruning(model, lambda methods: self._calibrate(self.default_calib_tokens, methods))
 
     def downloads_dir(self) -> Path:
         """A private temporary directory for the UI's download files (never a path a client chose)."""
@@ -198,14 +206,83 @@ class AppState:
                 self._score_pass = (checked, scoring.score_pass(self.model, list(checked)))
             return scoring.top_contexts(self._score_pass[1], layer_index, neuron_index, window)
 
-    def _calibrate(self, calib_tokens: int, with_grams: bool) -> "selection.Calibration":
+    @property
+    def default_calib_tokens(self) -> int:
+        """The calibration size of the CLI (``activations.DEFAULT_CALIB_TOKENS``), within the app's limit."""
+        return min(activations.DEFAULT_CALIB_TOKENS, self.settings.max_calib_tokens)
+
+    def _calibrate(self, calib_tokens: int, methods: Sequence[str]) -> "selection.Calibration":
+        """A calibration that serves ``methods`` on the default calibration texts (as the CLI's), kept per token
+        budget; one computed with more (Gram matrices, gradients) serves a request for less. Call under the lock."""
         if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or not 1 <= calib_tokens <= self.settings.max_calib_tokens:
             raise LimitExceeded(f"calibration tokens must be an integer in [1, {self.settings.max_calib_tokens}], got {calib_tokens!r}.")
-        key = (calib_tokens, with_grams)
-        if key not in self._calibration:
-            have = next((c for (t, g), c in self._calibration.items() if t == calib_tokens and g), None)
-            self._calibration[key] = have or selection.calibrate(self.model, calib_tokens=calib_tokens, with_grams=with_grams)
-        return self._calibration[key]
+        grams, grads = scores.needs_grams(methods), scores.needs_gradients(methods)
+        for (t, g, d), cal in self._calibration.items():
+            if t == calib_tokens and (g or not grams) and (d or not grads):
+                return cal
+        cal = selection.calibrate(self.model, calib_tokens=calib_tokens, with_grams=grams, with_gradients=grads)
+        self._calibration[(calib_tokens, grams, grads)] = cal
+        return cal
+
+    # ------------------------------------------------------------------------------------------- picking neurons
+
+    @staticmethod
+    def map_methods() -> Tuple[str, ...]:
+        """Registered scores the neuron map can show: those with a plain per-neuron score, random excluded."""
+        return tuple(s.name for s in scores.registered() if s.rank is not None and not s.random)
+
+    def score_map(self, method: str, ablation: str = "zero") -> np.ndarray:
+        """``[n_layers, d_mlp]`` values of a registered score on the default calibration (low = prune first)."""
+        if method not in self.map_methods():
+            raise ValueError(f"the map shows one of {', '.join(self.map_methods())}; got {method!r}.")
+        impact.check_ablation(ablation)
+        with self.model_work():
+            cal = self._calibrate(self.default_calib_tokens, [method])
+            return scores.get(method).scores(cal, ablation).numpy()
+
+    def select(self, rule_text: str, ablation: str = "zero") -> List[Tuple[int, int]]:
+        """The neurons a rule such as "lowest 5% of layer 12 by wanda" selects (:mod:`.picker`)."""
+        info = self.info
+        rule = picker.parse_rule(rule_text, info.n_layers, info.d_mlp, self.map_methods())
+        return picker.apply_rule(rule, self.score_map(rule.method, ablation))
+
+    def basket_table(self, basket: Sequence[Tuple[int, int]], impacts: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+        """The basket with each neuron's calibration scores (every map score) and, when measured, its impact."""
+        with self.model_work():
+            cal = self._calibrate(self.default_calib_tokens, list(self.map_methods()))
+        table = cal.scores.copy()
+        table["magnitude"] = cal.magnitude.reshape(-1).numpy()
+        columns = [c for c in dict.fromkeys(["magnitude", "mean_abs", "wanda", "fluctuation"]) if c in table]
+        return picker.basket_table(basket, table, columns, impacts)
+
+    def prune_neurons(self, basket: Sequence[Tuple[int, int]], ablation: str = "zero") -> Path:
+        """Physically prune exactly the basket's neurons from a copy of the model (mean ablation folds each
+        neuron's calibration mean into an output bias) into a fresh private directory; returns a zip of it."""
+        impact.check_ablation(ablation)
+        if not basket:
+            raise ValueError("the basket is empty; pick neurons on the Neuron map tab first.")
+        neurons: dict = {}
+        for layer, neuron in basket:
+            neurons.setdefault(int(layer), []).append(int(neuron))
+        with self.model_work():
+            means = self._calibrate(self.default_calib_tokens, []).means if ablation == "mean" else None
+            spec = surgery.make_spec(self.model, neurons, ablation, means)
+            work = Path(tempfile.mkdtemp(prefix="pruned_", dir=self.downloads_dir()))
+            out = work / f"pruned-basket-{len(basket)}-{ablation}"
+            surgery.save_pruned(self.model, spec, out, measure_latency=False)
+            return Path(shutil.make_archive(str(out), "zip", root_dir=out))
+
+    def live(self, method: str, scope: str, sparsity: float, ablation: Optional[str], prompt: str) -> LiveResult:
+        """One live-pruning measurement (:class:`.LivePruning`: calibration, subset and dense numbers kept)."""
+        with self.model_work():
+            return self.live_engine.run(method, scope, sparsity, ablation, prompt)
+
+    def warm(self) -> None:
+        """Compute the weight analysis (the slowest first call) now; for a background thread at start-up."""
+        try:
+            self.weight_summary()
+        except Busy:
+            pass
 
     def curve(self, methods: Sequence[str], sparsities: Sequence[float], scope: str, ablation: str, calib_tokens: int,
               every: int = evaluation.DEFAULT_EVERY, progress: bool = False) -> "curves.CurveResult":
@@ -220,7 +297,7 @@ class AppState:
         selection.check_scope(scope)
         impact.check_ablation(ablation)
         with self.model_work():
-            cal = self._calibrate(calib_tokens, scores.needs_grams(methods))
+            cal = self._calibrate(calib_tokens, methods)
             window = min(evaluation.DEFAULT_WINDOW, self.info.n_ctx)
             return curves.prune_curve(
                 self.model, methods, sparsities, scope, ablation, window=window, every=every, calibration=cal, progress=progress
@@ -234,7 +311,7 @@ class AppState:
         selection.check_scope(scope)
         impact.check_ablation(ablation)
         with self.model_work():
-            cal = self._calibrate(calib_tokens, scores.get(method).needs_grams)
+            cal = self._calibrate(calib_tokens, [method])
             work = Path(tempfile.mkdtemp(prefix="pruned_", dir=self.downloads_dir()))
             out = work / f"pruned-{method}-{ablation}-{scope}-{sparsity:g}"
             pipelines.prune_and_save(self.model, sparsity, out, method, scope, ablation, calibration=cal, measure_latency=False)

@@ -23,17 +23,20 @@ positions of KL(P_orig || P_pruned), both pooled over all texts.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .arch import Tail, arch_for
+from .engine import model_device
 from .hooks import attached_hooks, capture_hook, mlp_post_name
 from .impact import ablation_values, check_ablation, check_candidates
 from .metrics import kl_from_log_probs, log_probs, nll_from_log_probs
+from .models import mlp_info
 from .texts import check_int, tokenize
 
 # Ablations per tail run. 8 copies of a ~256-token text make [2048, d_model] matmuls, large enough to run near the
@@ -58,10 +61,22 @@ def stacked_ablation_hook(neurons: Sequence[int], values: Optional[Tensor]):
 
     def hook(act: Tensor, hook=None) -> Tensor:
         act = act.clone()
-        act[rows, :, index] = 0.0 if values is None else values.to(act.dtype)[:, None]
+        at = (rows.to(act.device), slice(None), index.to(act.device))
+        act[at] = 0.0 if values is None else values.to(device=act.device, dtype=act.dtype)[:, None]
         return act
 
     return hook
+
+
+def stacks_and_costs(pairs: Sequence, stack: int, n_layers: int) -> Tuple[List[Tuple[int, List[int]]], List[int]]:
+    """The tail runs of :func:`ablate_each`: per layer (ascending), the positions in ``pairs`` of its neurons in
+    stacks of at most ``stack``, each with its cost (ablations x blocks in the tail). Under torchrun each rank
+    runs whole stacks, so every ablation is computed in the same stack as in one process."""
+    by_layer: Dict[int, List[int]] = {}
+    for i, (layer, _) in enumerate(pairs):
+        by_layer.setdefault(layer, []).append(i)
+    stacks = [(layer, rows[s : s + stack]) for layer, rows in sorted(by_layer.items()) for s in range(0, len(rows), stack)]
+    return stacks, [len(rows) * (n_layers - layer) for layer, rows in stacks]
 
 
 def ablate_each(
@@ -82,6 +97,9 @@ def ablate_each(
         ablation: ``zero``, or ``mean`` (each neuron's mean over ``calib_texts``, as in ``simulate_pruning``).
         stack: ablations run together in one tail pass.
 
+    Under torchrun the stacks are shared between the ranks (:func:`stacks_and_costs`) and the measured rows
+    gathered: every rank returns the whole table, in the given order.
+
     Returns columns layer, neuron, label, loss_change, kl, loss_original, loss_pruned.
     """
     check_ablation(ablation)
@@ -90,37 +108,35 @@ def ablate_each(
     token_lists = tokenize(model, texts, max_tokens=max_tokens)
     layers = sorted({l for l, _ in pairs})
     values = ablation_values(model, layers, ablation, calib_texts)
-    by_layer: Dict[int, List[int]] = {}
-    for i, (layer, _) in enumerate(pairs):
-        by_layer.setdefault(layer, []).append(i)
     tail = model_tail(model)
-    nll_pruned = torch.zeros(len(pairs), dtype=torch.float64)
-    kl_sum = torch.zeros(len(pairs), dtype=torch.float64)
+    mine = distributed.shard(*stacks_and_costs(pairs, stack, mlp_info(model).n_layers))
+    device = model_device(model)
+    measured = torch.zeros(2, len(pairs), dtype=torch.float64)  # summed NLL and KL of each ablation, over all texts
     nll_orig, n_targets, n_positions = 0.0, 0, 0
-    bar = tqdm(total=len(token_lists) * len(pairs), desc="ablate", disable=not progress)
-    with torch.no_grad():
+    bar = tqdm(total=len(token_lists) * sum(len(c) for _, c in mine), desc="ablate", disable=not progress)
+    with distributed.shard_work("ablate"), torch.no_grad():
         for ids in token_lists:
-            tokens = ids[None]
+            tokens = ids[None].to(device)
             resid: dict = {}
-            with attached_hooks(model, [(f"blocks.{l}.hook_resid_pre", capture_hook(resid, str(l))) for l in layers]):
+            captures = [(f"blocks.{l}.hook_resid_pre", capture_hook(resid, str(l))) for l in sorted({l for l, _ in mine})]
+            with attached_hooks(model, captures):
                 logp_orig = log_probs(model(tokens))[0]  # [pos, vocab]
             nll_orig += float(nll_from_log_probs(logp_orig[None], tokens).double().sum())
             n_targets += tokens.shape[1] - 1
             n_positions += tokens.shape[1]
-            for layer in layers:
-                for start in range(0, len(by_layer[layer]), stack):
-                    chunk = by_layer[layer][start : start + stack]
-                    idx = [pairs[i][1] for i in chunk]
-                    vals = None if values[layer] is None else values[layer][torch.tensor(idx)]
-                    hook = stacked_ablation_hook(idx, vals)
-                    with attached_hooks(model, [(mlp_post_name(layer), hook)]):
-                        hidden = run_body(tail, resid[str(layer)].expand(len(chunk), -1, -1), layer)
-                    for row, i in enumerate(chunk):
-                        logp = log_probs(tail.head(tail.norm(hidden[row : row + 1])))
-                        nll_pruned[i] += nll_from_log_probs(logp, tokens).double().sum()
-                        kl_sum[i] += kl_from_log_probs(logp_orig, logp[0]).double().sum()
-                    bar.update(len(chunk))
+            for layer, chunk in mine:
+                idx = [pairs[i][1] for i in chunk]
+                vals = None if values[layer] is None else values[layer][torch.tensor(idx)]
+                hook = stacked_ablation_hook(idx, vals)
+                with attached_hooks(model, [(mlp_post_name(layer), hook)]):
+                    hidden = run_body(tail, resid[str(layer)].expand(len(chunk), -1, -1), layer)
+                for row, i in enumerate(chunk):
+                    logp = log_probs(tail.head(tail.norm(hidden[row : row + 1])))
+                    measured[0, i] += float(nll_from_log_probs(logp, tokens).double().sum())
+                    measured[1, i] += float(kl_from_log_probs(logp_orig, logp[0]).double().sum())
+                bar.update(len(chunk))
     bar.close()
+    nll_pruned, kl_sum = distributed.sum_disjoint(measured)
     loss_orig = nll_orig / n_targets
     loss_pruned = (nll_pruned / n_targets).numpy()
     return pd.DataFrame(

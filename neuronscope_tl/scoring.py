@@ -103,10 +103,10 @@ class ScoreAccumulator:
     def update(self, layer: int, acts: Tensor, grads: Tensor, text: Tensor, pos: Tensor) -> None:
         """Real-token activations and gradients of one layer, [n, d_mlp], with each row's text and position [n]."""
         self.stats.update(layer, acts)
-        a, g = acts.detach().double(), grads.detach().double()
+        a, g = acts.detach().double().cpu(), grads.detach().double().cpu()
         self.sum_grad[layer] += g.sum(0)
         self.sum_grad_act[layer] += (g * a).sum(0)
-        self._keep_top(layer, acts.detach().float(), text, pos)
+        self._keep_top(layer, acts.detach().float().cpu(), text, pos)
 
     def _keep_top(self, layer: int, val: Tensor, text: Tensor, pos: Tensor) -> None:
         """Keep the k largest of the kept and the new (value, text, pos), ties broken by (text, pos).
@@ -125,19 +125,29 @@ class ScoreAccumulator:
         k = self.top_k
         self.top_value[layer], self.top_text[layer], self.top_pos[layer] = val[:k], text[:k], pos[:k]
 
-    def merge(self, other: "ScoreAccumulator") -> "ScoreAccumulator":
-        """Fold in a shard computed on later texts: its text indices are shifted by this shard's text count."""
+    def merge(self, other: "ScoreAccumulator", later_texts: bool = True) -> "ScoreAccumulator":
+        """Fold in another shard. ``later_texts``: it was computed on the texts after this shard's, so its text
+        indices are shifted by this shard's text count. Otherwise it covers other batches of the same token list
+        (a data-parallel rank, :meth:`merge_shard`): the indices already name the same texts."""
         if (other.layers, other.d_mlp, other.top_k) != (self.layers, self.d_mlp, self.top_k):
             raise ValueError("can only merge score accumulators over the same layers, d_mlp and top_k.")
+        if not later_texts and other.n_texts != self.n_texts:
+            raise ValueError(f"shards of the same token list must count the same texts, got {self.n_texts} and {other.n_texts}.")
         self.stats.merge(other.stats)
         self.sum_grad += other.sum_grad
         self.sum_grad_act += other.sum_grad_act
         self.n_targets += other.n_targets
-        shifted = torch.where(other.top_text >= 0, other.top_text + self.n_texts, other.top_text)
+        offset = self.n_texts if later_texts else 0
+        shifted = torch.where(other.top_text >= 0, other.top_text + offset, other.top_text)
         for layer in self.layers:
             self._keep_top(layer, other.top_value[layer], shifted[layer], other.top_pos[layer])
-        self.n_texts += other.n_texts
+        if later_texts:
+            self.n_texts += other.n_texts
         return self
+
+    def merge_shard(self, other: "ScoreAccumulator") -> "ScoreAccumulator":
+        """Fold in the same pass over other batches of the same token list (another data-parallel rank)."""
+        return self.merge(other, later_texts=False)
 
     def table(self, model) -> pd.DataFrame:
         """The per-neuron score table (columns :func:`score_columns`)."""

@@ -24,7 +24,7 @@ from ..surgery import PruneSpec, simulation_hooks
 
 LIVE_WINDOW = 64  # tokens per window of the fixed subset
 LIVE_WINDOWS_PER_DOMAIN = 1
-LIVE_NEW_TOKENS = 12  # tokens of each continuation
+LIVE_NEW_TOKENS = 8  # tokens of each continuation
 DEFAULT_PROMPT = "The city council said on Monday that"
 MAX_PROMPT_TOKENS = 64
 
@@ -55,21 +55,13 @@ class LiveResult:
 
 
 def greedy_continuation(model, prompt: str, new_tokens: int, hooks=()) -> str:
-    """The model's greedy (arg-max) continuation of ``prompt`` (new text only) with ``hooks`` attached.
-
-    A bridge generates through its Hugging Face model with the key-value cache (the bridge's hook points wrap
-    that model's modules, so the hooks see every new position); other models run one full forward per token."""
+    """The model's greedy (arg-max) continuation of ``prompt`` (new text only) with ``hooks`` attached: one full
+    forward per new token, without a key-value cache, so the hooks see every position as in a plain forward."""
     ids = model.to_tokens(prompt)
     start = ids.shape[1]
-    hf = getattr(model, "original_model", None)
     with attached_hooks(model, hooks), torch.no_grad():
-        if hf is not None and hasattr(hf, "generate"):
-            pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-            ids = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                              pad_token_id=pad, eos_token_id=None)
-        else:
-            for _ in range(new_tokens):
-                ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     return model.tokenizer.decode(ids[0, start:].tolist())
 
 

@@ -1,17 +1,21 @@
-"""Per-domain pruning quality on the default model: calibration source x method, measured on held-out text of
-every domain (:mod:`neuronscope_tl.domains`). Prints ONE JSON line.
+"""Ablations of pruning calibration on the default model, measured on held-out text of every domain
+(:mod:`neuronscope_tl.domains`): calibration source and size, one-shot against sequential (layer-by-layer)
+calibration, and the refit's damping (none, fixed, or chosen on held-out folds).
 
-For each calibration (``lee``: Lee articles 0-199; ``mix``: news + forum + docs interleaved) and token budget, one
-:func:`~neuronscope_tl.curves.prune_curve` at the given sparsities over the default evaluation sets (held-out parts
-of news, forum and docs; all of reviews and legal), 12 x 512-token windows each, bf16 autocast when within 0.5% of
-fp32.
+Each configuration prunes the same fraction of every layer's MLP neurons (mean ablation) and is measured with hook
+simulation on the default evaluation sets: the held-out parts of news, forum and docs (in-domain for the mixed
+calibration) and all of reviews and legal (out-of-domain), 12 x 512-token windows each, bf16 autocast. Prints one
+JSON line per configuration as it finishes, then one summary line.
 
-Usage: ``PYTHONPATH=. python benchmarks/bench_domains.py`` (env: BENCH_THREADS=2, BENCH_METHODS=obs,wanda,
-BENCH_SPARSITIES=0.2, BENCH_CALIBS=lee:8192,mix:8192, BENCH_ABLATION=mean).
+A configuration is ``CALIB:TOKENS:MODE:METHOD:REFIT``: CALIB ``lee`` (Lee articles 0-199) or ``mix`` (news + forum +
+docs, the default); MODE ``oneshot`` or ``seq``; REFIT ``none``, a damping such as ``0.01``, or ``auto`` (seq only).
+
+Usage: ``PYTHONPATH=. python benchmarks/bench_domains.py [--sparsity 0.2] [--configs CFG,CFG,...]``
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -19,35 +23,65 @@ import time
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import curves, domains, selection
+from neuronscope_tl import domains, evaluation, selection, sequential, surgery
+
+DEFAULT_CONFIGS = (
+    "lee:8192:oneshot:wanda:none",       # the baseline: Lee-calibrated structured Wanda
+    "lee:8192:oneshot:obs:0.01",         # the former recommendation
+    "mix:8192:oneshot:obs:0.01",         # calibration mix
+    "mix:32768:oneshot:obs:0.01",        # calibration size
+    "mix:32768:oneshot:wanda:none",
+    "mix:32768:seq:obs:0.01",            # sequential calibration, fixed damping
+    "mix:32768:seq:obs:auto",            # sequential, damping chosen on held-out domains
+    "mix:32768:seq:wanda:auto",
+    "mix:32768:seq:wanda:none",
+)
 
 
-def main() -> dict:
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    methods = os.environ.get("BENCH_METHODS", "obs,wanda").split(",")
-    sparsities = [float(x) for x in os.environ.get("BENCH_SPARSITIES", "0.2").split(",")]
-    calibs = [c.split(":") for c in os.environ.get("BENCH_CALIBS", "lee:8192,mix:8192").split(",")]
-    ablation = os.environ.get("BENCH_ABLATION", "mean")
+def parse(cfg: str) -> dict:
+    calib, tokens, mode, method, refit = cfg.split(":")
+    return {"calib": calib, "tokens": int(tokens), "mode": mode, "method": method,
+            "refit": None if refit == "none" else refit if refit == "auto" else float(refit)}
+
+
+def run_config(model, sets, dense, c: dict, sparsity: float, cache: dict) -> dict:
+    t = time.perf_counter()
+    if c["mode"] == "seq":
+        sources = {"lee": ns.calibration_texts()} if c["calib"] == "lee" else domains.calibration_sources()
+        wins = sequential.calibration_windows(model, sources, c["tokens"])
+        spec = sequential.sequential_spec(model, wins, c["method"], sparsity, "mean", c["refit"]).spec
+    else:
+        key = (c["calib"], c["tokens"])
+        if key not in cache:
+            texts = ns.calibration_texts() if c["calib"] == "lee" else None
+            cache.clear()  # one calibration's Gram matrices at a time
+            cache[key] = selection.calibrate(model, texts, c["tokens"], with_grams=True, with_gradients=False)
+        spec = selection.build_spec(model, cache[key], c["method"], sparsity, "per_layer", "mean", refit=c["refit"])
+    fit_s = time.perf_counter() - t
+    ppl = evaluation.domain_perplexities(model, sets, surgery.simulation_hooks(spec), bf16=True)
+    summary = evaluation.domain_summary(ppl, dense, sets)
+    return {**c, "sparsity": sparsity, "ratios": {k: round(v, 4) for k, v in summary["ratios"].items()},
+            "in_domain": round(summary["in_domain"], 4), "out_of_domain": round(summary["out_of_domain"], 4),
+            "fit_s": round(fit_s, 1), "total_s": round(time.perf_counter() - t, 1)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sparsity", type=float, default=0.2)
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     model = ns.load_model()
-    sets = domains.default_evaluation_sets()
-    texts = {"lee": ns.calibration_texts(), "mix": domains.mixed_calibration_texts()}
-    out = {"model": ns.models.model_name(model), "ablation": ablation, "runs": [], "domains": None}
-    for name, tokens in calibs:
-        t = time.perf_counter()
-        cal = selection.calibrate(model, texts[name], int(tokens), with_grams=any(ns.scores.get(m).needs_grams for m in methods))
-        cal_s = time.perf_counter() - t
-        res = curves.prune_curve(model, methods, sparsities, "per_layer", ablation, calibration=cal, domains=sets)
-        out["domains"] = res.protocol["domains"]
-        for row in res.table.itertuples():
-            per = res.domains[(res.domains.method == row.method) & (res.domains.sparsity == row.sparsity)]
-            out["runs"].append({
-                "calibration": name, "calib_tokens": int(tokens), "method": row.method, "sparsity": row.sparsity,
-                "ratio_in_domain": round(row.ratio_in_domain, 4), "ratio_out_of_domain": round(row.ratio_out_of_domain, 4),
-                "ratios": {r.domain: round(r.ratio, 4) for r in per.itertuples()},
-            })
-        out.setdefault("dense", {r.domain: round(r.dense, 3) for r in res.domains.drop_duplicates("domain").itertuples()})
-        out.setdefault("timings_s", {})[f"{name}:{tokens}"] = {"calibration": round(cal_s, 1), "curve": round(res.timings["total_s"], 1)}
-        print(json.dumps(out["runs"][-len(res.table):]), flush=True)
+    sets = evaluation.domain_windows(model, domains.default_evaluation_sets())
+    dense = evaluation.domain_perplexities(model, sets, bf16=True)
+    out = {"model": ns.models.model_name(model), "sparsity": args.sparsity, "ablation": "mean",
+           "dense": {k: round(v, 3) for k, v in dense.items()}, "sets": [d.wins.texts for d in sets], "runs": []}
+    cache: dict = {}
+    for cfg in args.configs.split(","):
+        row = run_config(model, sets, dense, parse(cfg), args.sparsity, cache)
+        out["runs"].append(row)
+        print(json.dumps(row), flush=True)
     out["threads"] = torch.get_num_threads()
     out["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))

@@ -34,6 +34,7 @@ from .evaluation import check_seed, texts_record
 from .impact import check_ablation
 from .models import mlp_info
 from .scoring import accumulate_scores, score_table
+from .obs import DEFAULT_DAMP
 from .surgery import Neurons, PruneSpec, make_spec
 from .texts import as_finite_real, calibration_tokens, check_max_tokens, show
 from .weights import neuron_weight_table
@@ -168,10 +169,15 @@ def select_neurons(model, cal: Calibration, method: str, sparsity: float, scope:
     return {l: sorted(v) for l, v in sorted(chosen.items())}
 
 
-def build_spec(model, cal: Calibration, method: str, sparsity: float, scope: str, ablation: str, seed: int = 0) -> Optional[PruneSpec]:
-    """The :class:`PruneSpec` of one selection (None when it selects nothing); refit methods carry their refit."""
+def build_spec(model, cal: Calibration, method: str, sparsity: float, scope: str, ablation: str, seed: int = 0,
+               refit: Optional[float] = None) -> Optional[PruneSpec]:
+    """The :class:`PruneSpec` of one selection (None when it selects nothing). Refit methods carry their refit;
+    ``refit`` (a damping) adds a least-squares refit to any method, or sets the damping of a refit method's."""
     neurons = select_neurons(model, cal, method, sparsity, scope, ablation, seed)
     if not neurons:
         return None
-    grams = cal.grams if registry.get(method).refit else None
-    return make_spec(model, neurons, ablation, cal.means, grams)
+    with_refit = registry.get(method).refit or refit is not None
+    if with_refit and cal.grams is None:
+        raise ValueError("a refit needs the calibration Gram matrices (calibrate(..., with_grams=True)).")
+    return make_spec(model, neurons, ablation, cal.means, cal.grams if with_refit else None,
+                     DEFAULT_DAMP if refit is None else refit)

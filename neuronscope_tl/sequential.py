@@ -1,21 +1,22 @@
-"""Sequential (layer-by-layer) calibration: each layer's statistics and Gram matrix come from the model with the
-earlier layers already pruned, as in SparseGPT, Wanda and SlimGPT.
+"""Sequential calibration: each layer's statistics and Gram matrix come from the model with the earlier layers
+already pruned, as in SparseGPT, Wanda and SlimGPT.
 
 One-shot calibration (:func:`~neuronscope_tl.selection.calibrate`) measures every layer on the dense model, so a
-later layer is fitted to inputs the pruned model never produces. Here the calibration windows' residual stream is
-cached at the input of layer 0 and carried forward one layer at a time (TransformerLens's ``start_at_layer`` /
-``stop_at_layer``, on a ``TransformerBridge`` and a ``HookedTransformer`` alike):
+later layer is fitted to inputs the pruned model never produces. Here the layers are calibrated in contiguous
+groups, first to last (``groups=None``: one layer per group, the exact layer-by-layer order). For each group:
 
-1. run layer ``l`` on the cached residual (the model pruned up to ``l - 1``) and collect its MLP statistics and
-   augmented Gram matrix, per calibration fold;
-2. select layer ``l``'s neurons with the registered method (:mod:`neuronscope_tl.scores`), on a
+1. run the calibration windows through the model with every earlier group's pruning attached as hooks
+   (:func:`~neuronscope_tl.surgery.simulation_hooks`), stopping after the group's last layer, and collect each of
+   its layers' MLP statistics and augmented Gram matrix, per calibration fold;
+2. select each layer's neurons with the registered method (:mod:`neuronscope_tl.scores`), on a
    :class:`~neuronscope_tl.selection.Calibration` built from those statistics;
 3. refit the kept output weights, with the damping chosen on held-out folds
-   (:func:`~neuronscope_tl.obs.choose_damp`, leave-one-fold-out; the default calibration's folds are its domains);
-4. run layer ``l`` again with its pruning applied, and cache the result as layer ``l + 1``'s input.
+   (:func:`~neuronscope_tl.obs.choose_damp`, leave-one-fold-out; the default calibration's folds are its domains).
 
-Each layer runs twice, so the whole pass costs about two forward passes over the calibration windows. Methods that
-need gradients (``taylor``) cannot be calibrated this way.
+The passes start from the tokens and stop early (``stop_at_layer``), so G groups cost about (G + 1) / 2 forward
+passes. (Re-entering the residual stream with ``start_at_layer`` would be cheaper in principle, but a
+``TransformerBridge`` still computes every block before the start layer.) Methods that need gradients
+(``taylor``) cannot be calibrated this way.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import scores as registry
 from .activations import NeuronAccumulator
+from .arch import output_matrix
 from .hooks import attached_hooks, mlp_post_name
 from .impact import check_ablation
 from .models import mlp_info
@@ -39,11 +41,14 @@ from .scoring import score_table
 from .selection import Calibration, check_sparsity
 from .surgery import PruneSpec, make_spec, simulation_hooks
 from .domains import DEFAULT_CALIBRATION_DOMAINS, calibration_sources
-from .texts import check_texts, show
+from .texts import check_int, check_texts, show
 from .weights import neuron_weight_table
 
 # Calibration windows per forward batch.
 SEQUENTIAL_BATCH = 8
+# Layer groups calibrated in turn by default: each costs a forward pass up to its last layer, so G groups cost
+# about (G + 1) / 2 forward passes over the calibration windows.
+DEFAULT_GROUPS = 6
 
 
 @dataclass
@@ -145,6 +150,14 @@ def sequential_sources(calib_texts: Optional[Sequence[str]] = None,
     return calibration_sources(DEFAULT_CALIBRATION_DOMAINS)
 
 
+def layer_groups(n_layers: int, groups: Optional[int]) -> List[List[int]]:
+    """Contiguous groups of layers calibrated together: ``groups`` of them, or one per layer when the model has
+    fewer layers or ``groups`` is None; sizes differ by at most one."""
+    g = n_layers if groups is None else min(check_int(groups, "groups", 1), n_layers)
+    bounds = [round(i * n_layers / g) for i in range(g + 1)]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
 def sequential_spec(
     model,
     windows: CalibrationWindows,
@@ -153,14 +166,19 @@ def sequential_spec(
     ablation: str = "mean",
     refit: Union[str, float, None] = "auto",
     seed: int = 0,
+    groups: Optional[int] = DEFAULT_GROUPS,
     batch_size: int = SEQUENTIAL_BATCH,
+    bf16: bool = False,
     progress: bool = False,
 ) -> SequentialSpec:
-    """Select and refit every layer in turn on the model pruned so far (see the module docstring).
+    """Select and refit the layers group by group on the model pruned so far (see the module docstring).
 
     ``refit``: ``"auto"`` (the damping chosen per layer on held-out folds), a damping value, or None (no refit:
-    pruned neurons are zero- or mean-ablated). ``refit`` is ignored for methods without one unless given as a
-    number or ``"auto"`` explicitly; ``obs`` always refits.
+    pruned neurons are zero- or mean-ablated); ``obs`` always refits (at the default damping when None).
+    ``groups``: how many contiguous layer groups are calibrated in turn (None: every layer on its own, the exact
+    layer-by-layer order; each group costs a forward pass up to its last layer). ``bf16`` runs the forwards under
+    bf16 autocast (about twice as fast where the CPU has bf16 matmuls; statistics and Gram matrices are still
+    accumulated in fp32 / fp64).
     """
     check_sequential_method(method)
     sparsity = check_sparsity(sparsity)
@@ -172,6 +190,7 @@ def sequential_spec(
         refit = DEFAULT_DAMP
     info = mlp_info(model)
     n_layers, d = info.n_layers, info.d_mlp
+    plan = layer_groups(n_layers, groups)
     k = int(round(sparsity * d))
     spec = PruneSpec(neurons={}, d_mlp=d, ablation=ablation)
     out = SequentialSpec(spec)
@@ -179,28 +198,27 @@ def sequential_spec(
         return out
     t0 = time.perf_counter()
     weights = neuron_weight_table(model)
-    w_out = None
+    mag = torch.tensor(weights["mean_abs_weight"].to_numpy()).reshape(n_layers, d)
+    w_out = output_matrix(model)
     batches = list(zip(windows.tokens.split(batch_size), windows.folds.split(batch_size)))
-    with torch.no_grad():
-        resid = [model(tokens, stop_at_layer=0) for tokens, _ in batches]
-        for layer in tqdm(range(n_layers), desc="sequential calibration", disable=not progress):
-            col = _LayerCollector(n_layers, layer, d, len(windows.fold_names))
-            with attached_hooks(model, [(mlp_post_name(layer), col.hook)]):
-                for r, (_, folds) in zip(resid, batches):
-                    col.folds = folds
-                    model(r, start_at_layer=layer, stop_at_layer=layer + 1)
+    for group in tqdm(plan, desc="sequential calibration", disable=not progress):
+        cols = {l: _LayerCollector(n_layers, l, d, len(windows.fold_names)) for l in group}
+        hooks = simulation_hooks(spec) + [(mlp_post_name(l), c.hook) for l, c in cols.items()]
+        with attached_hooks(model, hooks), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for tokens, folds in batches:
+                for c in cols.values():
+                    c.folds = folds
+                if group[-1] + 1 < n_layers:
+                    model(tokens, stop_at_layer=group[-1] + 1)
+                else:
+                    model(tokens, return_type=None)
+        for layer, col in cols.items():
             gram = col.gram()
-            table = score_table(col.stats.table(), weights)
-            mag = torch.tensor(weights["mean_abs_weight"].to_numpy()).reshape(n_layers, d)
             means = {layer: gram[d, :d].float()}
-            cal = Calibration(table, mag, means, {layer: gram.float()})
+            cal = Calibration(score_table(col.stats.table(), weights), mag, means, {layer: gram.float()})
             pruned = registry.get(method).select_layer(model, cal, layer, k, ablation, seed)
             grams, damp = None, DEFAULT_DAMP
             if refit is not None:
-                if w_out is None:
-                    from .arch import output_matrix  # noqa: PLC0415  (weights read once, when a refit needs them)
-
-                    w_out = output_matrix(model)
                 grams = {layer: gram}
                 if refit == "auto":
                     damp, errs = choose_damp(col.fold_grams(), col.counts, w_out[layer], pruned, ablation == "mean")
@@ -208,11 +226,7 @@ def sequential_spec(
                 else:
                     damp = float(refit)
                 out.damp[layer] = damp
-            layer_spec = make_spec(model, {layer: pruned}, ablation, means, grams, damp)
-            _merge_layer(spec, layer_spec, layer)
-            if layer + 1 < n_layers:
-                with attached_hooks(model, simulation_hooks(layer_spec)):
-                    resid = [model(r, start_at_layer=layer, stop_at_layer=layer + 1) for r in resid]
+            _merge_layer(spec, make_spec(model, {layer: pruned}, ablation, means, grams, damp), layer)
     out.timings = {"sequential_s": time.perf_counter() - t0}
     return out
 
@@ -233,7 +247,7 @@ def calibration_windows(model, sources: Dict[str, Sequence[str]], n_tokens: int,
 
     ValueError when a source holds fewer tokens than its share (naming how many it has).
     """
-    from .texts import check_int, windows as text_windows  # noqa: PLC0415  (texts imports models lazily)
+    from .texts import windows as text_windows  # noqa: PLC0415  (the name 'windows' is this function's argument)
 
     n_tokens = check_int(n_tokens, "calibration tokens", 1)
     if not sources:

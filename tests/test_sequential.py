@@ -39,7 +39,7 @@ def test_each_layer_is_fitted_on_the_model_pruned_so_far(tiny_model, method):
     """Layer 2's selection and refit equal those computed from a Gram matrix collected on the full model with
     layers 0-1 pruned by simulation hooks (an independent forward path: whole-model runs, padded batches)."""
     w = _windows(tiny_model)
-    res = sequential.sequential_spec(tiny_model, w, method, 0.25, "mean", refit=0.05)
+    res = sequential.sequential_spec(tiny_model, w, method, 0.25, "mean", refit=0.05, groups=None)
     spec = res.spec
     assert sorted(spec.neurons) == [0, 1, 2] and res.damp == {0: 0.05, 1: 0.05, 2: 0.05}
     gram = _gram_with(tiny_model, _prefix(spec, 2), 2, w.tokens)
@@ -71,7 +71,7 @@ def test_later_layers_differ_from_one_shot(tiny_model):
     """The pruned prefix changes what later layers see: their Gram differs from the dense one (so sequential
     calibration is not one-shot calibration in disguise)."""
     w = _windows(tiny_model)
-    spec = sequential.sequential_spec(tiny_model, w, "wanda", 0.5, "zero", refit=None).spec
+    spec = sequential.sequential_spec(tiny_model, w, "wanda", 0.5, "zero", refit=None, groups=None).spec
     dense = _gram_with(tiny_model, surgery.PruneSpec({}, spec.d_mlp), 2, w.tokens)
     pruned = _gram_with(tiny_model, _prefix(spec, 2), 2, w.tokens)
     assert (dense - pruned).abs().max() > 1e-3 * dense.abs().max()
@@ -120,6 +120,17 @@ def test_choose_damp_is_the_grid_value_with_least_held_out_error():
         brute.append(sum(rel) / 3)
     assert errors == pytest.approx(brute, rel=1e-6)
     assert best == (1e-3, 0.1, 10.0)[min(range(3), key=brute.__getitem__)]
+
+
+def test_groups_share_one_calibration_pass(tiny_model):
+    """With one group, every layer is calibrated on the dense model: layer 2's Gram is the dense one."""
+    w = _windows(tiny_model)
+    spec = sequential.sequential_spec(tiny_model, w, "obs", 0.25, "mean", refit=0.05, groups=1).spec
+    gram = _gram_with(tiny_model, surgery.PruneSpec({}, spec.d_mlp), 2, w.tokens)
+    delta, _ = obs.refit_output(gram, surgery.output_matrix(tiny_model)[2], spec.neurons[2], True, 0.05)
+    assert torch.allclose(spec.delta_out[2], delta, atol=1e-4 * float(delta.abs().max()) + 1e-6)
+    assert sequential.layer_groups(30, 6) == [list(range(i, i + 5)) for i in range(0, 30, 5)]
+    assert sequential.layer_groups(7, 3) == [[0, 1], [2, 3, 4], [5, 6]] and sequential.layer_groups(3, None) == [[0], [1], [2]]
 
 
 def test_calibration_windows_balance_and_folds(tiny_model):

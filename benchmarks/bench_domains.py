@@ -7,8 +7,10 @@ simulation on the default evaluation sets: the held-out parts of news, forum and
 calibration) and all of reviews and legal (out-of-domain), 12 x 512-token windows each, bf16 autocast. Prints one
 JSON line per configuration as it finishes, then one summary line.
 
-A configuration is ``CALIB:TOKENS:MODE:METHOD:REFIT``: CALIB ``lee`` (Lee articles 0-199) or ``mix`` (news + forum +
-docs, the default); MODE ``oneshot`` or ``seq``; REFIT ``none``, a damping such as ``0.01``, or ``auto`` (seq only).
+A configuration is ``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY]``: CALIB ``lee`` (Lee articles 0-199) or ``mix`` (news + forum +
+docs, the default); MODE ``oneshot`` or ``seq``; REFIT ``none``, a damping such as ``0.01``, or ``auto`` (seq only);
+SPARSITY defaults to ``--sparsity``. Sequential runs calibrate in 6 layer groups under bf16 autocast, as
+``neuronscope-tl prune`` does.
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_domains.py [--sparsity 0.2] [--configs CFG,CFG,...]``
 """
@@ -26,30 +28,36 @@ import neuronscope_tl as ns
 from neuronscope_tl import domains, evaluation, selection, sequential, surgery
 
 DEFAULT_CONFIGS = (
-    "lee:8192:oneshot:wanda:none",       # the baseline: Lee-calibrated structured Wanda
-    "lee:8192:oneshot:obs:0.01",         # the former recommendation
-    "mix:8192:oneshot:obs:0.01",         # calibration mix
-    "mix:32768:oneshot:obs:0.01",        # calibration size
-    "mix:32768:oneshot:wanda:none",
-    "mix:32768:seq:obs:0.01",            # sequential calibration, fixed damping
-    "mix:32768:seq:obs:auto",            # sequential, damping chosen on held-out domains
+    "lee:8192:oneshot:wanda:none",        # the baseline: Lee-calibrated structured Wanda
+    "lee:8192:oneshot:obs:0.01",          # the former recommendation
+    "mix:8192:oneshot:obs:0.01",          # calibration mix
+    "mix:32768:oneshot:obs:0.01",         # calibration size
+    "mix:32768:oneshot:fluctuation:0.01",
+    "mix:32768:seq:obs:0.01",             # sequential calibration, fixed damping
+    "mix:32768:seq:obs:auto",             # sequential, damping chosen on held-out domains: the recommendation
+    "mix:32768:seq:fluctuation:auto",
     "mix:32768:seq:wanda:auto",
-    "mix:32768:seq:wanda:none",
+    "mix:32768:seq:obs:auto:0.3",         # the recommendation at 30% per layer
+    "lee:8192:oneshot:wanda:none:0.3",
+    "mix:131072:seq:obs:auto",            # calibration size
 )
 
 
-def parse(cfg: str) -> dict:
-    calib, tokens, mode, method, refit = cfg.split(":")
+def parse(cfg: str, sparsity: float) -> dict:
+    """``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY]``."""
+    calib, tokens, mode, method, refit, *rest = cfg.split(":")
     return {"calib": calib, "tokens": int(tokens), "mode": mode, "method": method,
-            "refit": None if refit == "none" else refit if refit == "auto" else float(refit)}
+            "refit": None if refit == "none" else refit if refit == "auto" else float(refit),
+            "sparsity": float(rest[0]) if rest else sparsity}
 
 
-def run_config(model, sets, dense, c: dict, sparsity: float, cache: dict) -> dict:
+def run_config(model, sets, dense, c: dict, cache: dict) -> dict:
     t = time.perf_counter()
+    sparsity = c["sparsity"]
     if c["mode"] == "seq":
         sources = {"lee": ns.calibration_texts()} if c["calib"] == "lee" else domains.calibration_sources()
         wins = sequential.calibration_windows(model, sources, c["tokens"])
-        spec = sequential.sequential_spec(model, wins, c["method"], sparsity, "mean", c["refit"]).spec
+        spec = sequential.sequential_spec(model, wins, c["method"], sparsity, "mean", c["refit"], bf16=True).spec
     else:
         key = (c["calib"], c["tokens"])
         if key not in cache:
@@ -60,7 +68,7 @@ def run_config(model, sets, dense, c: dict, sparsity: float, cache: dict) -> dic
     fit_s = time.perf_counter() - t
     ppl = evaluation.domain_perplexities(model, sets, surgery.simulation_hooks(spec), bf16=True)
     summary = evaluation.domain_summary(ppl, dense, sets)
-    return {**c, "sparsity": sparsity, "ratios": {k: round(v, 4) for k, v in summary["ratios"].items()},
+    return {**c, "ratios": {k: round(v, 4) for k, v in summary["ratios"].items()},
             "in_domain": round(summary["in_domain"], 4), "out_of_domain": round(summary["out_of_domain"], 4),
             "fit_s": round(fit_s, 1), "total_s": round(time.perf_counter() - t, 1)}
 
@@ -79,7 +87,7 @@ def main(argv=None) -> dict:
            "dense": {k: round(v, 3) for k, v in dense.items()}, "sets": [d.wins.texts for d in sets], "runs": []}
     cache: dict = {}
     for cfg in args.configs.split(","):
-        row = run_config(model, sets, dense, parse(cfg), args.sparsity, cache)
+        row = run_config(model, sets, dense, parse(cfg, args.sparsity), cache)
         out["runs"].append(row)
         print(json.dumps(row), flush=True)
     out["threads"] = torch.get_num_threads()

@@ -24,6 +24,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from . import activations, candidates, compare, distributed, pipelines, curves, evaluation, impact, models, plots, report, scores, scoring, search, selection, surgery, texts, weights
+from . import activations, candidates, compare, distributed, pipelines, curves, evaluation, impact, models, plots, recipes, report, scores, scoring, search, selection, surgery, texts, weights
 from .app.state import AppSettings
 from .export import report_document, write_csv, write_json, write_set
 
@@ -51,6 +52,14 @@ DEFAULT_MODEL_TEXT = f"the embedded {models.DEFAULT_MODEL_NAME}"
 def recommended_method_text() -> str:
     """The help's name for an omitted --method: the recommendation, read when the parser is built."""
     return f"the recommended method, {curves.resolve_method(None, None)[0]}"
+
+
+def recommended_recipe_text(name: str) -> Callable[[], str]:
+    """The help's text for an omitted recipe field (--calibration, --refit): the recommendation's value."""
+    def text() -> str:
+        value = getattr(recipes.RECOMMENDED, name)
+        return f"the recommendation's, {'none' if value is None else value}; oneshot and the method's own with a given --method"
+    return text
 
 
 def recommended_ablation_text() -> str:
@@ -671,6 +680,10 @@ class PruneConfig:
         evaluate: measure dense and pruned perplexity on every evaluation set before saving (bf16 autocast).
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
         device: where the model runs: cpu, or cuda (under torchrun, each rank's LOCAL_RANK GPU).
+        calibration: oneshot (every layer measured on the dense model) or sequential (layer groups measured on the
+            model pruned so far); omit for the recommendation's.
+        refit: least-squares refit of the kept output weights: auto (damping chosen on held-out calibration
+            domains; sequential only), none, or a damping such as 0.01; omit for the recommendation's.
     """
 
     sparsity: float = field(default=0.2, metadata={"required": True})
@@ -681,16 +694,20 @@ class PruneConfig:
     ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"], "default_text": recommended_ablation_text})
     overwrite: bool = False
     calib_texts: Optional[str] = None
-    calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
+    calib_tokens: int = recipes.RECOMMENDED_CALIB_TOKENS
     eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
     evaluate: bool = True
     trust_remote_code: bool = False
     device: str = field(default="cpu", metadata={"choices": list(distributed.DEVICES)})
+    calibration: Optional[str] = field(default=None, metadata={"choices": list(recipes.CALIBRATION_MODES),
+                                                               "default_text": recommended_recipe_text("calibration")})
+    refit: Optional[str] = field(default=None, metadata={"default_text": recommended_recipe_text("refit")})
 
     def __post_init__(self):
         distributed.check_device(self.device)
-        self.method, self.ablation = curves.resolve_method(self.method, self.ablation)
-        scores.check_method(self.method)
+        recipe = recipes.resolve_recipe(self.method, self.ablation, self.calibration, self.refit)
+        self.method, self.ablation, self.calibration = recipe.method, recipe.ablation, recipe.calibration
+        self.refit = "none" if recipe.refit is None else str(recipe.refit)
         selection.check_sparsity(self.sparsity)
         selection.check_scope(self.scope)
         impact.check_ablation(self.ablation)
@@ -725,8 +742,8 @@ def run_prune(cfg: PruneConfig, log=print) -> dict:
     calib, domains = pipelines.calibration_texts_for(cfg.calib_texts)
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains) if cfg.evaluate else None
     pruned = pipelines.prune_and_save(
-        model, cfg.sparsity, cfg.out, cfg.method, cfg.scope, cfg.ablation, calib, domains, cfg.calib_tokens, sets,
-        cfg.overwrite, log=log,
+        model, cfg.sparsity, cfg.out, cfg.method, cfg.scope, cfg.ablation, calib if cfg.calib_texts else None, domains,
+        cfg.calib_tokens, sets, cfg.overwrite, log=log, calibration_mode=cfg.calibration, refit=cfg.refit,
     )
     result = pruned.model
     if result.masked:
@@ -899,10 +916,15 @@ def rank_output(cfg):
     scratch = Path(tempfile.mkdtemp(prefix=f"neuronscope-rank{distributed.current().rank}-"))
     mine = copy.copy(cfg)  # checked already, by the same checks on every rank
     mine.out = str(scratch / "out")
+    # torchrun stops the other ranks with SIGTERM when one fails: exit through the clean-up below
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM)) if main_thread else None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield mine
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

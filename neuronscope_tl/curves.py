@@ -27,6 +27,7 @@ from .evaluation import (
     eval_windows, geometric_mean, protocol_record, window_nll,
 )
 from .export import Result
+from .recipes import RECOMMENDED, resolve_recipe
 from .impact import check_ablation
 from .metrics import perplexity
 from .selection import Calibration, build_spec, calibrate, check_scope, check_sparsities
@@ -37,17 +38,17 @@ from .texts import check_max_tokens, show
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.5)
 RANDOM_SEEDS = (0, 1, 2)
 BF16_TOLERANCE = 0.005
-# The best method on its own curve of the default model (README, benchmarks/bench_curves_result.json).
-RECOMMENDED_METHOD = "obs"
-RECOMMENDED_ABLATION = "mean"
+# The recommended recipe's method and ablation (neuronscope_tl.recipes.RECOMMENDED, chosen on out-of-domain text).
+RECOMMENDED_METHOD = RECOMMENDED.method
+RECOMMENDED_ABLATION = RECOMMENDED.ablation
 
 
 def resolve_method(method: Optional[str], ablation: Optional[str]) -> Tuple[str, str]:
-    """(method, ablation) with the recommendation filled in: no method means the recommended method and, unless
-    given, its ablation; a given method without an ablation means zero ablation."""
-    if method is None:
-        return RECOMMENDED_METHOD, ablation or RECOMMENDED_ABLATION
-    return method, ablation or "zero"
+    """(method, ablation) with the recommendation filled in (:func:`~neuronscope_tl.recipes.resolve_recipe`): no
+    method means the recommended method and, unless given, its ablation; a given method without an ablation means
+    zero ablation."""
+    recipe = resolve_recipe(method, ablation)
+    return recipe.method, recipe.ablation
 
 
 @dataclass

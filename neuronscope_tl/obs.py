@@ -117,7 +117,7 @@ def refit_residual(gram: Tensor, w_out: Tensor, pruned: Sequence[int], delta: Te
 
 
 # Refit damping candidates (fractions of the mean diagonal of the Gram matrix), chosen per layer on held-out folds.
-DAMP_GRID = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0)
+DAMP_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def choose_damp(fold_grams: Sequence[Tensor], fold_counts: Sequence[int], w_out: Tensor, pruned: Sequence[int],
@@ -135,14 +135,14 @@ def choose_damp(fold_grams: Sequence[Tensor], fold_counts: Sequence[int], w_out:
     w = w_out.double()
     total = sum(g.double() * n for g, n in zip(fold_grams, fold_counts))
     n_all = sum(fold_counts)
+    energies = [max(float(torch.einsum("ik,ij,jk->", w, g.double()[:d, :d], w)), 1e-30) for g in fold_grams]
+    trains = [(total - g.double() * n) / max(n_all - n, 1) for g, n in zip(fold_grams, fold_counts)]
     errors = []
     for damp in grid:
         rel = []
-        for g, n in zip(fold_grams, fold_counts):
-            train = (total - g.double() * n) / max(n_all - n, 1)
+        for g, train, energy in zip(fold_grams, trains, energies):
             delta, bias = refit_output(train, w_out, pruned, with_bias, damp)
-            energy = float(torch.einsum("ik,ij,jk->", w, g.double()[:d, :d], w))
-            rel.append(refit_residual(g, w_out, pruned, delta, bias) / max(energy, 1e-30))
+            rel.append(refit_residual(g, w_out, pruned, delta, bias) / energy)
         errors.append(sum(rel) / len(rel))
     best = min(range(len(grid)), key=lambda i: errors[i])
     return float(grid[best]), errors

@@ -9,20 +9,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-from . import curves
-from . import scores as registry
-from .activations import DEFAULT_CALIB_TOKENS
 from .domains import (
-    DEFAULT_CALIBRATION_DOMAINS, TextSet, check_unique, default_evaluation_sets, mixed_calibration_texts, user_set,
+    DEFAULT_CALIBRATION_DOMAINS, TextSet, calibration_sources, check_unique, default_evaluation_sets, mixed_calibration_texts,
+    user_set,
 )
 from .evaluation import DEFAULT_DOMAIN_WINDOWS, DEFAULT_WINDOW, domain_perplexities, domain_summary, domain_windows
 from .export import Result, write_json
-from .impact import check_ablation
-from .selection import Calibration, build_spec, calibrate, check_scope, check_sparsity
+from .recipes import RECOMMENDED_CALIB_TOKENS, recipe_spec, resolve_recipe
+from .selection import Calibration, check_scope, check_sparsity
+from .sequential import calibration_windows, sequential_sources
 from .surgery import PrunedModel, check_out_dir, save_pruned, simulation_hooks
 from .texts import check_max_tokens, read_text_file, tokenize
 
@@ -65,7 +64,9 @@ class PruneReport(Result):
 
     Attributes:
         method / ablation / scope / sparsity: the pruning, and ``method_source``: ``given`` or ``recommended``.
-        calibration: the calibration texts (name, count, hash, tokens).
+        recipe: the whole recipe (:class:`~neuronscope_tl.recipes.Recipe`): method, ablation, calibration mode
+            and refit.
+        calibration: the calibration texts (name, count, hash, tokens) and mode.
         evaluation: per set: dense and pruned perplexity (hook simulation, bf16 autocast) and their ratio; the
             in-domain, out-of-domain and overall geometric means; every set's source, licence, tokens and hash.
         model: the :class:`~neuronscope_tl.surgery.PrunedModel` written.
@@ -79,6 +80,7 @@ class PruneReport(Result):
     calibration: dict
     evaluation: Optional[dict]
     model: PrunedModel = field(repr=False)
+    recipe: dict = field(default_factory=dict)
 
 
 def prune_and_save(
@@ -90,39 +92,46 @@ def prune_and_save(
     ablation: Optional[str] = None,
     calib_texts: Optional[Sequence[str]] = None,
     calibration_domains: Sequence[str] = DEFAULT_CALIBRATION_DOMAINS,
-    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    calib_tokens: int = RECOMMENDED_CALIB_TOKENS,
     eval_sets: Optional[Sequence[TextSet]] = None,
     overwrite: bool = False,
     measure_latency: bool = True,
     window: int = DEFAULT_WINDOW,
     calibration: Optional[Calibration] = None,
     log: Callable[[str], None] = lambda _: None,
+    calibration_mode: Optional[str] = None,
+    refit=None,
 ) -> PruneReport:
     """Calibrate, select, measure every evaluation set dense and pruned, then write the smaller model to ``out``
     with ``pruning_report.json`` beside it.
 
-    ``method=None`` takes the recommended method and ablation (chosen on out-of-domain text). ``calib_texts=None``
-    calibrates on the default mix of ``calibration_domains``; ``calibration`` reuses a calibration already computed
-    (then ``calib_texts`` and ``calib_tokens`` are not used). ``eval_sets=None`` skips the perplexity check.
+    ``method=None`` takes the recommended recipe (:data:`~neuronscope_tl.recipes.RECOMMENDED`, chosen on
+    out-of-domain text); ``ablation``, ``calibration_mode`` (``oneshot`` / ``sequential``) and ``refit`` override
+    its fields (:func:`~neuronscope_tl.recipes.resolve_recipe`). ``calib_texts=None`` calibrates on the default
+    domains ``calibration_domains`` (one-shot: their token-balanced mix; sequential: one fold per domain);
+    ``calibration`` reuses a one-shot calibration already computed (then ``calib_texts`` and ``calib_tokens`` are
+    not used). ``eval_sets=None`` skips the perplexity check.
     """
     method_source = "given" if method is not None else "recommended"
-    method, ablation = curves.resolve_method(method, ablation)
-    registry.check_method(method)
-    ablation = check_ablation(ablation)
+    recipe = resolve_recipe(method, ablation, calibration_mode, refit)
     sparsity, scope = check_sparsity(sparsity), check_scope(scope)
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     check_out_dir(out, overwrite)
-    if calibration is None:
-        calib_texts = mixed_calibration_texts(calibration_domains) if calib_texts is None else calib_texts
-        check_calibration_size(model, calib_texts, calib_tokens)
+    if recipe.calibration == "sequential" and scope != "per_layer":
+        raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer', got {scope!r}.")
+    sources = windows = None
+    if recipe.calibration == "sequential":
+        sources = sequential_sources(calib_texts, None if calib_texts is not None else calibration_sources(calibration_domains))
+        windows = calibration_windows(model, sources, calib_tokens)  # too little text fails here, before any work
+    elif calibration is None:
+        if calib_texts is None and tuple(calibration_domains) != DEFAULT_CALIBRATION_DOMAINS:
+            calib_texts = mixed_calibration_texts(calibration_domains)
+        check_calibration_size(model, calib_texts if calib_texts is not None else mixed_calibration_texts(), calib_tokens)
     sets = domain_windows(model, eval_sets, min(window, int(model.cfg.n_ctx)), DEFAULT_DOMAIN_WINDOWS) if eval_sets else None
 
-    cal = calibration
-    if cal is None:
-        log(f"calibrating on {calib_tokens} tokens ({method}, {ablation})")
-        cal = calibrate(model, calib_texts, calib_tokens, with_grams=registry.get(method).needs_grams,
-                        with_gradients=registry.needs_gradients([method]))
-    spec = build_spec(model, cal, method, sparsity, scope, ablation)
+    log(f"calibrating on {calib_tokens} tokens: {recipe.describe()}")
+    spec, calib_record = recipe_spec(model, recipe, sparsity, scope, calib_texts, calibration=calibration,
+                                     windows=windows, calib_tokens=calib_tokens, progress=True)
     if spec is None:
         raise ValueError(f"sparsity {sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")
     evaluation = None
@@ -134,7 +143,8 @@ def prune_and_save(
                       "sets": [{**d.wins.texts, "in_domain": d.in_domain} for d in sets], "precision": "bf16-autocast"}
     log(f"writing the pruned model to {out}")
     result = save_pruned(model, spec, out, overwrite=overwrite, measure_latency=measure_latency)
-    report = PruneReport(method=method, method_source=method_source, ablation=ablation, scope=scope, sparsity=sparsity,
-                         calibration=cal.record, evaluation=evaluation, model=result)
+    report = PruneReport(method=recipe.method, method_source=method_source, ablation=recipe.ablation, scope=scope,
+                         sparsity=sparsity, calibration=calib_record, evaluation=evaluation, model=result,
+                         recipe=asdict(recipe))
     write_json(Path(out) / "pruning_report.json", report.to_dict())
     return report

@@ -239,28 +239,31 @@ def _merge_layer(spec: PruneSpec, layer_spec: PruneSpec, layer: int) -> None:
             getattr(spec, name)[layer] = part[layer]
 
 
-def calibration_windows(model, sources: Dict[str, Sequence[str]], n_tokens: int, window: int = 512,
+def calibration_windows(model, sources: Dict[str, Sequence[str]], n_tokens: int, window: Optional[int] = None,
                         min_folds: int = 4) -> CalibrationWindows:
-    """Full ``window``-token windows of each source (its texts concatenated, each with its BOS), an equal share of
-    ``n_tokens`` from each, interleaved; one fold per source. A single source is cut into ``min_folds``
-    consecutive parts instead, so that the damping is still chosen on text the refit did not see.
+    """Full ``window``-token windows (default: 512, or the model's context when shorter) of each source (its texts
+    concatenated, each with its BOS), an equal share of ``n_tokens`` from each (rounded up to whole windows),
+    interleaved; one fold per source. A single source is cut into ``min_folds`` consecutive parts instead, so that
+    the damping is still chosen on text the refit did not see.
 
     ValueError when a source holds fewer tokens than its share (naming how many it has).
     """
     from .texts import windows as text_windows  # noqa: PLC0415  (the name 'windows' is this function's argument)
 
     n_tokens = check_int(n_tokens, "calibration tokens", 1)
+    window = min(512, int(model.cfg.n_ctx)) if window is None else window
     if not sources:
         raise ValueError("calibration needs at least one text source.")
-    per_source = max(1, n_tokens // window // len(sources))
+    per_source = max(1, -(-n_tokens // (window * len(sources))))  # whole windows, at least n_tokens in all
     parts, names = [], []
     for name, texts in sources.items():
         wins = [w for w in text_windows(model, texts, window) if w.numel() == window]
         if len(wins) < per_source:
-            have = sum(int(w.numel()) for w in wins)
-            raise ValueError(f"calibration source {name!r} holds {have} tokens in full {window}-token windows, fewer "
-                             f"than its share of {per_source * window}; give more text or ask for at most "
-                             f"{have * len(sources)} calibration tokens.")
+            have = len(wins) * window
+            what = "the calibration texts hold" if len(sources) == 1 else f"calibration source {name!r} holds"
+            raise ValueError(f"{what} {have} tokens in full {window}-token windows, fewer than the {n_tokens} asked "
+                             f"for{'' if len(sources) == 1 else f' ({per_source * window} from each source)'}; "
+                             f"give more text or ask for at most {have * len(sources)} calibration tokens.")
         parts.append(torch.stack(wins[:per_source]))
         names.append(name)
     if len(parts) == 1 and min_folds > 1:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import cli, selection, surgery
+from neuronscope_tl import cli, recipes, surgery
 from neuronscope_tl.hooks import attached_hooks, hook_count
 
 from conftest import FP32_EPS, PROBE_TEXT, fp32_forward_error, load_hf, save_tiny
@@ -103,8 +103,10 @@ def test_prune_output_reloads_in_plain_transformers_and_equals_the_simulation(pr
 
     # the same pruning, simulated with hooks on the bridge (selection is deterministic: same calibration tokens)
     model = ns.load_model(long_ctx_dirs[kind])
-    cal = selection.calibrate(model, calib_tokens=CALIB_TOKENS, with_grams=method == "obs")
-    spec = selection.build_spec(model, cal, method, SPARSITY, scope, ablation)
+    recipe = recipes.Recipe(**report["recipe"])
+    if run[3] is None:  # the command's default is the recommended recipe
+        assert recipe == recipes.RECOMMENDED
+    spec, _ = recipes.recipe_spec(model, recipe, SPARSITY, scope, calib_tokens=CALIB_TOKENS)
     ids = torch.tensor([tokens])
     with torch.no_grad(), attached_hooks(model, surgery.simulation_hooks(spec)):
         simulated = model(ids)[0].double()

@@ -139,8 +139,10 @@ def test_calibration_windows_balance_and_folds(tiny_model):
     assert w.folds.tolist() == [0, 1] * 16
     single = sequential.calibration_windows(tiny_model, {"mine": list(ns.lee_articles()[:20])}, 1024, 32)
     assert single.folds.tolist() == sorted(single.folds.tolist()) and len(single.fold_names) == 4
-    with pytest.raises(ValueError, match=r"holds \d+ tokens"):
+    with pytest.raises(ValueError, match=r"hold \d+ tokens in full 32-token windows, fewer than the 1024 asked for"):
         sequential.calibration_windows(tiny_model, {"tiny": ["just a few words"]}, 1024, 32)
+    with pytest.raises(ValueError, match=r"source .b. holds \d+ tokens"):
+        sequential.calibration_windows(tiny_model, {"a": list(ns.lee_articles()[:20]), "b": ["a few words"]}, 1024, 32)
 
 
 def test_bad_input_changes_nothing(tiny_model):

@@ -1,0 +1,136 @@
+"""How to prune: a :class:`Recipe` (ranking method, ablation, calibration mode and refit), the recommended recipe,
+and :func:`recipe_spec`, which turns a recipe and a sparsity into a :class:`~neuronscope_tl.surgery.PruneSpec`.
+
+* ``method``: a registered ranking method (:mod:`neuronscope_tl.scores`).
+* ``ablation``: ``zero``, or ``mean`` (the pruned neurons' mean activation folded into an output bias).
+* ``calibration``: ``oneshot`` (every layer measured on the dense model, :func:`~neuronscope_tl.selection.calibrate`)
+  or ``sequential`` (layer groups measured on the model pruned so far, :mod:`neuronscope_tl.sequential`).
+* ``refit``: the least-squares refit of the kept output weights: ``auto`` (damping chosen per layer on held-out
+  calibration folds; sequential only), a damping, or None (the method's own: ``obs`` refits at the default
+  damping, the others do not refit).
+
+:data:`RECOMMENDED` is the recipe the command line and the app use when no method is given. It was chosen on the
+out-of-domain evaluation sets (text from sources the calibration never saw) by ``benchmarks/bench_domains.py``;
+the README's per-domain table holds the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+from . import scores as registry
+from .impact import check_ablation
+from .obs import DEFAULT_DAMP
+from .selection import Calibration, build_spec, calibrate, check_scope, check_sparsity
+from .sequential import (
+    CalibrationWindows, calibration_windows, check_refit, check_sequential_method, sequential_sources, sequential_spec,
+)
+from .surgery import PruneSpec
+from .texts import show
+
+CALIBRATION_MODES = ("oneshot", "sequential")
+# Calibration tokens of the recommended recipe: 32,768 tokens of the default mix (the Gram matrices of a
+# 1,536-neuron layer are fitted on about 21 tokens per parameter row; 8,192 tokens overfit the refit).
+RECOMMENDED_CALIB_TOKENS = 32768
+
+
+def check_calibration_mode(mode: str) -> str:
+    if mode not in CALIBRATION_MODES:
+        raise ValueError(f"unknown calibration mode {show(mode)}; valid modes are {', '.join(CALIBRATION_MODES)}.")
+    return mode
+
+
+def parse_refit(value) -> Union[str, float, None]:
+    """A refit setting from the command line or the API: ``auto``, ``none``/None, or a positive damping."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    if isinstance(value, str) and value.strip().lower() != "auto":
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"refit must be auto, none or a positive damping such as 0.01, got {value!r}.") from None
+    return check_refit(value.strip().lower() if isinstance(value, str) else value)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How neurons are chosen and what makes up for them (see the module docstring)."""
+
+    method: str
+    ablation: str = "zero"
+    calibration: str = "oneshot"
+    refit: Union[str, float, None] = None
+
+    def __post_init__(self):
+        registry.check_method(self.method)
+        check_ablation(self.ablation)
+        check_calibration_mode(self.calibration)
+        object.__setattr__(self, "refit", parse_refit(self.refit))
+        if self.calibration == "sequential":
+            check_sequential_method(self.method)
+        elif self.refit == "auto":
+            raise ValueError("refit 'auto' chooses the damping on held-out calibration folds, which only sequential "
+                             "calibration keeps; use calibration 'sequential' or a damping such as 0.01.")
+
+    @property
+    def needs_grams(self) -> bool:
+        return registry.get(self.method).needs_grams or self.refit is not None
+
+    def describe(self) -> str:
+        refit = {None: "no refit" if not registry.get(self.method).refit else f"refit (damping {DEFAULT_DAMP})",
+                 "auto": "refit (damping chosen on held-out folds)"}.get(self.refit, f"refit (damping {self.refit})")
+        return f"{self.method}, {self.ablation} ablation, {self.calibration} calibration, {refit}"
+
+
+# The recommendation: best geometric-mean perplexity ratio on the out-of-domain sets at 20% per layer
+# (benchmarks/bench_domains.py; README "Pruning that holds off its calibration domain").
+RECOMMENDED = Recipe("obs", "mean", "sequential", "auto")
+
+
+def resolve_recipe(method: Optional[str] = None, ablation: Optional[str] = None, calibration: Optional[str] = None,
+                   refit=None) -> Recipe:
+    """The recipe of a user's choices: no method means the recommended recipe with any given field replaced; a given
+    method means that method with zero ablation, one-shot calibration and the method's own refit unless given."""
+    if method is None:
+        changes = {k: v for k, v in (("ablation", ablation), ("calibration", calibration), ("refit", refit)) if v is not None}
+        return replace(RECOMMENDED, **changes)
+    return Recipe(method, ablation or "zero", calibration or "oneshot", refit)
+
+
+def recipe_spec(
+    model,
+    recipe: Recipe,
+    sparsity: float,
+    scope: str = "per_layer",
+    calib_texts: Optional[Sequence[str]] = None,
+    calib_sources: Optional[Dict[str, Sequence[str]]] = None,
+    calib_tokens: int = RECOMMENDED_CALIB_TOKENS,
+    calibration: Optional[Calibration] = None,
+    windows: Optional[CalibrationWindows] = None,
+    seed: int = 0,
+    progress: bool = False,
+    bf16: bool = True,
+) -> Tuple[Optional[PruneSpec], dict]:
+    """The pruning of ``recipe`` at ``sparsity`` (None when it removes nothing) and the calibration record.
+
+    One-shot recipes calibrate on ``calib_texts`` (default: the token-balanced mix of the default domains) unless
+    ``calibration`` is given; sequential recipes fold over ``calib_sources`` (default: the default domains, one
+    fold each) or ``calib_texts`` (one source in four folds) unless ``windows`` is given. Sequential calibration
+    selects per layer: ``scope`` must be ``per_layer``; its forwards run under bf16 autocast unless ``bf16=False``
+    (statistics still accumulate in fp32 / fp64).
+    """
+    sparsity, scope = check_sparsity(sparsity), check_scope(scope)
+    if recipe.calibration == "sequential":
+        if scope != "per_layer":
+            raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer', got {scope!r}.")
+        if windows is None:
+            windows = calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
+        spec = sequential_spec(model, windows, recipe.method, sparsity, recipe.ablation, recipe.refit, seed,
+                               bf16=bf16, progress=progress).spec
+        return (spec if spec.neurons else None), {"mode": "sequential", **windows.record}
+    if calibration is None:
+        calibration = calibrate(model, calib_texts, calib_tokens, with_grams=recipe.needs_grams,
+                                with_gradients=registry.needs_gradients([recipe.method]))
+    spec = build_spec(model, calibration, recipe.method, sparsity, scope, recipe.ablation, seed, recipe.refit)
+    return spec, {"mode": "oneshot", **calibration.record}

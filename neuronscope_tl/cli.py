@@ -596,6 +596,10 @@ class CurveConfig:
         precision: auto (bf16 when within 0.5% of fp32 on the dense model), fp32 or bf16.
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
         device: where the model runs: cpu, or cuda (under torchrun, each rank's LOCAL_RANK GPU).
+        calibration: oneshot (one calibration pass serves every point) or sequential (each point calibrates its layer
+            groups on the model pruned so far: a calibration pass per point, per layer scope only).
+        refit: with sequential calibration, the least-squares refit: auto (damping chosen on held-out calibration
+            domains), none, or a damping such as 0.01.
     """
 
     model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
@@ -612,9 +616,15 @@ class CurveConfig:
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
     trust_remote_code: bool = False
     device: str = field(default="cpu", metadata={"choices": list(distributed.DEVICES)})
+    calibration: str = field(default="oneshot", metadata={"choices": list(recipes.CALIBRATION_MODES)})
+    refit: str = "auto"
 
     def __post_init__(self):
         distributed.check_device(self.device)
+        recipes.check_calibration_mode(self.calibration)
+        recipes.parse_refit(self.refit)
+        if self.calibration == "sequential" and self.scope != "per_layer":
+            raise ValueError(f"sequential calibration selects layer by layer: use --scope per_layer, got {self.scope!r}.")
         _, calibration_domains = pipelines.calibration_texts_for(self.calib_texts)  # bad files fail before any work
         pipelines.evaluation_sets_for(self.eval_texts, calibration_domains, defaults=self.domains)
         for m in self.methods:
@@ -637,9 +647,11 @@ def run_curve(cfg: CurveConfig, log=print) -> dict:
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, calibration_domains, defaults=cfg.domains)
     log(f"calibrating on {cfg.calib_tokens} tokens, then measuring dense perplexity; a progress bar follows")
     res = curves.prune_curve(
-        model, cfg.methods, cfg.sparsities, cfg.scope, cfg.ablations, calib_texts=calib, every=cfg.every,
+        model, cfg.methods, cfg.sparsities, cfg.scope, cfg.ablations, every=cfg.every,
+        calib_texts=calib if cfg.calib_texts or cfg.calibration == "oneshot" else None,
         calib_tokens=cfg.calib_tokens, precision=cfg.precision, progress=True, domains=sets or None,
         window=default_window(model), on_run=getattr(log, "tick", None),
+        sequential=cfg.calibration == "sequential", refit=recipes.parse_refit(cfg.refit),
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

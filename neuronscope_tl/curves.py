@@ -165,7 +165,7 @@ def prune_curve(
             for seed in (seeds if registry.get(m).random else [0])]
     for method, sparsity, abl, seed in tqdm(jobs, desc="curve", disable=not progress):
         if sequential:
-            spec = sequential_spec(model, seq_windows, method, sparsity, abl, refit, seed).spec
+            spec = sequential_spec(model, seq_windows, method, sparsity, abl, refit, seed, bf16=use_bf16).spec
             spec = spec if spec.neurons else None
         else:
             spec = build_spec(model, cal, method, sparsity, scope, abl, seed)
@@ -196,7 +196,8 @@ def prune_curve(
         per_domain["ratio"] = per_domain["perplexity"] / per_domain["dense"]
     first = wins if sets is None else sets[0].wins
     precision_name = "bf16-autocast" if use_bf16 else "fp32"
-    protocol = protocol_record(model, first, int(seeds[0]) if len(seeds) else 0, precision_name, cal.record)
+    calib_record = {"mode": "sequential", "refit": refit, **seq_windows.record} if sequential else cal.record
+    protocol = protocol_record(model, first, int(seeds[0]) if len(seeds) else 0, precision_name, calib_record)
     protocol["random_seeds"] = list(seeds)
     if sets is not None:
         protocol["eval_texts"] = None

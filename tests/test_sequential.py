@@ -157,3 +157,28 @@ def test_bad_input_changes_nothing(tiny_model):
     with pytest.raises(ValueError, match="at least 2 calibration folds"):
         sequential.sequential_spec(tiny_model, one_fold, "obs", 0.25, "mean", "auto")
     assert hook_count(tiny_model) == 0 and torch.equal(surgery.output_matrix(tiny_model), before)
+
+
+def test_curve_command_with_sequential_calibration(tiny_dirs, tmp_path):
+    """``curve --calibration sequential`` measures the sequential recipe: its point equals the perplexity of the
+    same sequential spec evaluated on the same windows; a global scope is refused before any work."""
+    import json
+
+    from neuronscope_tl import cli, evaluation
+
+    out = tmp_path / "curve"
+    argv = ["curve", "--model", tiny_dirs["llama"], "--methods", "obs", "--sparsities", "0.25", "--ablations", "mean",
+            "--calibration", "sequential", "--refit", "0.05", "--calib-tokens", "1024", "--no-domains", "--every", "1",
+            "--precision", "fp32", "--out", str(out)]
+    assert cli.main(argv) == 0
+    row = json.loads((out / "protocol.json").read_text())
+    curve = __import__("pandas").read_csv(out / "curve.csv")
+    model = ns.load_model(tiny_dirs["llama"])
+    wins = sequential.calibration_windows(model, sequential.sequential_sources(), 1024)
+    spec = sequential.sequential_spec(model, wins, "obs", 0.25, "mean", 0.05).spec
+    window = min(evaluation.DEFAULT_WINDOW, int(model.cfg.n_ctx))
+    ppl = evaluation.evaluate_perplexity(model, window=window, hooks=surgery.simulation_hooks(spec)).perplexity
+    assert float(curve["perplexity"].iloc[0]) == pytest.approx(ppl, rel=1e-9)
+    assert row["config"]["calibration"] == "sequential"
+    bad = tmp_path / "bad"
+    assert cli.main(argv[:-1] + [str(bad), "--scope", "global"]) == 2 and not bad.exists()

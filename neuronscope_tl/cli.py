@@ -610,7 +610,7 @@ class CurveConfig:
     ablations: List[str] = field(default_factory=lambda: ["zero", "mean"])
     every: int = evaluation.DEFAULT_EVERY
     calib_texts: Optional[str] = None
-    calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
+    calib_tokens: int = recipes.RECOMMENDED_CALIB_TOKENS
     eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
     domains: bool = True
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
@@ -799,7 +799,7 @@ class SearchConfig:
     ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"], "default_text": recommended_ablation_text})
     scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
     calib_texts: Optional[str] = None
-    calib_tokens: int = activations.DEFAULT_CALIB_TOKENS
+    calib_tokens: int = recipes.RECOMMENDED_CALIB_TOKENS
     eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
     trust_remote_code: bool = False
     device: str = field(default="cpu", metadata={"choices": list(distributed.DEVICES)})

@@ -20,7 +20,6 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import scores as registry
-from .activations import DEFAULT_CALIB_TOKENS
 from .domains import TextSet
 from .evaluation import (
     DEFAULT_DOMAIN_WINDOWS, DEFAULT_EVERY, DEFAULT_WINDOW, check_seeds, domain_perplexities, domain_summary, domain_windows,
@@ -30,7 +29,7 @@ from .export import Result
 from .recipes import RECOMMENDED, resolve_recipe
 from .impact import check_ablation
 from .metrics import perplexity
-from .selection import Calibration, build_spec, calibrate, check_scope, check_sparsities
+from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate, check_scope, check_sparsities
 from .sequential import calibration_windows, check_refit, check_sequential_method, sequential_sources, sequential_spec
 from .surgery import simulation_hooks
 from .texts import check_max_tokens, show
@@ -91,7 +90,7 @@ def prune_curve(
     ablation: Union[str, Sequence[str]] = "zero",
     calib_texts: Optional[Sequence[str]] = None,
     eval_texts: Optional[Sequence[str]] = None,
-    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    calib_tokens: int = PRUNE_CALIB_TOKENS,
     window: int = DEFAULT_WINDOW,
     every: int = DEFAULT_EVERY,
     seeds: Sequence[int] = RANDOM_SEEDS,

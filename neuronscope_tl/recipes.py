@@ -22,7 +22,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 from . import scores as registry
 from .impact import check_ablation
 from .obs import DEFAULT_DAMP
-from .selection import Calibration, build_spec, calibrate, check_scope, check_sparsity
+from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate, check_scope, check_sparsity
 from .sequential import (
     CalibrationWindows, calibration_windows, check_refit, check_sequential_method, sequential_sources, sequential_spec,
 )
@@ -30,9 +30,8 @@ from .surgery import PruneSpec
 from .texts import show
 
 CALIBRATION_MODES = ("oneshot", "sequential")
-# Calibration tokens of the recommended recipe: 32,768 tokens of the default mix (the Gram matrices of a
-# 1,536-neuron layer are fitted on about 21 tokens per parameter row; 8,192 tokens overfit the refit).
-RECOMMENDED_CALIB_TOKENS = 32768
+# Calibration tokens of the recommended recipe (selection.PRUNE_CALIB_TOKENS).
+RECOMMENDED_CALIB_TOKENS = PRUNE_CALIB_TOKENS
 
 
 def check_calibration_mode(mode: str) -> str:

@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from . import scores as registry
-from .activations import DEFAULT_CALIB_TOKENS
 from .curves import RECOMMENDED_ABLATION, RECOMMENDED_METHOD
 from .domains import TextSet
 from .evaluation import (
@@ -23,7 +22,7 @@ from .evaluation import (
 from .export import Result
 from .impact import check_ablation
 from .metrics import perplexity
-from .selection import Calibration, build_spec, calibrate, check_scope, check_sparsity
+from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate, check_scope, check_sparsity
 from .surgery import PruneSpec, simulation_hooks
 from .texts import as_finite_real, check_max_tokens, show
 
@@ -80,7 +79,7 @@ def search_pruning(
     max_sparsity: float = 0.9,
     calib_texts: Optional[Sequence[str]] = None,
     eval_texts: Optional[Sequence[str]] = None,
-    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    calib_tokens: int = PRUNE_CALIB_TOKENS,
     window: int = DEFAULT_WINDOW,
     every: int = DEFAULT_EVERY,
     bf16: bool = True,

@@ -181,6 +181,7 @@ class GramAccumulator:
     """
 
     needs_grad = False
+    summed = True  # the state is sums and a count: reduced across torchrun ranks by all_reduce, not gathered
 
     def __init__(self, layers: Sequence[int], d_mlp: int):
         self.layers = list(layers)

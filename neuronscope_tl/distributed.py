@@ -39,11 +39,13 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 TIMEOUT_ENV = "NEURONSCOPE_TIMEOUT_S"
@@ -51,6 +53,9 @@ TIMEOUT_ENV = "NEURONSCOPE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800.0
 DEVICES = ("cpu", "cuda")
 _STEP_KEY = "neuronscope/collectives/{rank}"
+# This process's collectives so far (their count is also written to the store), whether the count has been
+# started in the current process group, and the seconds spent in them.
+_steps = {"count": 0, "started": False, "seconds": 0.0}
 
 
 class DistributedError(RuntimeError):
@@ -70,12 +75,6 @@ class Rank:
         return self.world_size > 1
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() else None
-
-
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -89,8 +88,7 @@ def _env_int(name: str, default: int) -> int:
 def current() -> Rank:
     """This process's rank: from the process group when one is running, else from torchrun's environment
     (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); rank 0 of 1 without either."""
-    dist = _dist()
-    if dist is not None and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
@@ -187,17 +185,19 @@ def shard(items: Sequence, costs: Optional[Sequence[float]] = None) -> list:
 def start() -> Rank:
     """Join the process group once (``env://``, as torchrun sets it up) with the collective timeout; gloo, and
     NCCL for CUDA tensors when a GPU is visible. A process group the caller started is used as it is."""
-    dist = _dist()
     here = current()
-    if dist is None:
+    if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this torch build; run without torchrun.")
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s())
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(here.local_rank % torch.cuda.device_count())
-            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
+        try:
+            dist.init_process_group(backend, timeout=timeout)
+        except RuntimeError as exc:
+            raise DistributedError(f"rank {here.rank}: the process group did not start within {timeout_s():g} s: not "
+                                   f"every one of the {here.world_size} ranks reached its first pass. Cause: {_first_line(exc)}") from None
         here = current()
     if not _steps["started"]:
         _steps["started"] = True
@@ -205,13 +205,9 @@ def start() -> Rank:
     return here
 
 
-_steps = {"count": 0, "started": False}
-
 
 def _store():
-    from torch.distributed import distributed_c10d
-
-    return distributed_c10d._get_default_store()
+    return dist.distributed_c10d._get_default_store()
 
 
 def _record_step(here: Rank, count: int) -> None:
@@ -245,23 +241,34 @@ def _behind(here: Rank, step: int) -> str:
     return "every rank reached it, so a rank stopped during it"
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _collective(what: str, fn):
     """Run one collective; a failure becomes a DistributedError naming the ranks that never reached it."""
     here = current()
     step = _steps["count"] + 1
     _record_step(here, step)
+    t0 = time.perf_counter()
     try:
         return fn()
     except DistributedError:
         raise
     except RuntimeError as exc:
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DistributedError(f"rank {here.rank}: collective {step} ({what}) failed: {_behind(here, step)}. "
-                               f"Cause: {cause}") from None
+                               f"Cause: {_first_line(exc)}") from None
+    finally:
+        _steps["seconds"] += time.perf_counter() - t0
+
+
+def collective_seconds() -> float:
+    """Seconds this process has spent in collectives (waiting for slower ranks included)."""
+    return _steps["seconds"]
 
 
 def _gather(what: str, obj) -> list:
-    dist = _dist()
     parts = [None] * current().world_size
     _collective(what, lambda: dist.all_gather_object(parts, obj))
     return parts
@@ -305,17 +312,15 @@ def shard_work(what: str) -> Iterator[None]:
 def reduce(accumulators: Sequence, device: Union[str, torch.device] = "cpu") -> None:
     """Fold each accumulator of a data-parallel pass across the ranks, in place; every rank ends with the result.
 
-    Gram accumulators (``sums`` per layer and a token ``count``) are summed with ``all_reduce``, one layer at a
-    time on ``device``; every other accumulator is gathered and folded in rank order with its ``merge_shard``
-    (or ``merge``).
+    An accumulator whose whole state is sums (``summed = True``: a ``sums`` dict of tensors and an integer
+    ``count``, as the Gram accumulator) is summed with ``all_reduce``, one tensor at a time on ``device``; every
+    other accumulator is gathered and folded in rank order with its ``merge_shard`` (or ``merge``).
     """
     if not active():
         return
-    from .activations import GramAccumulator
-
     for acc in accumulators:
-        if isinstance(acc, GramAccumulator):
-            _sum_grams(acc, torch.device(device))
+        if getattr(acc, "summed", False):
+            _sum_in_place(acc, torch.device(device))
         else:
             _gather_and_merge(acc)
 
@@ -329,12 +334,11 @@ def _gather_and_merge(acc) -> None:
     acc.__dict__.update(total.__dict__)
 
 
-def _sum_grams(acc, device: torch.device) -> None:
-    dist = _dist()
-    for layer in acc.layers:
-        buffer = acc.sums[layer].to(device)
-        _collective(f"sum Gram of layer {layer}", lambda: dist.all_reduce(buffer))
-        acc.sums[layer] = buffer.cpu() if device.type != "cpu" else buffer
+def _sum_in_place(acc, device: torch.device) -> None:
+    for key in list(acc.sums):
+        buffer = acc.sums[key].to(device)
+        _collective(f"sum {type(acc).__name__} {key}", lambda: dist.all_reduce(buffer))
+        acc.sums[key] = buffer.to(acc.sums[key].device)
     acc.count = int(sum_values(acc.count)[0])
 
 
@@ -343,7 +347,7 @@ def sum_values(*values: float) -> Tuple[float, ...]:
     if not active():
         return tuple(values)
     buffer = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    _collective("sum values", lambda: _dist().all_reduce(buffer))
+    _collective("sum values", lambda: dist.all_reduce(buffer))
     return tuple(buffer.tolist())
 
 
@@ -353,13 +357,12 @@ def sum_disjoint(tensor: Tensor) -> Tensor:
     if not active():
         return tensor
     buffer = tensor.detach().cpu().clone()
-    _collective("gather rows", lambda: _dist().all_reduce(buffer))
+    _collective("gather rows", lambda: dist.all_reduce(buffer))
     return buffer.to(tensor.device)
 
 
 def stop() -> None:
     """Leave the process group, if this process started or joined one."""
-    dist = _dist()
-    if dist is not None and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _steps.update(count=0, started=False)
+    _steps.update(count=0, started=False, seconds=0.0)

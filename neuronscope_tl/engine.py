@@ -9,7 +9,9 @@ An accumulator is any object with
 * ``observe(obs)``: called once per layer and batch with an :class:`Observation` (real tokens only);
 * optionally ``end_batch(batch)``: called after each batch;
 * ``merge(other)``, or ``merge_shard(other)`` when merging the same pass over other batches of the same token list
-  differs from ``merge`` (text indices): folds in another rank's state under ``torchrun``.
+  differs from ``merge`` (text indices): folds in another rank's state under ``torchrun``; or ``summed = True``
+  for a state that is only a ``sums`` dict of tensors and an integer ``count``, too large to gather (Gram
+  matrices): summed across the ranks by ``all_reduce``.
 
 Activation statistics (:class:`~neuronscope_tl.activations.NeuronAccumulator`), Gram matrices
 (:class:`~neuronscope_tl.activations.GramAccumulator`) and scores with gradients and top contexts

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,20 +60,22 @@ def rank_env(rank: int, port: int, timeout_s: float = 60.0) -> dict:
             "MASTER_PORT": str(port), distributed.TIMEOUT_ENV: str(timeout_s)}
 
 
-def _entry(rank: int, port: int, timeout_s: float, barrier, target, args) -> None:
-    os.environ.update(rank_env(rank, port, timeout_s))
+def _entry(rank: int, port: int, timeout_s: float, tmpdir: str, barrier, target, args) -> None:
+    os.environ.update(rank_env(rank, port, timeout_s), TMPDIR=tmpdir)
+    tempfile.tempdir = tmpdir  # the imports may have read TMPDIR already
     torch.set_num_threads(1)
     barrier.wait()  # start together, so that the collective timeout measures waiting, not start-up
     sys.exit(target(rank, *args) or 0)
 
 
-def launch(target, *args, timeout_s: float = 60.0, wait_s: float = 120.0) -> list:
-    """Run ``target(rank, *args)`` in WORLD spawned processes; their exit codes (an int ``target`` returns is the
-    exit code)."""
+def launch(target, *args, tmpdir: Path, timeout_s: float = 300.0, wait_s: float = 600.0) -> list:
+    """Run ``target(rank, *args)`` in WORLD spawned processes with their temporary files in ``tmpdir``; their exit
+    codes (an int ``target`` returns is the exit code)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(WORLD)
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, port, timeout_s, barrier, target, args)) for r in range(WORLD)]
+    tmpdir.mkdir(exist_ok=True)
+    procs = [ctx.Process(target=_entry, args=(r, port, timeout_s, str(tmpdir), barrier, target, args)) for r in range(WORLD)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + wait_s
@@ -129,7 +132,7 @@ def passes_rank(rank: int, model_dir: str, out: str) -> int:
 def two_and_one(tiny_dirs, tmp_path_factory):
     """(results of rank 0, results of rank 1, results of one process) on the tiny Llama model."""
     out = tmp_path_factory.mktemp("ranks")
-    codes = launch(passes_rank, tiny_dirs["llama"], str(out))
+    codes = launch(passes_rank, tiny_dirs["llama"], str(out), tmpdir=out / "tmp")
     assert codes == [0, 0]
     ranks = [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
     assert not distributed.active()
@@ -254,7 +257,7 @@ def test_torchrun_score_command_equals_one_process(tiny_dirs, texts_file, tmp_pa
     env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
            "-m", "neuronscope_tl", *score_args(tiny_dirs["llama"], texts_file, str(tmp_path / "two"))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert cli.main(score_args(tiny_dirs["llama"], texts_file, str(tmp_path / "one"))) == 0
     two, one = read_outputs(tmp_path / "two"), read_outputs(tmp_path / "one")
@@ -283,9 +286,12 @@ def test_a_failed_rank_stops_every_rank_and_nothing_is_written(tiny_dirs, texts_
     written, and nobody waits for the collective timeout (300 s here; a rank still running then fails the test)."""
     out = tmp_path / "out"
     t0 = time.monotonic()
-    codes = launch(fault_rank, tiny_dirs["llama"], texts_file, str(out), fault, timeout_s=300, wait_s=290)
-    assert time.monotonic() - t0 < 300
+    codes = launch(fault_rank, tiny_dirs["llama"], texts_file, str(out), fault, tmpdir=tmp_path / "tmp", timeout_s=300,
+                   wait_s=290)
+    assert time.monotonic() - t0 < 290
     assert codes == [2, 2 if fault == "raise" else -signal.SIGKILL]
+    if fault == "raise":  # rank 1 removed its scratch output directory (a killed rank cannot)
+        assert not list((tmp_path / "tmp").glob("neuronscope-rank*"))
     err0 = (tmp_path / "stderr0.txt").read_text()
     assert "rank 1" in err0, err0
     if fault == "raise":
@@ -297,25 +303,27 @@ def test_a_failed_rank_stops_every_rank_and_nothing_is_written(tiny_dirs, texts_
 
 
 def hang_rank(rank: int, out: str, seconds: float) -> int:
-    """Rank 1 takes ``seconds`` over its share of a pass; rank 0 waits at the end of it."""
+    """Both ranks start the process group; rank 1 then takes ``seconds`` over its share of a pass while rank 0
+    waits at the end of it. Each records when it gave up (rank 0) or woke up (rank 1)."""
     try:
+        distributed.start()
         with distributed.shard_work("a pass"):
             if rank == 1:
                 time.sleep(seconds)
+                Path(out, "woke1.txt").write_text(str(time.time()))
     except distributed.DistributedError as exc:
-        Path(out, f"error{rank}.txt").write_text(str(exc))
+        Path(out, f"error{rank}.txt").write_text(f"{time.time()}\n{exc}")
         return 3
     return 0
 
 
 def test_a_hanging_rank_meets_the_collective_timeout(tmp_path):
-    """With a 2 s timeout, rank 0 gives up on rank 1 (asleep for 6 s) after about 2 s, naming it; rank 1 then
+    """With a 3 s timeout, rank 0 gives up on rank 1 (asleep for 12 s) before it wakes, naming it; rank 1 then
     finds rank 0 gone. Both exit non-zero."""
-    t0 = time.monotonic()
-    codes = launch(hang_rank, str(tmp_path), 6.0, timeout_s=2.0, wait_s=60)
+    codes = launch(hang_rank, str(tmp_path), 12.0, tmpdir=tmp_path / "tmp", timeout_s=3.0, wait_s=300)
     assert codes == [3, 3]
-    assert time.monotonic() - t0 < 40
-    err0 = (tmp_path / "error0.txt").read_text()
+    gave_up, err0 = (tmp_path / "error0.txt").read_text().split("\n", 1)
+    assert float(gave_up) < float((tmp_path / "woke1.txt").read_text())
     assert "rank 1 (stopped after collective 0" in err0 and "a pass: status" in err0, err0
 
 

@@ -65,3 +65,274 @@ def test_impact_tab_in_headless_chromium(default_model, tmp_path):
             assert "fox" in page.locator("#impact-tokens").inner_text()
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------------------------- every tab
+# Every tab driven in headless Chromium with its defaults and with one bad input. By default on a tiny model with a
+# 1024-token context (seconds per tab); NEURONSCOPE_TL_BROWSER_MODEL=default runs the same test on the embedded
+# default model (minutes) for full-page screenshots of real numbers.
+
+import os  # noqa: E402
+
+from neuronscope_tl import activations, curves, plots  # noqa: E402
+from neuronscope_tl.app import picker  # noqa: E402
+from neuronscope_tl.app.state import AppSettings  # noqa: E402
+from neuronscope_tl.app.ui import map_scale  # noqa: E402
+
+TOAST = '[data-testid="toast-text"]'
+
+
+@pytest.fixture(scope="module")
+def browser_model(tmp_path_factory):
+    if os.environ.get("NEURONSCOPE_TL_BROWSER_MODEL") == "default":
+        return "default", ns.load_model()
+    from conftest import save_tiny
+
+    return "tiny", ns.load_model(save_tiny(tmp_path_factory.mktemp("browser-llama"), "llama", max_position_embeddings=1024))
+
+
+def shown(x: float) -> str:
+    """A float as the tables show it: 4 significant digits."""
+    return f"{plots.round_significant(float(x)):g}"
+
+
+class Tabs:
+    """One page of the app: open a tab, run it, read what it shows, screenshot it."""
+
+    def __init__(self, page, tag: str):
+        self.page, self.tag = page, tag
+
+    def open(self, name: str):
+        self.page.get_by_role("tab", name=name, exact=True).click()
+
+    def text(self, selector: str, contains: str, timeout: float = 120_000) -> str:
+        loc = self.page.locator(selector)
+        loc.get_by_text(re.compile(re.escape(contains))).first.wait_for(timeout=timeout)
+        return loc.inner_text()
+
+    def error(self, contains: str) -> str:
+        """The error toast's text: the library's message, never a traceback."""
+        toast = self.page.locator(TOAST).filter(has_text=contains).first
+        toast.wait_for(timeout=120_000)
+        text = toast.inner_text()
+        assert "Traceback" not in text and 'File "' not in text
+        return text
+
+    def no_traceback(self):
+        assert "Traceback" not in self.page.content()
+
+    def close_toasts(self):
+        for button in self.page.locator('[data-testid="toast-close"]').all():
+            button.click()
+
+    def shot(self, name: str):
+        self.page.wait_for_timeout(700)  # let plots and tables render
+        self.page.screenshot(path=str(ARTIFACTS / f"{self.tag}_{name}.png"), full_page=True)
+
+
+@pytest.mark.browser
+def test_every_tab_in_headless_chromium(browser_model, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver")
+    from playwright.sync_api import sync_playwright
+
+    tag, model = browser_model
+    info = ns.mlp_info(model)
+    settings = AppSettings(max_calib_tokens=512) if tag == "tiny" else AppSettings()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with LiveServer(model, settings) as srv, sync_playwright() as pw:
+        state = srv.state
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 1200},
+        )
+        try:
+            page = browser.new_page()
+            page.goto(srv.url + "/", timeout=60_000)
+            t = Tabs(page, tag)
+
+            # Export first: an impact export before any analysis is refused with a message
+            t.open("Export")
+            page.get_by_label("impact").check()
+            page.locator("#export-run").click()
+            t.error("no impact analysis has run yet")
+            t.shot("export_bad")
+            t.close_toasts()
+            page.get_by_label("weight").check()
+            page.locator("#export-run").click()
+            page.locator("#export-file").get_by_text("weight_analysis").wait_for(timeout=120_000)
+            t.shot("export")
+
+            # Weight analysis: the library's totals
+            t.open("Weight analysis")
+            page.locator("#weights-run").click()
+            summary = t.text("#weights-summary", "parameters")
+            with state.model_work():
+                wa = ns.analyze_weights(model)
+            summary = t.text("#weights-summary", f"{wa.total_parameters:,} parameters")
+            assert f"overall sparsity {wa.overall_sparsity:.4%}" in summary and f"{wa.near_zero_fraction:.2%}" in summary
+            page.locator("#weights-hist img, #weights-hist svg, #weights-hist canvas").first.wait_for(timeout=60_000)
+            t.shot("weights")
+            # a layer out of range typed into the slider's box
+            page.locator("#weights-layer input[type=number]").fill(str(info.n_layers + 5))
+            page.locator("#weights-layer input[type=number]").press("Enter")
+            page.wait_for_timeout(2000)
+            t.error(f"Value {info.n_layers + 5} is greater than maximum value {info.n_layers - 1}")  # the slider's check
+            t.no_traceback()
+            t.shot("weights_bad")
+            t.close_toasts()
+
+            # Neuron map: a click adds the neuron under the pointer; the default rule adds the library's choice
+            t.open("Neuron map")
+            page.locator("#map-run").click()
+            img = page.locator("#map-image img").first
+            img.wait_for(timeout=300_000)
+            t.text("#basket-note", "0 neurons in the basket")
+            box = img.bounding_box()
+            natural = page.evaluate("(e) => [e.naturalWidth, e.naturalHeight]", img.element_handle())
+            # the bitmap is drawn scaled down to fit (object-fit), centred in the element
+            scale = min(1.0, box["width"] / natural[0], box["height"] / natural[1])
+            left, top = (box["width"] - natural[0] * scale) / 2, (box["height"] - natural[1] * scale) / 2
+            row_px, col_px = map_scale(info.n_layers, info.d_mlp)
+            layer, neuron = info.n_layers // 2, info.d_mlp // 3
+            img.click(position={"x": left + (neuron + 0.5) * col_px * scale, "y": top + (layer + 0.5) * row_px * scale})
+            note = t.text("#basket-note", "1 neurons in the basket")
+            assert f"[{layer}]" in note
+            table = page.locator("#basket-table").inner_text()
+            assert str(neuron) in table
+            rule = page.locator("#map-rule textarea, #map-rule input").first.input_value()
+            expected = picker.add([(layer, neuron)], state.select(rule), state.settings.max_basket)  # takes the lock
+            page.locator("#map-rule-run").click()
+            t.text("#basket-note", f"{len(expected)} neurons in the basket")
+            t.shot("map")
+            page.locator("#map-rule textarea, #map-rule input").first.fill(f"lowest 5% of layer {info.n_layers + 90} by wanda")
+            page.locator("#map-rule-run").click()
+            t.error("out of range")
+            t.shot("map_bad")
+            t.close_toasts()
+
+            # the basket goes to Batch without typing an index; the batch's numbers are the library's
+            page.locator("#basket-to-batch").click()
+            page.locator("#batch-run").click()
+            note = t.text("#batch-note", "can be pruned together safely", timeout=300_000)
+            with state.model_work():  # the app's model: never two analyses on it at once
+                batch = ns.batch_analysis(model, expected, ns.EXAMPLE_TEXTS[:2], progress=False)
+            rec = batch.recommendations
+            assert f"impact {rec['cumulative_impact']:.6f} nats ({rec['cumulative_verdict']})" in note
+            assert f"the first {rec['max_safe_prefix']} can be pruned" in note
+            recs = page.locator("#batch-recommendations").inner_text()
+            for row in batch.individual.head(3).itertuples():
+                assert row.label in recs and shown(row.impact_score) in recs
+            t.shot("batch")
+            page.locator("#batch-texts textarea").fill("   ")
+            page.locator("#batch-run").click()
+            t.error("empty")
+            t.shot("batch_bad")
+            t.close_toasts()
+
+            # Candidates
+            t.open("Candidates")
+            page.locator("#cand-run").click()
+            t.text("#cand-note", "flagged safe")
+            with state.model_work():
+                cands = ns.assess_candidates(model, 10.0)
+            t.text("#cand-note", f"{len(cands):,} candidates")
+            assert f"{int(cands.is_pruning_candidate.sum()):,} flagged safe" in page.locator("#cand-note").inner_text()
+            t.shot("candidates")
+            # a threshold past 100
+            page.locator("#cand-threshold input[type=number]").fill("150")
+            page.locator("#cand-threshold input[type=number]").press("Enter")
+            page.locator("#cand-run").click()
+            page.wait_for_timeout(3000)
+            # the slider either refuses it with its own message or keeps its value within (0, 100]; never a traceback
+            toasts = [q.inner_text() for q in page.locator(TOAST).all()]
+            assert all("maximum value 100" in q for q in toasts), toasts
+            if not toasts:
+                assert 0 < float(page.locator("#cand-threshold input[type=number]").input_value() or 10) <= 150
+                t.text("#cand-note", "candidates")
+            t.no_traceback()
+            t.shot("candidates_bad")
+            t.close_toasts()
+
+            # Impact (defaults: layer 0, neurons 0, 1, 2)
+            t.open("Impact")
+            page.locator("#impact-run").click()
+            text = t.text("#impact-score", "Impact score")
+            with state.model_work():
+                r = ns.simulate_pruning(model, 0, [0, 1, 2], ns.EXAMPLE_TEXTS[0])
+            assert f"Impact score: {r.impact_score:.6f} nats" in text and r.verdict in text
+            t.shot("impact")
+            page.locator("#impact-layer input").fill(str(info.n_layers + 90))
+            page.locator("#impact-run").click()
+            t.error("out of range")
+            t.shot("impact_bad")
+            t.close_toasts()
+
+            # Importance
+            t.open("Importance")
+            page.locator("#importance-run").click()
+            t.text("#importance-note", "tokens")
+            with state.model_work():
+                imp = activations.neuron_importance(model, ns.EXAMPLE_TEXTS, layer_index=0, top_k=10)
+            note = t.text("#importance-note", f"{imp.n_tokens} tokens")
+            assert f"{imp.n_texts} texts" in note
+            critical = page.locator("#importance-critical").inner_text()
+            assert shown(imp.critical["importance"].iloc[0]) in critical
+            t.shot("importance")
+            page.locator("#importance-layer input").fill("-1")
+            page.locator("#importance-run").click()
+            t.error("out of range")
+            t.close_toasts()
+
+            # Neuron contexts
+            t.open("Neuron contexts")
+            page.locator("#contexts-run").click()
+            t.text("#contexts-note", "L0N0")
+            t.shot("contexts")
+            page.locator("#contexts-neuron input").fill(str(info.d_mlp + 7))
+            page.locator("#contexts-run").click()
+            t.error("out of range")
+            t.close_toasts()
+
+            # Pruning curve with its defaults, against prune_curve on the app's kept calibration
+            t.open("Pruning curve")
+            page.locator("#curve-run").click()
+            t.text("#curve-note", "Dense perplexity", timeout=1_800_000)
+            methods = list(ns.scores.method_names())
+            _, ablation0 = curves.resolve_method(None, None)
+            window = min(ns.evaluation.DEFAULT_WINDOW, info.n_ctx)
+            with state.model_work():
+                cal = state._calibrate(state.default_calib_tokens, methods)
+                expected_curve = curves.prune_curve(model, methods, [0.1, 0.2, 0.3], "per_layer", ablation0, calibration=cal, window=window)
+            assert f"Dense perplexity {expected_curve.dense_perplexity:.2f}" in page.locator("#curve-note").inner_text()
+            curve_table = page.locator("#curve-table").inner_text()
+            assert shown(expected_curve.table["perplexity"].iloc[0]) in curve_table
+            t.shot("curve")
+            page.locator("#curve-sparsities textarea, #curve-sparsities input").first.fill("0.1, 1.5")
+            page.locator("#curve-run").click()
+            t.error("[0, 1)")
+            t.shot("curve_bad")
+            t.close_toasts()
+
+            # Live pruning with its defaults (the recommendation, 0.2), against the library's live engine
+            t.open("Live pruning")
+            page.locator("#live-run").click()
+            note = t.text("#live-note", "neurons pruned", timeout=1_800_000)
+            method0, ablation0 = curves.resolve_method(None, None)
+            with state.model_work():
+                live = state.live_engine.run(method0, "per_layer", 0.2, ablation0, page.locator("#live-prompt textarea").input_value())
+            assert f"x{live.geometric_mean:.4g} of dense" in note and f"{live.n_pruned:,} neurons pruned" in note
+            table = page.locator("#live-table").inner_text()
+            for row in live.table.itertuples():
+                assert row.domain in table and shown(row.pruned) in table and shown(row.dense) in table
+            assert page.locator("#live-pruned textarea").input_value() == live.pruned_text
+            t.shot("live")
+            page.locator("#live-prompt textarea").fill("   ")
+            page.locator("#live-run").click()
+            t.error("prompt is empty")
+            t.shot("live_bad")
+            t.close_toasts()
+        finally:
+            browser.close()
+    assert len(list(ARTIFACTS.glob(f"{tag}_*.png"))) >= 19
+

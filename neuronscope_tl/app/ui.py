@@ -33,7 +33,13 @@ from . import picker
 from .live import DEFAULT_PROMPT, describe
 from .state import AppState, Busy
 
-MAP_ROW_PX = 8  # pixels per layer on the neuron map (one pixel per neuron)
+MAP_WIDTH_PX = 768  # the neuron map is at least this wide (a model with few neurons gets wider columns)
+
+
+def map_scale(n_layers: int, d_mlp: int):
+    """(pixels per layer, pixels per neuron) of the neuron map: at least 8 x 1, and big enough to click on a
+    small model."""
+    return max(8, 160 // n_layers), max(1, MAP_WIDTH_PX // d_mlp)
 
 BATCH_COLUMNS = ["layer_index", "neuron_index"]
 
@@ -103,6 +109,7 @@ def build_ui(state: AppState) -> gr.Blocks:
     downloads = state.downloads_dir()
     layer_help = f"0..{info.n_layers - 1}"
     method0, ablation0 = resolve_method(None, None)  # the CLI's recommendation: prune, live
+    row_px, col_px = map_scale(info.n_layers, info.d_mlp)
 
     # ------------------------------------------------------------------------------------------- handlers
 
@@ -137,7 +144,7 @@ def build_ui(state: AppState) -> gr.Blocks:
 
     def map_image(method, ablation, basket):
         values = state.score_map(method, ablation)
-        return plots.neuron_map_rgb(values, basket, row_px=MAP_ROW_PX)
+        return plots.neuron_map_rgb(values, basket, row_px=row_px, col_px=col_px)
 
     @ui_errors
     def run_map(method, ablation, basket, progress=gr.Progress()):
@@ -150,7 +157,7 @@ def build_ui(state: AppState) -> gr.Blocks:
     def map_click(method, ablation, mode, corner, basket, evt: gr.SelectData):
         basket = list(basket or [])
         x, y = evt.index[0], evt.index[1]
-        cell = plots.map_cell(x, y, (info.n_layers, info.d_mlp), row_px=MAP_ROW_PX)
+        cell = plots.map_cell(x, y, (info.n_layers, info.d_mlp), row_px=row_px, col_px=col_px)
         if cell is None:
             raise ValueError("click inside the map.")
         if mode.startswith("rectangle"):
@@ -339,6 +346,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                 w_hist = gr.Plot(label="Histogram of |w| in the layer (log count axis)", elem_id="weights-hist")
                 w_btn.click(run_weights, [w_layer], [w_summary, w_bars, w_hist], api_name="weights")
                 w_layer.release(run_histogram, [w_layer], [w_hist], api_name="weights_histogram")
+                w_layer.input(run_histogram, [w_layer], [w_hist], trigger_mode="always_last")  # a layer typed in its box
 
             with gr.Tab("Neuron map", id="map"):
                 gr.Markdown(
@@ -353,7 +361,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                     n_mode = gr.Radio(["add one neuron", "rectangle: two clicks"], value="add one neuron", label="Click mode")
                 n_btn = gr.Button("Show map", variant="primary", elem_id="map-run")
                 n_image = gr.Image(label=f"Layer x neuron map ({info.n_layers} x {info.d_mlp})", interactive=False,
-                                   elem_id="map-image", height=max(160, info.n_layers * MAP_ROW_PX + 40))
+                                   elem_id="map-image", height=max(200, info.n_layers * row_px + 40))
                 with gr.Row():
                     n_rule = gr.Textbox(value=f"lowest 5% of layer {info.n_layers // 2} by {default_map_method(state)}",
                                         label="Rule", elem_id="map-rule", scale=4)

@@ -180,6 +180,9 @@ def cumulative_impact_figure(batch):
     ax.axhline(th.safe_below, color=VERDICT_COLOURS["safe"], linestyle="--", linewidth=0.8, label=f"safe below {th.safe_below:g}")
     ax.axhline(th.risky_from, color=VERDICT_COLOURS["high"], linestyle="--", linewidth=0.8, label=f"high from {th.risky_from:g}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # the axis follows the data; a threshold far above it stays in the legend rather than flattening the line
+    top = max(float(c["impact_score"].max()), float(batch.individual["impact_score"].max()))
+    ax.set_ylim(min(0.0, float(c["impact_score"].min())), max(1.15 * top, 1e-9))
     ax.set_xlabel("neurons pruned (k)")
     ax.set_ylabel("impact (nats)")
     ax.legend(fontsize=7)

@@ -87,7 +87,8 @@ def test_gradio_weights_candidates_importance_batch_export(gclient, model):
     table = {"headers": ["layer_index", "neuron_index"], "data": [[0, 1], [2, 3]]}
     note, individual, _curve, rec, _basket_note, _basket = gclient.predict(table, "\n".join(ns.EXAMPLE_TEXTS[:2]), 1, "zero", api_name="/batch")
     batch = impact.batch_analysis(model, [(0, 1), (2, 3)], ns.EXAMPLE_TEXTS[:2], progress=False)
-    assert [row[1] for row in individual["data"]] == batch.individual["impact_score"].tolist()  # same call, same floats
+    # same call, same floats, shown to 4 significant digits
+    assert [row[1] for row in individual["data"]] == [round_significant(v) for v in batch.individual["impact_score"]]
     assert f"the first {batch.recommendations['max_safe_prefix']} can be pruned together safely" in note
     for row in batch.individual.itertuples():  # the coloured table: each candidate with its verdict's colour
         assert row.label in rec and plots.VERDICT_COLOURS[row.verdict] in rec

@@ -317,7 +317,7 @@ def build_ui(state: AppState) -> gr.Blocks:
         individual = r.individual[["label", "impact_score", "verdict", "loss_change", "top1_agreement"]]
         basket = list(basket or [])
         basket_note, basket_shown = basket_view(basket, r.individual) if basket else (gr.update(), gr.update())
-        return (note, individual, plots.cumulative_impact_figure(r), report.recommendations_html(r), r.individual,
+        return (note, display_table(individual), plots.cumulative_impact_figure(r), report.recommendations_html(r), r.individual,
                 basket_note, basket_shown)
 
     @ui_errors

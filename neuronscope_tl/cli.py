@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import inspect
 import io
 import os
 import re
@@ -728,7 +729,8 @@ class PruneConfig:
         pipelines.evaluation_sets_for(self.eval_texts, domains)
 
 
-LATENCY_REPEATS = 5  # surgery.save_pruned's default
+# The forwards save_pruned times per model (its own default, read from its signature: one home for the number).
+LATENCY_REPEATS = inspect.signature(surgery.save_pruned).parameters["latency_repeats"].default
 
 
 def default_window(model) -> int:

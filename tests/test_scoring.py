@@ -121,7 +121,9 @@ def hf_taylor(hf, token_lists, layer, neuron, target):
 def test_taylor_matches_autograd_in_float64(tiny_model, tiny_dirs, tiny_kind):
     """taylor_zero / taylor_mean against the derivative computed by autograd on a float64 copy of the plain HF
     model. Tolerance: the same derivative computed by the same route in fp32 shows the fp32 rounding of a forward
-    and backward (e32); the library's batched route is allowed 4 e32, plus 64 eps of the summed terms."""
+    and backward (e32, one sample of it); the library's batched route (other batch shapes, thread counts and summation
+    orders) is allowed 4 e32, plus 256 eps of the summed |terms| (a bound on the summation error that does not
+    depend on that one sample being typical)."""
     import copy
 
     table = scoring.score_neurons(tiny_model, TEXTS, batch_size=3)
@@ -135,7 +137,7 @@ def test_taylor_matches_autograd_in_float64(tiny_model, tiny_dirs, tiny_kind):
         for column, target in [("taylor_zero", 0.0), ("taylor_mean", mu)]:
             ref, terms = hf_taylor(hf64, tokens, layer, neuron, target)
             e32 = abs(hf_taylor(hf32, tokens, layer, neuron, target)[0] - ref)
-            tol = 4 * e32 + 64 * FP32_EPS * terms
+            tol = 4 * e32 + 256 * FP32_EPS * terms
             assert abs(row[column] - ref) <= tol, (layer, neuron, column, row[column], ref, tol)
             assert abs(ref) > 10 * tol  # resolved, not lost in rounding
     assert not any(p.grad is not None for p in tiny_model.parameters())

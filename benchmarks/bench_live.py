@@ -6,6 +6,10 @@ Prints one JSON line: the warm-up time, every slider move (a new sparsity, then 
 median and maximum per method, the machine's load and the torch threads. Usage::
 
     python benchmarks/bench_live.py [--methods obs,wanda] [--sparsities 0.1,0.2,0.3,0.5] [--threads 2]
+                                    [--calib-tokens 8192]
+
+``--calib-tokens`` below the app's default shortens only the one-off warm-up: a slider move reads the kept scores
+(and Gram matrices), whose size does not depend on the number of calibration tokens.
 """
 
 from __future__ import annotations
@@ -20,22 +24,24 @@ import torch
 
 import neuronscope_tl as ns
 from neuronscope_tl.app.live import DEFAULT_PROMPT
-from neuronscope_tl.app.state import AppState
+from neuronscope_tl.app.state import AppSettings, AppState
 from neuronscope_tl.curves import resolve_method
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     recommended, rec_ablation = resolve_method(None, None)
-    parser.add_argument("--methods", default=f"{recommended},wanda")
+    parser.add_argument("--methods", default=f"wanda,{recommended}")
     parser.add_argument("--sparsities", default="0.1,0.2,0.3,0.5")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calib-tokens", type=int, default=None, help="default: the app's (the CLI's) calibration size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sparsities = [float(x) for x in args.sparsities.split(",")]
     load0 = os.getloadavg()[0]
     t = time.perf_counter()
-    state = AppState(ns.load_model())
+    settings = AppSettings(max_calib_tokens=args.calib_tokens) if args.calib_tokens else AppSettings()
+    state = AppState(ns.load_model(), settings)
     load_s = time.perf_counter() - t
     out = {"model": state.model_name, "threads": args.threads, "load_s": load_s, "calib_tokens": state.default_calib_tokens,
            "subset": {"window": state.live_engine.window, "windows_per_domain": state.live_engine.windows_per_domain,

@@ -22,7 +22,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from .. import activations, candidates, curves, evaluation, impact, pipelines, scores, scoring, selection, surgery, texts, weights
+from .. import activations, candidates, curves, evaluation, impact, pipelines, recipes, scores, scoring, selection, surgery, texts, weights
 from ..impact import BatchAnalysis, ImpactResult
 from ..metrics import ImpactThresholds
 from ..models import mlp_info, model_name
@@ -58,7 +58,7 @@ class AppSettings:
     max_batch_size: int = 16
     max_top_k: int = 100
     max_body_bytes: int = 1_000_000
-    max_calib_tokens: int = 8192
+    max_calib_tokens: int = field(default_factory=lambda: recipes.RECOMMENDED_CALIB_TOKENS)
     max_basket: int = 512
     warm_start: bool = True
     lock_timeout_s: float = 120.0
@@ -208,8 +208,8 @@ class AppState:
 
     @property
     def default_calib_tokens(self) -> int:
-        """The calibration size of the CLI (``activations.DEFAULT_CALIB_TOKENS``), within the app's limit."""
-        return min(activations.DEFAULT_CALIB_TOKENS, self.settings.max_calib_tokens)
+        """The calibration size of the CLI (``recipes.RECOMMENDED_CALIB_TOKENS``), within the app's limit."""
+        return min(recipes.RECOMMENDED_CALIB_TOKENS, self.settings.max_calib_tokens)
 
     def _calibrate(self, calib_tokens: int, methods: Sequence[str]) -> "selection.Calibration":
         """A calibration that serves ``methods`` on the default calibration texts (as the CLI's), kept per token
@@ -303,18 +303,24 @@ class AppState:
                 self.model, methods, sparsities, scope, ablation, window=window, every=every, calibration=cal, progress=progress
             )
 
-    def prune(self, method: str, sparsity: float, scope: str, ablation: str, calib_tokens: int) -> Path:
+    def prune(self, method: Optional[str], sparsity: float, scope: str, ablation: Optional[str], calib_tokens: int) -> Path:
         """Physically prune a copy of the model into a fresh private directory and return a zip of it
-        (:func:`~neuronscope_tl.pipelines.prune_and_save` on the app's kept calibration, no evaluation)."""
-        scores.check_method(method)
+        (:func:`~neuronscope_tl.pipelines.prune_and_save`, no evaluation). ``method=None`` is the CLI's recommended
+        recipe exactly (its own calibration, as ``neuronscope-tl prune``); a given method uses the app's kept
+        one-shot calibration."""
+        if method is not None:
+            scores.check_method(method)
+            impact.check_ablation(ablation)
         selection.check_sparsity(sparsity)
         selection.check_scope(scope)
-        impact.check_ablation(ablation)
         with self.model_work():
-            cal = self._calibrate(calib_tokens, [method])
+            cal = self._calibrate(calib_tokens, [method]) if method is not None else None
+            if cal is None and not (isinstance(calib_tokens, int) and 1 <= calib_tokens <= self.settings.max_calib_tokens):
+                raise LimitExceeded(f"calibration tokens must be an integer in [1, {self.settings.max_calib_tokens}], got {calib_tokens!r}.")
             work = Path(tempfile.mkdtemp(prefix="pruned_", dir=self.downloads_dir()))
-            out = work / f"pruned-{method}-{ablation}-{scope}-{sparsity:g}"
-            pipelines.prune_and_save(self.model, sparsity, out, method, scope, ablation, calibration=cal, measure_latency=False)
+            out = work / f"pruned-{method or 'recommended'}-{ablation or 'recommended'}-{scope}-{sparsity:g}"
+            pipelines.prune_and_save(self.model, sparsity, out, method, scope, None if method is None else ablation,
+                                     calib_tokens=calib_tokens, calibration=cal, measure_latency=False)
             return Path(shutil.make_archive(str(out), "zip", root_dir=out))
 
     def export_document(self, export_type: str) -> Tuple[str, dict]:

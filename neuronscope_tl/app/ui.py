@@ -22,7 +22,7 @@ from typing import List
 import gradio as gr
 import pandas as pd
 
-from .. import plots, report, scores
+from .. import plots, recipes, report, scores
 from ..candidates import CANDIDATE_COLUMNS, DEFAULT_SAFE_PERCENTILE, WEIGHT_ONLY_LIMITS, candidate_records, first_candidates
 from ..curves import resolve_method
 from ..export import write_csv, write_json
@@ -33,6 +33,7 @@ from . import picker
 from .live import DEFAULT_PROMPT, describe
 from .state import AppState, Busy
 
+RECOMMENDED_CHOICE = "recommended"  # the prune box's entry for the CLI's recommended recipe
 MAP_WIDTH_PX = 768  # the neuron map is at least this wide (a model with few neurons gets wider columns)
 
 
@@ -281,8 +282,9 @@ def build_ui(state: AppState) -> gr.Blocks:
 
     @ui_errors
     def run_prune(method, sparsity, scope, ablation, calib_tokens, progress=gr.Progress()):
-        progress(0, desc="calibrating (once), selecting, pruning a copy")
-        return str(state.prune(method, float(sparsity), scope, ablation, as_int(calib_tokens, "calibration tokens")))
+        progress(0, desc="calibrating, selecting, pruning a copy")
+        chosen = None if method == RECOMMENDED_CHOICE else method  # None: the CLI's recommended recipe, as `prune`
+        return str(state.prune(chosen, float(sparsity), scope, ablation, as_int(calib_tokens, "calibration tokens")))
 
     @ui_errors
     def run_live(method, scope, sparsity, ablation, prompt, progress=gr.Progress()):
@@ -472,7 +474,8 @@ def build_ui(state: AppState) -> gr.Blocks:
                 gr.Markdown("### Prune and download\nA physically smaller Hugging Face directory (zip) that plain transformers loads. "
                             "The defaults are the CLI's recommendation.")
                 with gr.Row():
-                    d_method = gr.Dropdown(list(scores.method_names()), value=method0, label="Method")
+                    d_method = gr.Dropdown([RECOMMENDED_CHOICE] + list(scores.method_names()), value=RECOMMENDED_CHOICE,
+                                           label=f"Method ({RECOMMENDED_CHOICE}: {recipes.RECOMMENDED.describe()}, as `neuronscope-tl prune`)")
                     d_sparsity = gr.Number(value=0.2, label="Sparsity")
                 d_btn = gr.Button("Prune and download")
                 d_file = gr.File(label="Pruned model (zip)")

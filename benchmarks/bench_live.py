@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -58,6 +59,7 @@ def main() -> None:
             r = state.live(method, "per_layer", s, ablation, DEFAULT_PROMPT)
             moves.append({"sparsity": s, "seconds": time.perf_counter() - t, **{k: round(v, 3) for k, v in r.timings.items()},
                           "geometric_mean_x_dense": r.geometric_mean, "pruned_text": r.pruned_text})
+            print(json.dumps({"method": method, "warm_s": warm_s, **moves[-1]}), file=sys.stderr, flush=True)  # progress
         secs = [m["seconds"] for m in moves]
         out["methods"][method] = {"ablation": ablation, "warm_s": warm_s, "median_s": statistics.median(secs),
                                   "max_s": max(secs), "moves": moves}

@@ -126,7 +126,8 @@ def test_cli_trust_remote_code_flag_is_off_by_default(command, monkeypatch, tmp_
         _, cfg = cli.parse_args(argv + extra)
         with pytest.raises(Stop):
             cli.COMMANDS[command][1](cfg, log=lambda *_: None)
-        assert loads[-1] == {"trust_remote_code": expected}
+        assert loads[-1]["trust_remote_code"] is expected and set(loads[-1]) <= {"trust_remote_code", "device"}
+        assert loads[-1].get("device", "cpu") == "cpu"  # nothing but the flag and the default device is passed
 
 
 # ---------------------------------------------------------------------------------------------- no client paths

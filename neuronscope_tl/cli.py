@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from . import activations, candidates, compare, distributed, pipelines, curves, evaluation, impact, models, plots, recipes, report, scores, scoring, search, selection, surgery, texts, weights
+from . import activations, candidates, compare, distributed, pipelines, curves, evaluation, impact, models, plots, recipes, report, scores, scoring, search, selection, sequential, surgery, texts, weights
 from .app.state import AppSettings
 from .export import report_document, write_csv, write_json, write_set
 
@@ -624,8 +624,8 @@ class CurveConfig:
         distributed.check_device(self.device)
         recipes.check_calibration_mode(self.calibration)
         recipes.parse_refit(self.refit)
-        if self.calibration == "sequential" and self.scope != "per_layer":
-            raise ValueError(f"sequential calibration selects layer by layer: use --scope per_layer, got {self.scope!r}.")
+        if self.calibration == "sequential":
+            sequential.check_sequential_scope(self.scope)
         _, calibration_domains = pipelines.calibration_texts_for(self.calib_texts)  # bad files fail before any work
         pipelines.evaluation_sets_for(self.eval_texts, calibration_domains, defaults=self.domains)
         for m in self.methods:

@@ -29,8 +29,9 @@ from .export import Result
 from .recipes import RECOMMENDED, resolve_recipe
 from .impact import check_ablation
 from .metrics import perplexity
-from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate, check_scope, check_sparsities
-from .sequential import calibration_windows, check_refit, check_sequential_method, sequential_sources, sequential_spec
+from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate_for, check_scope, check_sparsities
+from .sequential import (calibration_windows, check_refit, check_sequential_method, check_sequential_scope,
+                         sequential_sources, sequential_spec)
 from .surgery import simulation_hooks
 from .texts import check_max_tokens, show
 
@@ -139,13 +140,11 @@ def prune_curve(
         for m in methods:
             check_sequential_method(m)
         check_refit(refit)
-        if scope != "per_layer":
-            raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer', got {scope!r}.")
+        check_sequential_scope(scope)
         seq_windows = calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
         cal = None
     else:
-        cal = calibration or calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams(methods),
-                                       with_gradients=registry.needs_gradients(methods))
+        cal = calibration or calibrate_for(model, methods, calib_texts, calib_tokens)
     t_cal = time.perf_counter() - t0
 
     def measure(hooks, bf16: bool) -> Dict[str, float]:

@@ -21,7 +21,7 @@ from .evaluation import DEFAULT_DOMAIN_WINDOWS, DEFAULT_WINDOW, domain_perplexit
 from .export import Result, write_json
 from .recipes import RECOMMENDED_CALIB_TOKENS, recipe_spec, resolve_recipe
 from .selection import Calibration, check_scope, check_sparsity
-from .sequential import calibration_windows, sequential_sources
+from .sequential import calibration_windows, check_sequential_scope, sequential_sources
 from .surgery import PrunedModel, check_out_dir, save_pruned, simulation_hooks
 from .texts import check_max_tokens, read_text_file, tokenize
 
@@ -117,8 +117,8 @@ def prune_and_save(
     sparsity, scope = check_sparsity(sparsity), check_scope(scope)
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     check_out_dir(out, overwrite)
-    if recipe.calibration == "sequential" and scope != "per_layer":
-        raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer', got {scope!r}.")
+    if recipe.calibration == "sequential":
+        check_sequential_scope(scope)
     sources = windows = None
     if recipe.calibration == "sequential":
         sources = sequential_sources(calib_texts, None if calib_texts is not None else calibration_sources(calibration_domains))

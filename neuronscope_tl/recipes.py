@@ -22,9 +22,10 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 from . import scores as registry
 from .impact import check_ablation
 from .obs import DEFAULT_DAMP
-from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate, check_scope, check_sparsity
+from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate_for, check_scope, check_sparsity
 from .sequential import (
-    CalibrationWindows, calibration_windows, check_refit, check_sequential_method, sequential_sources, sequential_spec,
+    CalibrationWindows, calibration_windows, check_refit, check_sequential_method, check_sequential_scope,
+    sequential_sources, sequential_spec,
 )
 from .surgery import PruneSpec
 from .texts import show
@@ -121,15 +122,13 @@ def recipe_spec(
     """
     sparsity, scope = check_sparsity(sparsity), check_scope(scope)
     if recipe.calibration == "sequential":
-        if scope != "per_layer":
-            raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer', got {scope!r}.")
+        check_sequential_scope(scope)
         if windows is None:
             windows = calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
         spec = sequential_spec(model, windows, recipe.method, sparsity, recipe.ablation, recipe.refit, seed,
                                bf16=bf16, progress=progress).spec
         return (spec if spec.neurons else None), {"mode": "sequential", **windows.record}
     if calibration is None:
-        calibration = calibrate(model, calib_texts, calib_tokens, with_grams=recipe.needs_grams,
-                                with_gradients=registry.needs_gradients([recipe.method]))
+        calibration = calibrate_for(model, [recipe.method], calib_texts, calib_tokens, refit=recipe.refit is not None)
     spec = build_spec(model, calibration, recipe.method, sparsity, scope, recipe.ablation, seed, recipe.refit)
     return spec, {"mode": "oneshot", **calibration.record}

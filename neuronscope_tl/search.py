@@ -22,7 +22,7 @@ from .evaluation import (
 from .export import Result
 from .impact import check_ablation
 from .metrics import perplexity
-from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate, check_scope, check_sparsity
+from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate_for, check_scope, check_sparsity
 from .surgery import PruneSpec, simulation_hooks
 from .texts import as_finite_real, check_max_tokens, show
 
@@ -105,8 +105,7 @@ def search_pruning(
     sets = domain_windows(model, domains, window) if domains is not None else None
     wins = eval_windows(model, eval_texts, window, every) if sets is None else sets[0].wins
     judged = None if sets is None else ([d for d in sets if not d.in_domain] or sets)
-    cal = calibration or calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams([method]),
-                                     with_gradients=registry.needs_gradients([method]))
+    cal = calibration or calibrate_for(model, [method], calib_texts, calib_tokens)
 
     def measure(hooks) -> Tuple[float, dict]:
         """The perplexity the budget applies to, and each set's perplexity."""

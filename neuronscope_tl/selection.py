@@ -111,6 +111,14 @@ def pruning_calibration_texts(calib_texts: Optional[Sequence[str]] = None) -> Tu
     return texts, record
 
 
+def calibrate_for(model, methods: Sequence[str], calib_texts: Optional[Sequence[str]] = None,
+                  calib_tokens: int = PRUNE_CALIB_TOKENS, refit: bool = False) -> Calibration:
+    """:func:`calibrate` with exactly what ``methods`` (registered names) need: Gram matrices when one of them
+    (or a ``refit``) needs them, the backward pass when one needs gradients."""
+    return calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams(methods) or refit,
+                     with_gradients=registry.needs_gradients(methods))
+
+
 def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = PRUNE_CALIB_TOKENS,
               with_grams: bool = True, scores: Optional[pd.DataFrame] = None, with_gradients: bool = True) -> Calibration:
     """The calibration context of every method, over the first ``calib_tokens`` tokens of the calibration texts

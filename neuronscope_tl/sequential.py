@@ -150,6 +150,14 @@ def sequential_sources(calib_texts: Optional[Sequence[str]] = None,
     return calibration_sources(DEFAULT_CALIBRATION_DOMAINS)
 
 
+def check_sequential_scope(scope: str) -> str:
+    """Sequential calibration selects layer by layer, so its scope is ``per_layer``; anything else is refused."""
+    if scope != "per_layer":
+        raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer' (--scope per_layer), "
+                         f"got {scope!r}.")
+    return scope
+
+
 def layer_groups(n_layers: int, groups: Optional[int]) -> List[List[int]]:
     """Contiguous groups of layers calibrated together: ``groups`` of them, or one per layer when the model has
     fewer layers or ``groups`` is None; sizes differ by at most one."""
@@ -226,7 +234,7 @@ def sequential_spec(
                 else:
                     damp = float(refit)
                 out.damp[layer] = damp
-            _merge_layer(spec, make_spec(model, {layer: pruned}, ablation, means, grams, damp), layer)
+            _merge_layer(spec, make_spec(model, {layer: pruned}, ablation, means, grams, damp, w_out), layer)
     out.timings = {"sequential_s": time.perf_counter() - t0}
     return out
 

@@ -424,19 +424,21 @@ def check_neuron_sets(model, neurons) -> Neurons:
 
 
 def make_spec(model, neurons, ablation: str = "zero", means: Optional[Dict[int, Tensor]] = None,
-              grams: Optional[Dict[int, Tensor]] = None, damp: Union[float, Dict[int, float]] = DEFAULT_DAMP) -> PruneSpec:
+              grams: Optional[Dict[int, Tensor]] = None, damp: Union[float, Dict[int, float]] = DEFAULT_DAMP,
+              w_out: Optional[Tensor] = None) -> PruneSpec:
     """Build a :class:`PruneSpec` from validated neurons.
 
     ``ablation='mean'`` needs ``means`` ({layer: [d_mlp]}); a least-squares refit happens when ``grams`` (from
     :func:`~neuronscope_tl.activations.activation_grams`) is given, with an output bias when ``ablation='mean'``,
-    damped by ``damp`` (one value, or one per layer; see :func:`~neuronscope_tl.obs.refit_output`).
+    damped by ``damp`` (one value, or one per layer; see :func:`~neuronscope_tl.obs.refit_output`). ``w_out`` is
+    the model's ``W_out`` [L, d_mlp, d_model] when the caller already holds it (read from the model otherwise).
     """
     check_ablation(ablation)
     neurons = check_neuron_sets(model, neurons)
     d_mlp = mlp_info(model).d_mlp
     spec = PruneSpec(neurons=neurons, d_mlp=d_mlp, ablation=ablation)
     arch = arch_for(model)
-    w_out_all = output_matrix(model)  # [L, d_mlp, d_model]
+    w_out_all = output_matrix(model) if w_out is None else w_out  # [L, d_mlp, d_model]
     for layer, pruned in neurons.items():
         w_out = w_out_all[layer]
         if grams is not None:

@@ -463,13 +463,16 @@ class ScoreConfig:
 
     Args:
         model: HF model id or local directory; None for the embedded default.
-        texts: a text file, one text per line; None for the Lee calibration split.
+        calib_texts: a text file (one text per line) to score on; omit for the default mix of news, forum and docs.
+        eval_texts: NAME=FILE: also validate the scores on this text set (out-of-domain), repeatable; the scores
+            stay those of the calibration texts, the loss change is measured on the set's texts.
+        domains: also validate on every default evaluation domain (held-out news, forum and docs; reviews, legal).
         out: output directory.
         max_tokens: calibration tokens for the scoring pass.
         batch_size: texts per forward pass.
         top_k_contexts: top-activating tokens kept per neuron.
         validate_n: neurons per validation set (lowest-scored per score, and random); 0 skips validation.
-        validate_tokens: tokens of the same texts on which the validation ablates exactly.
+        validate_tokens: tokens of each validation text set on which the validation ablates exactly.
         ablation: how the validation removes a neuron: zero, or its mean calibration activation.
         scores: comma-separated score columns to validate.
         seed: seed that draws the random validation set.
@@ -478,7 +481,9 @@ class ScoreConfig:
     """
 
     model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
-    texts: Optional[str] = None
+    calib_texts: Optional[str] = None
+    eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
+    domains: bool = False
     out: str = DEFAULT_SCORE_OUT
     max_tokens: int = 2048
     batch_size: int = 1
@@ -500,52 +505,72 @@ class ScoreConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.validate_n < 0 or self.validate_n == 1:
             raise ValueError(f"validate_n must be 0 (skip) or >= 2, got {self.validate_n}.")
-        check_paths(self.out, self.texts)
+        unknown = [s for s in self.score_list() if s not in scoring.SCORE_COLUMNS]
+        if unknown or not self.score_list():
+            raise ValueError(f"unknown score(s) {unknown or self.scores!r}; choose from {', '.join(scoring.CHEAP_SCORES)}.")
+        if (self.eval_texts or self.domains) and not self.validate_n:
+            raise ValueError("--eval-texts and --domains choose where the scores are validated; they need --validate-n >= 2.")
+        check_paths(self.out)
+        _, calibration_domains = pipelines.calibration_texts_for(self.calib_texts)  # bad files fail before any work
+        pipelines.evaluation_sets_for(self.eval_texts, calibration_domains, defaults=self.domains)
+
+    def score_list(self) -> List[str]:
+        return [s.strip() for s in self.scores.split(",") if s.strip()]
 
 
 def run_score(cfg: ScoreConfig, log=print) -> dict:
-    """Score every neuron, validate the scores, write the files; returns the summary written to ``score_report.json``."""
+    """Score every neuron, validate the scores on the calibration tokens and on each evaluation set, then write
+    every file as one set (nothing is written when any step fails); returns the summary in ``score_report.json``."""
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
+    calib, calibration_domains = pipelines.calibration_texts_for(cfg.calib_texts)
+    sets = pipelines.evaluation_sets_for(cfg.eval_texts, calibration_domains, defaults=cfg.domains)
+    scores = cfg.score_list()
     model = load_model_cli(cfg.model, cfg.trust_remote_code, log, cfg.device)
-    calib = texts.read_text_file(cfg.texts) if cfg.texts else texts.calibration_texts()
-    scores = [s.strip() for s in cfg.scores.split(",") if s.strip()]
-    unknown = [s for s in scores if s not in scoring.SCORE_COLUMNS]
-    if unknown:
-        raise ValueError(f"unknown score(s) {unknown}; choose from {', '.join(scoring.CHEAP_SCORES)}.")
-    out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     log(f"scoring every neuron over {cfg.max_tokens} tokens (one forward and backward per text)")
     result = scoring.score_pass(model, calib, cfg.batch_size, cfg.max_tokens, cfg.top_k_contexts, progress=True)
     score_s = time.perf_counter() - t
     log(f"scored {len(result.table)} neurons over {result.n_tokens} tokens in {score_s:.1f} s")
     settings = asdict(cfg)
-    files = [str(write_csv(out / "scores.csv", result.table))]
+    name = models.model_name(model)
     log(f"decoding the top {cfg.top_k_contexts} contexts of every neuron")
-    files.append(str(write_csv(out / "top_contexts.csv", contexts_table(result, CONTEXT_WINDOW))))
-    files.append(str(write_json(out / "scores.json", report_document(
-        "neuron_scores", models.model_name(model), settings, {"n_texts": len(result.token_lists), "n_tokens": result.n_tokens}, result.table))))
-    summary = {"model": models.model_name(model), "config": settings, "score_s": score_s, "n_tokens": result.n_tokens}
+    files = {out / "scores.csv": result.table, out / "top_contexts.csv": contexts_table(result, CONTEXT_WINDOW),
+             out / "scores.json": report_document("neuron_scores", name, settings,
+                                                  {"n_texts": len(result.token_lists), "n_tokens": result.n_tokens}, result.table)}
+    summary = {"model": name, "config": settings, "score_s": score_s, "n_tokens": result.n_tokens}
     if cfg.validate_n:
         t = time.perf_counter()
-        log(f"validating {', '.join(scores)}: exact {cfg.ablation} ablation of up to {cfg.validate_n * (len(scores) + 1)} "
-            f"neurons, one at a time, over {cfg.validate_tokens} tokens")
-        v = scoring.validate_scores(model, None, calib, cfg.validate_n, scores, cfg.ablation, cfg.validate_tokens, cfg.seed,
-                                    progress=True)
+        validations = {}
+        for set_name, set_texts, table in [("calibration", calib, None)] + [(s.name, s.texts, result.table) for s in sets]:
+            log(f"validating {', '.join(scores)} on {set_name}: exact {cfg.ablation} ablation of up to "
+                f"{cfg.validate_n * (len(scores) + 1)} neurons, one at a time, over {cfg.validate_tokens} tokens")
+            validations[set_name] = scoring.validate_scores(model, table, set_texts, cfg.validate_n, scores, cfg.ablation,
+                                                            cfg.validate_tokens, cfg.seed, calib_texts=calib, progress=True)
         summary["validate_s"] = time.perf_counter() - t
-        files.append(str(write_csv(out / "validation_measured.csv", v.measured)))
-        doc = {k: val for k, val in v.to_dict().items() if k != "measured"}
-        files.append(str(write_json(out / "validation.json", report_document(
-            "score_validation", models.model_name(model), settings, {"n_tokens": v.n_tokens}, doc))))
-        summary["spearman_candidates"], summary["spearman_random"] = v.spearman_candidates, v.spearman_random
-        log(f"Spearman rho with the exact loss change ({cfg.ablation} ablation, {v.n_tokens} tokens):")
-        log(f"  {'score':<14}{'lowest ' + str(v.n):>12}{'random ' + str(v.n):>12}")
-        for s in scores:
-            log(f"  {s:<14}{v.spearman_candidates[s]:>12.3f}{v.spearman_random[s]:>12.3f}")
+        files[out / "validation_measured.csv"] = pd.concat(
+            [v.measured.assign(set=k) for k, v in validations.items()], ignore_index=True)
+        doc = {k: val for k, val in validations["calibration"].to_dict().items() if k != "measured"}
+        doc["sets"] = {k: {"spearman_candidates": v.spearman_candidates, "spearman_random": v.spearman_random,
+                           "n_tokens": v.n_tokens} for k, v in validations.items()}
+        doc["sets_record"] = [s.record() for s in sets]
+        files[out / "validation.json"] = report_document("score_validation", name, settings,
+                                                         {"n_tokens": validations["calibration"].n_tokens}, doc)
+        summary["spearman_candidates"] = validations["calibration"].spearman_candidates
+        summary["spearman_random"] = validations["calibration"].spearman_random
+        summary["validation_sets"] = doc["sets"]
+        for set_name, v in validations.items():
+            where = "the calibration tokens" if set_name == "calibration" else f"set {set_name} (scores from calibration)"
+            log(f"Spearman rho with the exact loss change on {where} ({cfg.ablation} ablation, {v.n_tokens} tokens):")
+            log(f"  {'score':<14}{'lowest ' + str(v.n):>12}{'random ' + str(v.n):>12}")
+            for s in scores:
+                log(f"  {s:<14}{v.spearman_candidates[s]:>12.3f}{v.spearman_random[s]:>12.3f}")
     summary["total_s"] = time.perf_counter() - t0
-    summary["files"] = files + [str(out / "score_report.json")]
-    write_json(out / "score_report.json", summary)
+    summary["files"] = [str(p) for p in files] + [str(out / "score_report.json")]
+    files[out / "score_report.json"] = summary
+    out.mkdir(parents=True, exist_ok=True)
+    write_set(files)
     log_files(summary["files"], log)
     log(f"done in {summary['total_s']:.1f} s")
     return summary

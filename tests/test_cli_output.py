@@ -61,7 +61,7 @@ def test_score_writes_every_neurons_top_contexts_as_measured(tiny_dirs, texts_fi
     import pandas as pd
 
     out = tmp_path / "scores"
-    assert cli.main(["score", "--model", tiny_dirs["llama"], "--texts", str(texts_file), "--out", str(out),
+    assert cli.main(["score", "--model", tiny_dirs["llama"], "--calib-texts", str(texts_file), "--out", str(out),
                      "--top-k-contexts", "3", "--validate-n", "0"]) == 0
     ctx = pd.read_csv(out / "top_contexts.csv", keep_default_na=False)
     model = ns.load_model(tiny_dirs["llama"])

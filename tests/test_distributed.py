@@ -233,7 +233,7 @@ def test_ablate_each_and_validation(two_and_one):
 
 
 def score_args(model_dir: str, texts_file: str, out: str) -> list:
-    return ["score", "--model", model_dir, "--texts", texts_file, "--out", out, "--max-tokens", "200",
+    return ["score", "--model", model_dir, "--calib-texts", texts_file, "--out", out, "--max-tokens", "200",
             "--validate-n", "3", "--validate-tokens", "48", "--scores", "wanda,rms", "--top-k-contexts", "3"]
 
 

@@ -283,7 +283,7 @@ def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS), encoding="utf-8")
     out = tmp_path / "out"
-    argv = ["score", "--model", tiny_dirs["llama"], "--texts", str(texts), "--out", str(out), "--validate-n", "5", "--scores", "wanda,taylor_zero"]
+    argv = ["score", "--model", tiny_dirs["llama"], "--calib-texts", str(texts), "--out", str(out), "--validate-n", "5", "--scores", "wanda,taylor_zero"]
     name, cfg = cli.parse_args(argv)
     assert name == "score" and cfg.validate_n == 5
     assert cli.main(argv) == 0
@@ -295,6 +295,47 @@ def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
     assert doc["result"]["spearman_random"]["wanda"] == pytest.approx(scipy.stats.spearmanr(rnd["wanda"], rnd["loss_change"]).statistic, abs=1e-9)
     printed = capsys.readouterr().out
     assert f"{doc['result']['spearman_candidates']['taylor_zero']:.3f}" in printed
-    assert cli.main(["score", "--out", str(out), "--scores", "bogus", "--model", tiny_dirs["llama"], "--texts", str(texts)]) == 2
+    assert cli.main(["score", "--out", str(out), "--scores", "bogus", "--model", tiny_dirs["llama"], "--calib-texts", str(texts)]) == 2
     with pytest.raises(ValueError, match="batch_size"):
         cli.parse_args(["score", "--batch-size", "0"])
+
+
+def test_score_cli_validates_on_each_eval_set(tiny_dirs, tmp_path):
+    """--eval-texts NAME=FILE: the calibration's lowest-scored neurons are measured on the set's own texts (equal to
+    the hook simulation run there), the set's Spearman correlations are those of its rows, and bad sets fail
+    before anything is written."""
+    import json
+
+    import pandas as pd
+
+    from neuronscope_tl import cli, models
+
+    calib, other = tmp_path / "calib.txt", tmp_path / "other.txt"
+    calib.write_text("\n".join(TEXTS[:2]), encoding="utf-8")
+    other_texts = ["Rain is expected across the north on Tuesday.", "She sold the house and moved to the coast."]
+    other.write_text("\n".join(other_texts), encoding="utf-8")
+    out = tmp_path / "out"
+    base = ["score", "--model", tiny_dirs["llama"], "--calib-texts", str(calib), "--out", str(out), "--validate-n", "4",
+            "--scores", "wanda,taylor_zero", "--top-k-contexts", "2"]
+    assert cli.main(base + ["--eval-texts", f"other={other}"]) == 0
+    table = pd.read_csv(out / "scores.csv")
+    measured = pd.read_csv(out / "validation_measured.csv")
+    assert set(measured["set"]) == {"calibration", "other"}
+    on_other = measured[measured["set"] == "other"]
+    lowest = table.nsmallest(4, "wanda", keep="first")[["layer", "neuron"]].apply(tuple, axis=1).tolist()
+    assert set(lowest) <= set(on_other[["layer", "neuron"]].apply(tuple, axis=1))
+    model = models.load_model(tiny_dirs["llama"])
+    for _, row in on_other.head(3).iterrows():
+        exact = ns.simulate_pruning(model, int(row["layer"]), [int(row["neuron"])], other_texts)
+        assert row["loss_change"] == pytest.approx(exact.loss_change, abs=1e-6)
+    doc = json.loads((out / "validation.json").read_text())["result"]
+    rnd = on_other[on_other["random"]]
+    assert doc["sets"]["other"]["spearman_random"]["taylor_zero"] == pytest.approx(
+        scipy.stats.spearmanr(rnd["taylor_zero"], rnd["loss_change"]).statistic, abs=1e-9)
+    assert [r["name"] for r in doc["sets_record"]] == ["other"]
+    for bad in (["--eval-texts", f"other={tmp_path / 'missing.txt'}"],
+                ["--eval-texts", f"other={other}", "--eval-texts", f"other={calib}"],
+                ["--eval-texts", f"other={other}", "--validate-n", "0"]):
+        fresh = tmp_path / "never"
+        assert cli.main(base[:-8] + ["--out", str(fresh)] + bad) == 2
+        assert not fresh.exists()

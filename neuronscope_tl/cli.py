@@ -611,7 +611,8 @@ class CurveConfig:
         out: output directory for curve.csv, curve_runs.csv, protocol.json and curve.png.
         methods: comma-separated ranking methods.
         sparsities: comma-separated fractions of MLP neurons in [0, 1).
-        scope: per_layer (the same fraction of every layer) or global (one ranking over all layers).
+        scope: per_layer (the same fraction of every layer), global (one ranking over all layers) or owl
+            (outlier-weighted per-layer fractions).
         ablations: comma-separated: zero and/or mean.
         every: with --no-domains, score every n-th 512-token window of the Lee evaluation split (3: about 8k tokens).
         calib_texts: a text file (one text per line) to calibrate on; omit for the default mix of news, forum and docs.
@@ -709,7 +710,8 @@ class PruneConfig:
         out: a new or empty output directory (or any directory with --overwrite).
         model: HF model id or local directory; omit for the embedded default.
         method: ranking method; omit for the recommended method (chosen on out-of-domain text).
-        scope: per_layer (one smaller intermediate size) or global (masked checkpoint, same shapes).
+        scope: per_layer (one smaller intermediate size), global (one ranking over all layers) or owl (outlier-weighted
+            per-layer fractions); global and owl are stored at the widest layer's width.
         ablation: zero, or mean (mean activation folded into an output bias); omit for the recommendation's.
         overwrite: replace a non-empty output directory.
         calib_texts: a text file (one text per line) to calibrate on; omit for the default mix of news, forum and docs.
@@ -786,7 +788,8 @@ def run_prune(cfg: PruneConfig, log=print) -> dict:
     )
     result = pruned.model
     if result.masked:
-        log("widths differ per layer: wrote a MASKED checkpoint of the original shapes (pruned weights set to zero); it is not smaller.")
+        log(f"widths differ per layer: every layer is stored at the widest layer's width ({result.d_mlp_after}), narrower "
+            f"layers padded with zeroed neurons; the file saves what the widest layer saves, not the average.")
     log(f"pruned {result.n_pruned} neurons ({pruned.method}, {pruned.ablation}, {pruned.scope}); d_mlp {result.d_mlp_before} -> {result.d_mlp_after}; "
         f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; file {result.file_bytes_before/1e6:.1f} -> {result.file_bytes_after/1e6:.1f} MB")
     if result.latency_s_before is not None:
@@ -811,7 +814,7 @@ class SearchConfig:
         model: HF model id or local directory; omit for the embedded default.
         method: ranking method; omit for the recommended method.
         ablation: zero or mean; omit for the recommendation's.
-        scope: per_layer or global.
+        scope: per_layer, global or owl.
         calib_texts: a text file (one text per line) to calibrate on; omit for the default mix of news, forum and docs.
         calib_tokens: calibration tokens.
         eval_texts: NAME=FILE, an extra evaluation set measured beside the default domains.

@@ -163,7 +163,7 @@ def prune_curve(
             for seed in (seeds if registry.get(m).random else [0])]
     for method, sparsity, abl, seed in tqdm(jobs, desc="curve", disable=not progress):
         if sequential:
-            spec = sequential_spec(model, seq_windows, method, sparsity, abl, refit, seed, bf16=use_bf16).spec
+            spec = sequential_spec(model, seq_windows, method, sparsity, abl, refit, seed, bf16=use_bf16, scope=scope).spec
             spec = spec if spec.neurons else None
         else:
             spec = build_spec(model, cal, method, sparsity, scope, abl, seed)

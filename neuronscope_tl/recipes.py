@@ -126,7 +126,7 @@ def recipe_spec(
         if windows is None:
             windows = calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
         spec = sequential_spec(model, windows, recipe.method, sparsity, recipe.ablation, recipe.refit, seed,
-                               bf16=bf16, progress=progress).spec
+                               bf16=bf16, progress=progress, scope=scope).spec
         return (spec if spec.neurons else None), {"mode": "sequential", **windows.record}
     if calibration is None:
         calibration = calibrate_for(model, [recipe.method], calib_texts, calib_tokens, refit=recipe.refit is not None)

@@ -153,7 +153,7 @@ def prune_sections(report) -> List[Section]:
     m = report.model
     rows = [("method", f"{report.method} ({report.method_source})"), ("ablation", report.ablation),
             ("scope", report.scope), ("sparsity", report.sparsity), ("neurons pruned", m.n_pruned),
-            ("d_mlp", f"{m.d_mlp_before} -> {m.d_mlp_after}" + (" (masked: same shapes)" if m.masked else "")),
+            ("d_mlp", f"{m.d_mlp_before} -> {m.d_mlp_after}" + (" (widest layer; narrower layers zero-padded)" if m.masked else "")),
             ("parameters", f"{m.parameters_before:,} -> {m.parameters_after:,}"),
             ("weight files", f"{m.file_bytes_before / 1e6:.1f} -> {m.file_bytes_after / 1e6:.1f} MB")]
     sections = [Section("Pruned model", table_html(pd.DataFrame(rows, columns=["what", "value"])))]

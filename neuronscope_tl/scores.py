@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -92,6 +92,14 @@ class Column:
 RankFn = Callable[["Calibration", str, int], Tensor]
 
 
+def layer_counts(k: Union[int, Sequence[int]], n_layers: int) -> List[int]:
+    """One count per layer: ``k`` repeated, or ``k`` itself when it already gives one per layer."""
+    ks = [int(k)] * n_layers if isinstance(k, int) else [int(v) for v in k]
+    if len(ks) != n_layers:
+        raise ValueError(f"expected one count per layer ({n_layers}), got {len(ks)}.")
+    return ks
+
+
 @dataclass(frozen=True)
 class Score:
     """One ranking method.
@@ -130,10 +138,11 @@ class Score:
 
     __call__ = scores
 
-    def per_layer(self, model, cal: "Calibration", k: int, ablation: str, seed: int = 0) -> Neurons:
-        """The ``k`` lowest-scored neurons of every layer (ties by index)."""
-        order = self.scores(cal, ablation, seed).argsort(dim=1, stable=True)[:, :k]
-        return {l: sorted(order[l].tolist()) for l in range(order.shape[0])}
+    def per_layer(self, model, cal: "Calibration", k: Union[int, Sequence[int]], ablation: str, seed: int = 0) -> Neurons:
+        """The ``k`` lowest-scored neurons of every layer (ties by index); ``k`` is one count or one per layer."""
+        order = self.scores(cal, ablation, seed).argsort(dim=1, stable=True)
+        ks = layer_counts(k, order.shape[0])
+        return {l: sorted(order[l, :ks[l]].tolist()) for l in range(order.shape[0])}
 
     def select_layer(self, model, cal: "Calibration", layer: int, k: int, ablation: str, seed: int = 0) -> List[int]:
         """The ``k`` lowest-scored neurons of one layer (sequential calibration selects layer by layer)."""
@@ -163,8 +172,9 @@ class ObsScore(Score):
         order, err = cal.obs[key]
         return order[:n_remove], err[:n_remove]
 
-    def per_layer(self, model, cal: "Calibration", k: int, ablation: str, seed: int = 0) -> Neurons:
-        return {l: self.select_layer(model, cal, l, k, ablation, seed) for l in range(cal.shape[0])}
+    def per_layer(self, model, cal: "Calibration", k: Union[int, Sequence[int]], ablation: str, seed: int = 0) -> Neurons:
+        ks = layer_counts(k, cal.shape[0])
+        return {l: self.select_layer(model, cal, l, ks[l], ablation, seed) for l in range(cal.shape[0])}
 
     def select_layer(self, model, cal: "Calibration", layer: int, k: int, ablation: str, seed: int = 0) -> List[int]:
         return sorted(self.order(model, cal, ablation, layer, k)[0])

@@ -7,7 +7,9 @@ Gram matrices; the resulting :class:`Calibration` serves every method of :mod:`n
 
 * **Scope** ``per_layer`` removes the same fraction from every layer. ``global`` ranks all neurons together on
   scores made comparable across layers (z-scored within each layer, as FLAP does, An et al. 2024; ``obs`` uses its
-  cumulative reconstruction error divided by the layer's output energy). Every layer keeps at least one neuron.
+  cumulative reconstruction error divided by the layer's output energy). ``owl`` gives each layer its own fraction
+  from its share of outlier neurons (:func:`owl_layer_counts`, OWL, Yin et al. 2024), then selects per layer by the
+  method's score. Every layer keeps at least one neuron.
 * **Ablation** ``zero``, or ``mean``: the neuron's mean calibration activation, carried by the exported model as an
   output bias (FLAP's bias compensation).
 
@@ -39,7 +41,7 @@ from .surgery import Neurons, PruneSpec, make_spec
 from .texts import as_finite_real, calibration_tokens, check_max_tokens, show
 from .weights import neuron_weight_table
 
-SCOPES = ("per_layer", "global")
+SCOPES = ("per_layer", "global", "owl")
 # Calibration tokens for pruning: 32,768 tokens of the default mix. The refit fits a 1,537-wide Gram matrix per
 # layer; on the default model 8,192 tokens overfit it (benchmarks/bench_domains.py: 1.74x dense in-domain at 20%
 # one-shot against 1.63x with 32,768 tokens).
@@ -47,7 +49,7 @@ PRUNE_CALIB_TOKENS = 32768
 
 
 def check_scope(scope: str) -> str:
-    """``per_layer`` or ``global``."""
+    """``per_layer``, ``global`` or ``owl``."""
     if not isinstance(scope, str) or scope not in SCOPES:
         raise ValueError(f"unknown scope {show(scope)}; valid scopes are {', '.join(SCOPES)}.")
     return scope
@@ -152,6 +154,52 @@ def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: 
                        record=record)
 
 
+OWL_OUTLIER_FACTOR = 5.0
+OWL_SPREAD = 0.08
+
+
+def owl_outlier_scores(cal: Calibration) -> Tensor:
+    """``[n_layers, d_mlp]`` scores whose outliers OWL counts: structured Wanda (||W_out row|| x RMS activation)."""
+    return registry.get("wanda").scores(cal, "zero")
+
+
+def owl_layer_counts(outlier_scores: Tensor, sparsity: float, factor: float = OWL_OUTLIER_FACTOR,
+                     spread: float = OWL_SPREAD) -> List[int]:
+    """Neurons to remove per layer under outlier-weighted layer sparsity (OWL, Yin et al. 2024), for neurons.
+
+    A layer's outlier ratio is the fraction of its neurons whose score exceeds ``factor`` times the layer's mean.
+    Keep ratios grow linearly with it over a range of ``2 * spread`` centred on ``1 - sparsity`` (so the mean
+    sparsity is kept), are clipped so every layer keeps at least one neuron, and are rounded to counts that sum to
+    ``round(sparsity * n_layers * d_mlp)`` (largest remainders; at most ``d_mlp - 1`` per layer). Equal outlier ratios give uniform counts.
+    """
+    sparsity = check_sparsity(sparsity)
+    if not (isinstance(factor, (int, float)) and factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"factor must be a finite number > 0, got {show(factor)}.")
+    if not (isinstance(spread, (int, float)) and 0 <= spread < 0.5):
+        raise ValueError(f"spread must be a number in [0, 0.5), got {show(spread)}.")
+    score = outlier_scores.double()
+    n_layers, d = score.shape
+    ratio = (score > factor * score.mean(1, keepdim=True)).double().mean(1)
+    span = float(ratio.max() - ratio.min())
+    keep = (ratio - ratio.min()) / span * 2 * spread if span > 0 else torch.zeros(n_layers, dtype=torch.float64)
+    keep = keep - keep.mean() + (1 - sparsity)
+    raw = ((1 - keep) * d).clamp(0, d - 1)
+    counts = raw.floor().long().tolist()
+    total = min(int(round(sparsity * d * n_layers)), n_layers * (d - 1))
+    order = (raw - raw.floor()).argsort(descending=True, stable=True).tolist()
+    deficit = total - sum(counts)
+    step = 1 if deficit > 0 else -1
+    order = order if step > 0 else order[::-1]
+    i = 0
+    while deficit:
+        layer = order[i % n_layers]
+        if 0 <= counts[layer] + step <= d - 1:
+            counts[layer] += step
+            deficit -= step
+        i += 1
+    return counts
+
+
 def select_neurons(model, cal: Calibration, method: str, sparsity: float, scope: str = "per_layer",
                    ablation: str = "zero", seed: int = 0) -> Neurons:
     """The neurons to prune: the lowest-scored fraction per layer, or globally on comparable scores."""
@@ -165,6 +213,10 @@ def select_neurons(model, cal: Calibration, method: str, sparsity: float, scope:
     k = int(round(sparsity * d))
     if scope == "per_layer":
         return score_def.per_layer(model, cal, k, ablation, seed) if k else {}
+    if scope == "owl":
+        counts = owl_layer_counts(owl_outlier_scores(cal), sparsity)
+        chosen = score_def.per_layer(model, cal, counts, ablation, seed)
+        return {l: v for l, v in chosen.items() if v}
     score = score_def.comparable(model, cal, sparsity, ablation, seed)
     total = int(round(sparsity * d * n_layers))
     flat = score.reshape(-1).argsort(stable=True).tolist()

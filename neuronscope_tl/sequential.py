@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import engine
 from . import scores as registry
 from .activations import NeuronAccumulator
 from .arch import output_matrix
@@ -38,7 +39,7 @@ from .impact import check_ablation
 from .models import mlp_info
 from .obs import DEFAULT_DAMP, choose_damp
 from .scoring import score_table
-from .selection import Calibration, check_sparsity
+from .selection import Calibration, check_sparsity, owl_layer_counts, owl_outlier_scores
 from .surgery import PruneSpec, make_spec, simulation_hooks
 from .domains import DEFAULT_CALIBRATION_DOMAINS, calibration_sources
 from .texts import check_int, check_texts, show
@@ -150,12 +151,30 @@ def sequential_sources(calib_texts: Optional[Sequence[str]] = None,
     return calibration_sources(DEFAULT_CALIBRATION_DOMAINS)
 
 
+SEQUENTIAL_SCOPES = ("per_layer", "owl")
+
+
 def check_sequential_scope(scope: str) -> str:
-    """Sequential calibration selects layer by layer, so its scope is ``per_layer``; anything else is refused."""
-    if scope != "per_layer":
-        raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer' (--scope per_layer), "
-                         f"got {scope!r}.")
+    """Sequential calibration selects layer by layer, so its scope is ``per_layer`` or ``owl`` (per-layer counts
+    fixed before the first layer); ``global`` is refused."""
+    if scope not in SEQUENTIAL_SCOPES:
+        raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer' or 'owl' "
+                         f"(--scope per_layer|owl), got {scope!r}.")
     return scope
+
+
+def dense_owl_counts(model, windows: CalibrationWindows, sparsity: float, batch_size: int = SEQUENTIAL_BATCH,
+                     bf16: bool = False) -> List[int]:
+    """Per-layer counts of :func:`~neuronscope_tl.selection.owl_layer_counts` from the dense model's statistics on
+    the calibration windows (one forward pass)."""
+    info = mlp_info(model)
+    stats = NeuronAccumulator(list(range(info.n_layers)), info.d_mlp)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        engine.run(model, list(windows.tokens), [stats], batch_size=batch_size, by_length=False, desc="owl statistics")
+    weights = neuron_weight_table(model)
+    mag = torch.tensor(weights["mean_abs_weight"].to_numpy()).reshape(info.n_layers, info.d_mlp)
+    cal = Calibration(score_table(stats.table(), weights), mag, {}, None)
+    return owl_layer_counts(owl_outlier_scores(cal), sparsity)
 
 
 def layer_groups(n_layers: int, groups: Optional[int]) -> List[List[int]]:
@@ -178,6 +197,7 @@ def sequential_spec(
     batch_size: int = SEQUENTIAL_BATCH,
     bf16: bool = False,
     progress: bool = False,
+    scope: str = "per_layer",
 ) -> SequentialSpec:
     """Select and refit the layers group by group on the model pruned so far (see the module docstring).
 
@@ -186,9 +206,11 @@ def sequential_spec(
     ``groups``: how many contiguous layer groups are calibrated in turn (None: every layer on its own, the exact
     layer-by-layer order; each group costs a forward pass up to its last layer). ``bf16`` runs the forwards under
     bf16 autocast (about twice as fast where the CPU has bf16 matmuls; statistics and Gram matrices are still
-    accumulated in fp32 / fp64).
+    accumulated in fp32 / fp64). ``scope='owl'`` removes a different count per layer
+    (:func:`~neuronscope_tl.selection.owl_layer_counts` on the dense model's statistics, :func:`dense_owl_counts`).
     """
     check_sequential_method(method)
+    check_sequential_scope(scope)
     sparsity = check_sparsity(sparsity)
     check_ablation(ablation)
     refit = check_refit(refit)
@@ -199,12 +221,13 @@ def sequential_spec(
     info = mlp_info(model)
     n_layers, d = info.n_layers, info.d_mlp
     plan = layer_groups(n_layers, groups)
-    k = int(round(sparsity * d))
+    t0 = time.perf_counter()
+    counts = ([int(round(sparsity * d))] * n_layers if scope == "per_layer"
+              else dense_owl_counts(model, windows, sparsity, batch_size, bf16))
     spec = PruneSpec(neurons={}, d_mlp=d, ablation=ablation)
     out = SequentialSpec(spec)
-    if k == 0:
+    if not any(counts):
         return out
-    t0 = time.perf_counter()
     weights = neuron_weight_table(model)
     mag = torch.tensor(weights["mean_abs_weight"].to_numpy()).reshape(n_layers, d)
     w_out = output_matrix(model)
@@ -224,7 +247,9 @@ def sequential_spec(
             gram = col.gram()
             means = {layer: gram[d, :d].float()}
             cal = Calibration(score_table(col.stats.table(), weights), mag, means, {layer: gram.float()})
-            pruned = registry.get(method).select_layer(model, cal, layer, k, ablation, seed)
+            if counts[layer] == 0:
+                continue
+            pruned = registry.get(method).select_layer(model, cal, layer, counts[layer], ablation, seed)
             grams, damp = None, DEFAULT_DAMP
             if refit is not None:
                 grams = {layer: gram}

@@ -15,8 +15,10 @@ MLP through the model family's adapter (:mod:`neuronscope_tl.arch`: rows of ``ga
 of ``down_proj`` for Llama-style models, columns of ``c_fc`` and rows of ``c_proj`` for GPT-2).
 
 Per-layer-uniform pruning gives one smaller MLP width in the config. Pruning that leaves different widths per layer
-(global scope) cannot be written in a standard config, so we write a **masked checkpoint** of the original shapes
-(pruned weights set to zero) and say so in the result (``masked=True``); it is exact but not smaller.
+(``global`` and ``owl`` scopes) cannot be written in a standard config, which holds one width: every layer is stored
+at the **widest layer's width**, narrower layers padded with pruned neurons whose output weights are zero
+(:func:`stored_neurons`). The result says so (``masked=True``); it is exact, and it saves what the widest layer
+saves, not the average.
 
 A ``HookedTransformer`` (TransformerLens 3.x) is narrowed in its own weights (:func:`apply_spec_hooked`): columns of
 ``W_in``/``W_gate``/``b_in`` and rows of ``W_out`` go, the extra bias is added to ``b_out`` and the config's
@@ -119,29 +121,44 @@ def fresh_hf_copy(model: torch.nn.Module) -> torch.nn.Module:
     return fresh.to(dtype=next(hf.parameters()).dtype).eval()
 
 
-def apply_spec(hf: torch.nn.Module, spec: PruneSpec) -> torch.nn.Module:
-    """Remove (or, for non-uniform specs, zero) the spec's neurons in ``hf`` in place; returns ``hf``.
+def stored_neurons(spec: PruneSpec, n_layers: int) -> Tuple[int, Dict[int, List[int]]]:
+    """(the stored MLP width, {layer: neurons stored}) of a pruned checkpoint.
 
-    Returns the same module with a config whose MLP width (``intermediate_size`` / ``n_inner``) is the new width
-    (uniform specs) and ``mlp_bias=True`` on Llama-style configs when an output bias is needed.
+    A standard config holds one MLP width, so every layer stores the widest layer's kept neurons: the kept
+    neurons, padded (in layers that lost more) with pruned neurons whose output weights are zeroed, which add
+    exactly nothing. A uniform spec needs no padding.
+    """
+    width = spec.d_mlp - min(len(spec.neurons.get(l, ())) for l in range(n_layers))
+    stored = {}
+    for layer in range(n_layers):
+        kept = spec.kept(layer)
+        stored[layer] = sorted(kept + sorted(spec.neurons.get(layer, ()))[:width - len(kept)])
+    return width, stored
+
+
+def pruned_output_weights(spec: PruneSpec, layer: int, w_out: Tensor) -> Tensor:
+    """``W_out`` [d_mlp, d_model] of one pruned layer: the refit's ``delta_out`` added, pruned rows zeroed."""
+    if layer in spec.delta_out:
+        w_out = w_out + spec.delta_out[layer].to(w_out.device)
+    w_out[list(spec.neurons.get(layer, ()))] = 0.0
+    return w_out
+
+
+def apply_spec(hf: torch.nn.Module, spec: PruneSpec) -> torch.nn.Module:
+    """Remove the spec's neurons in ``hf`` in place (to the widest layer's width, see :func:`stored_neurons`);
+    returns ``hf`` with a config whose MLP width (``intermediate_size`` / ``n_inner``) is the new width and
+    ``mlp_bias=True`` on Llama-style configs when an output bias is needed.
     """
     arch = arch_for(hf)
     n_layers = len(arch.decoder_layers(hf))
-    counts = {len(spec.neurons.get(l, ())) for l in range(n_layers)}
-    shrink = len(counts) == 1
     need_bias = bool(spec.bias)
-    new_width = spec.d_mlp - counts.pop() if shrink else spec.d_mlp
+    width, stored = stored_neurons(spec, n_layers)
     with torch.no_grad():
         for layer in range(n_layers):
-            w_out = arch.output_weights(hf, layer)
-            if layer in spec.delta_out:
-                w_out = w_out + spec.delta_out[layer]
-            pruned = spec.neurons.get(layer, [])
-            if not shrink:
-                w_out[pruned] = 0.0
-            keep = torch.as_tensor(spec.kept(layer) if shrink else list(range(spec.d_mlp)), dtype=torch.long)
+            w_out = pruned_output_weights(spec, layer, arch.output_weights(hf, layer))
+            keep = torch.as_tensor(stored[layer], dtype=torch.long)
             arch.shrink_mlp(arch.mlp(hf, layer), keep, w_out, spec.bias.get(layer), need_bias)
-    arch.set_width(hf.config, new_width, need_bias)
+    arch.set_width(hf.config, width, need_bias)
     return hf
 
 
@@ -151,28 +168,21 @@ def apply_spec(hf: torch.nn.Module, spec: PruneSpec) -> torch.nn.Module:
 def apply_spec_hooked(model: torch.nn.Module, spec: PruneSpec) -> torch.nn.Module:
     """A new HookedTransformer with ``spec`` applied to a copy of ``model``'s weights (``model`` is untouched).
 
-    Uniform specs shrink ``d_mlp``: the kept columns of ``W_in``/``W_gate``/``b_in`` and rows of ``W_out`` (plus the
-    refit's ``delta_out``) stay, and the extra bias is added to ``b_out``. Non-uniform specs keep the shapes and
-    zero the pruned rows of ``W_out`` (a masked model). The config is rebuilt with ``from_dict`` so that its derived
-    fields (parameter count) follow the new width.
+    ``d_mlp`` shrinks to the widest layer's width (:func:`stored_neurons`): the stored columns of
+    ``W_in``/``W_gate``/``b_in`` and rows of ``W_out`` (plus the refit's ``delta_out``; padding rows zeroed) stay,
+    and the extra bias is added to ``b_out``. The config is rebuilt with ``from_dict`` so that its derived fields
+    (parameter count) follow the new width.
     """
     n_layers = int(model.cfg.n_layers)
-    counts = {len(spec.neurons.get(l, ())) for l in range(n_layers)}
-    shrink = len(counts) == 1
-    width = spec.d_mlp - counts.pop() if shrink else spec.d_mlp
+    width, stored = stored_neurons(spec, n_layers)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     gated = bool(model.cfg.gated_mlp)
     with torch.no_grad():
         for layer in range(n_layers):
             pre = f"blocks.{layer}.mlp."
             dtype = state[pre + "W_out"].dtype
-            w_out = state[pre + "W_out"].float()
-            if layer in spec.delta_out:
-                w_out = w_out + spec.delta_out[layer].to(w_out.device)
-            pruned = spec.neurons.get(layer, [])
-            if not shrink:
-                w_out[pruned] = 0.0
-            keep = torch.as_tensor(spec.kept(layer) if shrink else list(range(spec.d_mlp)), dtype=torch.long)
+            w_out = pruned_output_weights(spec, layer, state[pre + "W_out"].float())
+            keep = torch.as_tensor(stored[layer], dtype=torch.long)
             state[pre + "W_out"] = w_out[keep].to(dtype).contiguous()
             for name in ("W_in", "W_gate") if gated else ("W_in",):
                 state[pre + name] = state[pre + name][:, keep].contiguous()
@@ -322,9 +332,10 @@ class PrunedModel(Result):
 
     Attributes:
         out: the directory written (``save_pretrained`` with its tokenizer; loads in plain transformers).
-        masked: True when the widths differ per layer and the checkpoint keeps the original shapes with the
-            pruned weights set to zero (exact, but not smaller).
-        d_mlp_before / d_mlp_after: MLP width before and after (after = before when masked).
+        masked: True when the layers lost different numbers of neurons: every layer is stored at the widest
+            layer's width, narrower layers padded with pruned neurons whose output weights are zero (exact; the
+            saving is that of the widest layer, not of the average).
+        d_mlp_before / d_mlp_after: MLP width before and after (after = the widest layer's when masked).
         parameters_before / parameters_after, mlp_parameters_before / mlp_parameters_after: unique counts.
         file_bytes_before / file_bytes_after: size of the weight files of the dense and pruned checkpoints.
         latency_s_before / latency_s_after: median CPU forward time over ``latency_tokens`` tokens.

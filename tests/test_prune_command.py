@@ -31,6 +31,7 @@ RUNS = [
     ("llama", "per_layer", "zero", "wanda"),
     ("llama", "global", "mean", "obs"),
     ("llama", "per_layer", None, None),
+    ("llama", "owl", None, None),
     ("gpt2", "per_layer", "mean", "fluctuation"),
     ("gpt2", "global", "zero", "wanda"),
 ]
@@ -124,12 +125,14 @@ def test_prune_output_reloads_in_plain_transformers_and_equals_the_simulation(pr
 
     d_mlp = ns.mlp_info(model).d_mlp
     k = round(SPARSITY * d_mlp)
+    widest = d_mlp - min(len(spec.neurons.get(l, ())) for l in range(ns.mlp_info(model).n_layers))
+    assert config["width"] == widest and report["model"]["masked"] == (not spec.uniform)
     if scope == "per_layer":
-        assert config["width"] == d_mlp - k and not report["model"]["masked"]
-        assert all(len(v) == k for v in spec.neurons.values())
+        assert widest == d_mlp - k and all(len(v) == k for v in spec.neurons.values())
     else:
-        assert config["width"] == d_mlp and report["model"]["masked"]
         assert spec.n_pruned == round(SPARSITY * d_mlp * ns.mlp_info(model).n_layers)
+    if scope == "global":
+        assert not spec.uniform
     assert report["model"]["n_pruned"] == spec.n_pruned
     if kind == "llama":  # an output bias (mean ablation or refit) needs mlp_bias in the config
         assert config["mlp_bias"] == bool(spec.bias)

@@ -137,13 +137,21 @@ def test_refit_is_least_squares():
     assert delta[pruned].abs().max() == 0
 
 
-def test_global_pruning_writes_masked_checkpoint(tiny_model, tmp_path):
+def test_non_uniform_pruning_stores_the_widest_layer(tiny_model, tmp_path):
+    """Layers that lost different numbers of neurons are stored at the widest layer's width (here layer 1 lost
+    none, so no width is saved; with every layer losing some, the least-pruned layer sets the width), padded with
+    zeroed neurons, and the reloaded model equals the hook simulation."""
     model = tiny_model
     tokens = model.to_tokens(PROBE_TEXT)
+    info = ns.mlp_info(model)
     neurons = {0: [1, 2, 3], 2: [5]}
     spec = surgery.make_spec(model, neurons, "zero")
     result = surgery.prune_model(model, None, out=tmp_path / "masked", spec=spec, measure_latency=False)
-    assert result.masked and result.d_mlp_after == ns.mlp_info(model).d_mlp
+    assert result.masked and result.d_mlp_after == info.d_mlp
+    neurons = {l: list(range(2 + l % 2 * 3)) for l in range(info.n_layers)}  # layers lose 2 or 5
+    spec = surgery.make_spec(model, neurons, "zero")
+    result = surgery.prune_model(model, None, out=tmp_path / "padded", spec=spec, measure_latency=False)
+    assert result.masked and result.d_mlp_after == info.d_mlp - 2
     _, plain = _plain_logits(result.out, tokens)
     torch.testing.assert_close(plain, _simulated(model, spec, tokens), atol=route_tolerance(model, tokens), rtol=0)
 

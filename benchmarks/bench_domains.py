@@ -40,15 +40,17 @@ DEFAULT_CONFIGS = (
     "mix:32768:seq:obs:auto:0.3",         # the recommendation at 30% per layer
     "lee:8192:oneshot:wanda:none:0.3",
     "mix:131072:seq:obs:auto",            # calibration size
+    "mix:32768:seq:obs:auto:0.2:owl",     # non-uniform allocation (OWL) on the recommendation
+    "mix:32768:seq:obs:auto:0.3:owl",
 )
 
 
 def parse(cfg: str, sparsity: float) -> dict:
-    """``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY]``."""
+    """``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY[:SCOPE]]`` (scope: per_layer, the default, or owl)."""
     calib, tokens, mode, method, refit, *rest = cfg.split(":")
     return {"calib": calib, "tokens": int(tokens), "mode": mode, "method": method,
             "refit": None if refit == "none" else refit if refit == "auto" else float(refit),
-            "sparsity": float(rest[0]) if rest else sparsity}
+            "sparsity": float(rest[0]) if rest else sparsity, "scope": rest[1] if len(rest) > 1 else "per_layer"}
 
 
 def run_config(model, sets, dense, c: dict, cache: dict) -> dict:
@@ -57,20 +59,22 @@ def run_config(model, sets, dense, c: dict, cache: dict) -> dict:
     if c["mode"] == "seq":
         sources = {"lee": ns.calibration_texts()} if c["calib"] == "lee" else domains.calibration_sources()
         wins = sequential.calibration_windows(model, sources, c["tokens"])
-        spec = sequential.sequential_spec(model, wins, c["method"], sparsity, "mean", c["refit"], bf16=True).spec
+        spec = sequential.sequential_spec(model, wins, c["method"], sparsity, "mean", c["refit"], bf16=True,
+                                          scope=c["scope"]).spec
     else:
         key = (c["calib"], c["tokens"])
         if key not in cache:
             texts = ns.calibration_texts() if c["calib"] == "lee" else None
             cache.clear()  # one calibration's Gram matrices at a time
             cache[key] = selection.calibrate(model, texts, c["tokens"], with_grams=True, with_gradients=False)
-        spec = selection.build_spec(model, cache[key], c["method"], sparsity, "per_layer", "mean", refit=c["refit"])
+        spec = selection.build_spec(model, cache[key], c["method"], sparsity, c["scope"], "mean", refit=c["refit"])
     fit_s = time.perf_counter() - t
+    widths = [spec.d_mlp - len(spec.neurons.get(l, ())) for l in range(ns.mlp_info(model).n_layers)]
     ppl = evaluation.domain_perplexities(model, sets, surgery.simulation_hooks(spec), bf16=True)
     summary = evaluation.domain_summary(ppl, dense, sets)
     return {**c, "ratios": {k: round(v, 4) for k, v in summary["ratios"].items()},
             "in_domain": round(summary["in_domain"], 4), "out_of_domain": round(summary["out_of_domain"], 4),
-            "fit_s": round(fit_s, 1), "total_s": round(time.perf_counter() - t, 1)}
+            "widest_kept": max(widths), "narrowest_kept": min(widths), "fit_s": round(fit_s, 1), "total_s": round(time.perf_counter() - t, 1)}
 
 
 def main(argv=None) -> dict:

@@ -110,6 +110,11 @@ class Heartbeat:
         self._thread.join()
 
 
+def fmt_iqr(iqr) -> str:
+    """A latency spread (25th, 75th percentile, seconds) as ``a-b ms``."""
+    return f"{iqr[0] * 1e3:.0f}-{iqr[1] * 1e3:.0f} ms"
+
+
 def log_files(files: Sequence, log: Callable[[str], None]) -> List[str]:
     """List every file written, with its size; returns the paths as strings."""
     paths = [str(f) for f in files]
@@ -794,7 +799,8 @@ def run_prune(cfg: PruneConfig, log=print) -> dict:
         f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; file {result.file_bytes_before/1e6:.1f} -> {result.file_bytes_after/1e6:.1f} MB")
     if result.latency_s_before is not None:
         log(f"latency, median of {LATENCY_REPEATS} forwards over {result.latency_tokens} tokens: dense "
-            f"{result.latency_s_before * 1e3:.0f} ms, pruned {result.latency_s_after * 1e3:.0f} ms; {machine_load_note()}")
+            f"{result.latency_s_before * 1e3:.0f} ms (IQR {fmt_iqr(result.latency_iqr_s_before)}), pruned "
+            f"{result.latency_s_after * 1e3:.0f} ms (IQR {fmt_iqr(result.latency_iqr_s_after)}); {machine_load_note()}")
     if pruned.evaluation is not None:
         log_domains(pruned.evaluation, log)
     out = Path(cfg.out)

@@ -260,8 +260,8 @@ def save_pruned_hooked(model, spec: PruneSpec, out: Path, measure_latency: bool,
     pruned = apply_spec_hooked(model, spec)
     total0, mlp0 = hooked_parameters(model)
     total1, mlp1 = hooked_parameters(pruned)
-    lat0 = median_latency(model, latency_tokens, latency_repeats) if measure_latency else None
-    lat1 = median_latency(pruned, latency_tokens, latency_repeats) if measure_latency else None
+    lat0 = forward_latency(model, latency_tokens, latency_repeats) if measure_latency else None
+    lat1 = forward_latency(pruned, latency_tokens, latency_repeats) if measure_latency else None
     source = getattr(model, SOURCE_ATTR, None)
     with_hf = source is not None and Path(source, "config.json").is_file() and weight_source(model) == RAW
     with atomic_directory(out) as tmp:
@@ -282,7 +282,7 @@ def save_pruned_hooked(model, spec: PruneSpec, out: Path, measure_latency: bool,
         n_pruned=spec.n_pruned, d_mlp_before=spec.d_mlp, d_mlp_after=int(pruned.cfg.d_mlp),
         parameters_before=total0, parameters_after=total1, mlp_parameters_before=mlp0, mlp_parameters_after=mlp1,
         file_bytes_before=bytes0, file_bytes_after=bytes1, latency_tokens=latency_tokens,
-        latency_s_before=lat0, latency_s_after=lat1, format="hooked", hf_out=str(out / "hf") if with_hf else None,
+        **latency_fields(lat0, lat1), format="hooked", hf_out=str(out / "hf") if with_hf else None,
     )
 
 
@@ -303,9 +303,9 @@ def count_parameters(hf) -> Tuple[int, int]:
     return total, mlp
 
 
-def median_latency(hf, n_tokens: int = 512, repeats: int = 5, vocab: Optional[int] = None) -> float:
-    """Median wall time in seconds of a forward over ``n_tokens`` random tokens (one warm-up first); ``hf`` is a
-    plain HF model or a HookedTransformer."""
+def forward_latency(hf, n_tokens: int = 512, repeats: int = 5, vocab: Optional[int] = None) -> Tuple[float, float, float]:
+    """(median, 25th, 75th percentile) wall time in seconds of a forward over ``n_tokens`` random tokens (one
+    warm-up first); ``hf`` is a plain HF model or a HookedTransformer."""
     if hasattr(hf, "config"):
         vocab = vocab or int(hf.config.vocab_size)
         n_ctx = int(getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", n_tokens))
@@ -319,7 +319,16 @@ def median_latency(hf, n_tokens: int = 512, repeats: int = 5, vocab: Optional[in
             t = time.perf_counter()
             hf(ids)
             times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    q25, med, q75 = np.percentile(times, [25, 50, 75])
+    return float(med), float(q25), float(q75)
+
+
+def latency_fields(before: Optional[Tuple[float, float, float]], after: Optional[Tuple[float, float, float]]) -> dict:
+    """The latency fields of :class:`PrunedModel` from two :func:`forward_latency` results (None: not measured)."""
+    if before is None or after is None:
+        return {"latency_s_before": None, "latency_s_after": None}
+    return {"latency_s_before": before[0], "latency_s_after": after[0],
+            "latency_iqr_s_before": before[1:], "latency_iqr_s_after": after[1:]}
 
 
 def dir_size(path: Union[str, Path]) -> int:
@@ -338,7 +347,8 @@ class PrunedModel(Result):
         d_mlp_before / d_mlp_after: MLP width before and after (after = the widest layer's when masked).
         parameters_before / parameters_after, mlp_parameters_before / mlp_parameters_after: unique counts.
         file_bytes_before / file_bytes_after: size of the weight files of the dense and pruned checkpoints.
-        latency_s_before / latency_s_after: median CPU forward time over ``latency_tokens`` tokens.
+        latency_s_before / latency_s_after: median CPU forward time over ``latency_tokens`` tokens, and
+            latency_iqr_s_before / latency_iqr_s_after its spread: the 25th and 75th percentiles.
         format: ``hf`` (a ``save_pretrained`` directory) or ``hooked`` (a HookedTransformer checkpoint:
             ``tl_config.json`` + ``model.safetensors`` + tokenizer, see :func:`load_hooked`).
         hf_out: for ``hooked``, the HF copy's directory (``out/hf``) when one was written, else None.
@@ -360,6 +370,8 @@ class PrunedModel(Result):
     latency_tokens: int
     latency_s_before: Optional[float]
     latency_s_after: Optional[float]
+    latency_iqr_s_before: Optional[Tuple[float, float]] = None
+    latency_iqr_s_after: Optional[Tuple[float, float]] = None
     format: str = "hf"
     hf_out: Optional[str] = None
 
@@ -387,14 +399,14 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
         return save_pruned_hooked(model, spec, out, measure_latency, latency_tokens, latency_repeats)
     dense = fresh_hf_copy(model)
     total0, mlp0 = count_parameters(dense)
-    lat0 = median_latency(dense, latency_tokens, latency_repeats) if measure_latency else None
+    lat0 = forward_latency(dense, latency_tokens, latency_repeats) if measure_latency else None
     with atomic_directory(out) as tmp:
         dense.save_pretrained(tmp / "dense")
         bytes0 = dir_size(tmp / "dense")
         shutil.rmtree(tmp / "dense")
         pruned = apply_spec(dense, spec)
         total1, mlp1 = count_parameters(pruned)
-        lat1 = median_latency(pruned, latency_tokens, latency_repeats) if measure_latency else None
+        lat1 = forward_latency(pruned, latency_tokens, latency_repeats) if measure_latency else None
         pruned.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
         notice = arch_for(pruned).notice
@@ -407,7 +419,7 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
         n_pruned=spec.n_pruned, d_mlp_before=spec.d_mlp, d_mlp_after=width,
         parameters_before=total0, parameters_after=total1, mlp_parameters_before=mlp0, mlp_parameters_after=mlp1,
         file_bytes_before=bytes0, file_bytes_after=bytes1, latency_tokens=latency_tokens,
-        latency_s_before=lat0, latency_s_after=lat1,
+        **latency_fields(lat0, lat1),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,14 @@ def test_obs_error_equals_refit_error(block):
     if block == 1:  # the first pick is the single neuron with the least refit error
         singles = [((lambda d_, b_: ((a[:, [j for j in range(16) if j != i]] @ (w[[j for j in range(16) if j != i]] + d_[[j for j in range(16) if j != i]].double()) + b_.double()) - a @ w).square().sum(1).mean())(*obs.refit_output(gram, w, [i], True, 0.0))) for i in range(16)]
         assert order[0] == int(torch.tensor(singles).argmin())
+
+
+def test_forward_latency_reports_median_and_quartiles_of_the_timed_forwards(tiny_model, monkeypatch):
+    """A fake clock makes the five forwards take known times; the median and quartiles are numpy's of those."""
+    durations = [0.3, 0.1, 0.5, 0.2, 0.45]
+    ticks = iter(np.cumsum([x for d in durations for x in (1.0, d)]).tolist())
+    monkeypatch.setattr(surgery.time, "perf_counter", lambda: next(ticks))
+    med, q25, q75 = surgery.forward_latency(tiny_model, n_tokens=8, repeats=5)
+    assert (med, q25, q75) == pytest.approx(tuple(np.percentile(durations, [50, 25, 75])), abs=1e-9)
+    fields = surgery.latency_fields((med, q25, q75), (0.1, 0.05, 0.2))
+    assert fields["latency_iqr_s_before"] == (q25, q75) and fields["latency_s_after"] == 0.1

@@ -169,7 +169,12 @@ def test_outputs_get_the_users_normal_permissions(tmp_path, capsys):
     for f in out.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     printed = capsys.readouterr().out
-    assert re.search(r"latency, median of 5 forwards over \d+ tokens: dense \d+ ms, pruned \d+ ms; .*load average", printed)
+    m = re.search(r"latency, median of 5 forwards over \d+ tokens: dense (\d+) ms \(IQR (\d+)-(\d+) ms\), pruned (\d+) ms "
+                  r"\(IQR (\d+)-(\d+) ms\); .*load average", printed)
+    assert m, printed
+    rep = json.loads((out / "pruning_report.json").read_text())["model"]
+    shown = [rep["latency_s_before"], *rep["latency_iqr_s_before"], rep["latency_s_after"], *rep["latency_iqr_s_after"]]
+    assert [int(g) for g in m.groups()] == [round(x * 1e3) for x in shown]
     assert str(out / "model.safetensors") in printed
 
 

@@ -38,7 +38,7 @@ import torch
 from .arch import arch_for
 from .curves import prune_curve
 from .evaluation import DEFAULT_WINDOW, eval_windows, window_nll
-from .export import Result
+from .export import Result, to_jsonable
 from .hooks import attached_hooks, mlp_post_name
 from .metrics import perplexity
 from .models import load_model, mlp_info, model_name
@@ -48,6 +48,7 @@ from .texts import calibration_texts, calibration_tokens, check_int, check_max_t
 
 DEFAULT_METHODS = ("magnitude", "activation", "wanda", "fluctuation", "taylor", "random")
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3)
+DEFAULT_ABLATION = "mean"
 DEFAULT_LAYER_SPARSITY = 0.5
 DEFAULT_OUTLIER_FACTOR = 100.0
 DEFAULT_EVAL_TOKENS = 2048
@@ -199,7 +200,7 @@ def compare_models(
     calib_texts: Optional[Sequence[str]] = None,
     methods: Sequence[str] = DEFAULT_METHODS,
     sparsities: Sequence[float] = DEFAULT_SPARSITIES,
-    ablation: str = "mean",
+    ablation: str = DEFAULT_ABLATION,
     layer_sparsity: float = DEFAULT_LAYER_SPARSITY,
     outlier_factor: float = DEFAULT_OUTLIER_FACTOR,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
@@ -317,6 +318,18 @@ def plot_comparison(comp: Comparison, path: Union[str, Path]) -> Path:
     return path
 
 
+def comparison_document(comp: Comparison, table: Optional[pd.DataFrame] = None) -> dict:
+    """The JSON document of a comparison (``compare_result.json``, and the REST API's answer): ``settings``,
+    ``table`` (:func:`comparison_table` as records, full precision, NaN as null) and per model its winner,
+    importance summary, median peak and timing."""
+    table = comparison_table(comp) if table is None else table
+    return to_jsonable({"settings": comp.settings, "table": table,
+                        "models": [{"model": r.model, "kind": r.kind, "dense_perplexity": r.dense_perplexity,
+                                    "winner": r.winner, "importance_summary": r.importance_summary,
+                                    "peak_median": r.peak_median, "n_eval_tokens": r.n_eval_tokens,
+                                    "seconds": r.seconds} for r in comp.models]})
+
+
 def write_comparison(comp: Comparison, out: Union[str, Path]) -> List[Path]:
     """Write the comparison into the directory ``out``: ``compare_table.csv`` (one row per model),
     ``compare_curves.csv``, ``compare_sensitivity.csv``, ``compare_outliers.csv`` (every model's rows, with a
@@ -328,11 +341,7 @@ def write_comparison(comp: Comparison, out: Union[str, Path]) -> List[Path]:
     table.to_csv(paths[0], index=False)
     for path, attr in zip(paths[1:], ("curve", "sensitivity", "outliers")):
         pd.concat([getattr(r, attr).assign(model=r.model) for r in comp.models]).to_csv(path, index=False)
-    doc = {"settings": comp.settings, "table": json.loads(table.to_json(orient="records")),
-           "models": [{"model": r.model, "kind": r.kind, "dense_perplexity": r.dense_perplexity, "winner": r.winner,
-                       "importance_summary": r.importance_summary, "peak_median": r.peak_median,
-                       "n_eval_tokens": r.n_eval_tokens, "seconds": r.seconds} for r in comp.models]}
-    (out / "compare_result.json").write_text(json.dumps(doc, indent=1))
+    (out / "compare_result.json").write_text(json.dumps(comparison_document(comp, table), indent=1, allow_nan=False))
     paths.append(out / "compare_result.json")
     paths.append(plot_comparison(comp, out / "compare.png"))
     return paths

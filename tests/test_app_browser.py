@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 from _app_live import LiveServer
@@ -74,7 +75,7 @@ def test_impact_tab_in_headless_chromium(default_model, tmp_path):
 
 import os  # noqa: E402
 
-from neuronscope_tl import activations, curves, plots  # noqa: E402
+from neuronscope_tl import activations, compare, curves, plots  # noqa: E402
 from neuronscope_tl.app import picker  # noqa: E402
 from neuronscope_tl.app.state import AppSettings  # noqa: E402
 from neuronscope_tl.app.ui import map_scale  # noqa: E402
@@ -132,6 +133,27 @@ class Tabs:
         self.page.screenshot(path=str(path), full_page=True)
         self.shots.append(path)
 
+    def bad_input(self, name: str, run: Optional[str], expect: Optional[str], field: Optional[str] = None, value: str = "",
+                  enter: bool = False, check: Optional[Callable[[], None]] = None):
+        """One bad input on the open tab: fill ``value`` into ``field`` (a selector, its first match; None when the
+        bad choice is already made), press Enter if asked, click ``run``, wait for the error toast holding
+        ``expect`` (or call ``check`` where a widget may refuse the value itself), check that no traceback shows,
+        take the screenshot ``{name}_bad`` and close the toasts."""
+        if field is not None:
+            box = self.page.locator(field).first
+            box.fill(value)
+            if enter:
+                box.press("Enter")
+        if run is not None:
+            self.page.locator(run).click()
+        if expect is not None:
+            self.error(expect)
+        if check is not None:
+            check()
+        self.no_traceback()
+        self.shot(f"{name}_bad")
+        self.close_toasts()
+
 
 @pytest.mark.browser
 def test_every_tab_in_headless_chromium(browser_model, tmp_path):
@@ -157,10 +179,7 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             # Export first: an impact export before any analysis is refused with a message
             t.open("Export")
             page.get_by_label("impact").check()
-            page.locator("#export-run").click()
-            t.error("no impact analysis has run yet")
-            t.shot("export_bad")
-            t.close_toasts()
+            t.bad_input("export", "#export-run", "no impact analysis has run yet")
             page.get_by_label("weight").check()
             page.locator("#export-run").click()
             page.locator("#export-file").get_by_text("weight_analysis").wait_for(timeout=120_000)
@@ -176,14 +195,9 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             assert f"overall sparsity {wa.overall_sparsity:.4%}" in summary and f"{wa.near_zero_fraction:.2%}" in summary
             page.locator("#weights-hist img, #weights-hist svg, #weights-hist canvas").first.wait_for(timeout=60_000)
             t.shot("weights")
-            # a layer out of range typed into the slider's box
-            page.locator("#weights-layer input[type=number]").fill(str(info.n_layers + 5))
-            page.locator("#weights-layer input[type=number]").press("Enter")
-            page.wait_for_timeout(2000)
-            t.error(f"Value {info.n_layers + 5} is greater than maximum value {info.n_layers - 1}")  # the slider's check
-            t.no_traceback()
-            t.shot("weights_bad")
-            t.close_toasts()
+            # a layer out of range typed into the slider's box: the slider's own check refuses it
+            t.bad_input("weights", None, f"Value {info.n_layers + 5} is greater than maximum value {info.n_layers - 1}",
+                        "#weights-layer input[type=number]", str(info.n_layers + 5), enter=True)
 
             # Neuron map: a click adds the neuron under the pointer; the default rule adds the library's choice
             t.open("Neuron map")
@@ -208,11 +222,8 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             page.locator("#map-rule-run").click()
             t.text("#basket-note", f"{len(expected)} neurons in the basket")
             t.shot("map")
-            page.locator("#map-rule textarea, #map-rule input").first.fill(f"lowest 5% of layer {info.n_layers + 90} by wanda")
-            page.locator("#map-rule-run").click()
-            t.error("out of range")
-            t.shot("map_bad")
-            t.close_toasts()
+            t.bad_input("map", "#map-rule-run", "out of range", "#map-rule textarea, #map-rule input",
+                        f"lowest 5% of layer {info.n_layers + 90} by wanda")
 
             # the basket goes to Batch without typing an index; the batch's numbers are the library's
             page.locator("#basket-to-batch").click()
@@ -227,11 +238,7 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             for row in batch.individual.head(3).itertuples():
                 assert row.label in recs and shown(row.impact_score) in recs
             t.shot("batch")
-            page.locator("#batch-texts textarea").fill("   ")
-            page.locator("#batch-run").click()
-            t.error("empty")
-            t.shot("batch_bad")
-            t.close_toasts()
+            t.bad_input("batch", "#batch-run", "empty", "#batch-texts textarea", "   ")
 
             # Candidates
             t.open("Candidates")
@@ -242,20 +249,18 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             t.text("#cand-note", f"{len(cands):,} candidates")
             assert f"{int(cands.is_pruning_candidate.sum()):,} flagged safe" in page.locator("#cand-note").inner_text()
             t.shot("candidates")
+            def threshold_refused_or_kept():
+                # the slider either refuses it with its own message or keeps its value within (0, 100]
+                page.wait_for_timeout(3000)
+                toasts = [q.inner_text() for q in page.locator(TOAST).all()]
+                assert all("maximum value 100" in q for q in toasts), toasts
+                if not toasts:
+                    assert 0 < float(page.locator("#cand-threshold input[type=number]").input_value() or 10) <= 150
+                    t.text("#cand-note", "candidates")
+
             # a threshold past 100
-            page.locator("#cand-threshold input[type=number]").fill("150")
-            page.locator("#cand-threshold input[type=number]").press("Enter")
-            page.locator("#cand-run").click()
-            page.wait_for_timeout(3000)
-            # the slider either refuses it with its own message or keeps its value within (0, 100]; never a traceback
-            toasts = [q.inner_text() for q in page.locator(TOAST).all()]
-            assert all("maximum value 100" in q for q in toasts), toasts
-            if not toasts:
-                assert 0 < float(page.locator("#cand-threshold input[type=number]").input_value() or 10) <= 150
-                t.text("#cand-note", "candidates")
-            t.no_traceback()
-            t.shot("candidates_bad")
-            t.close_toasts()
+            t.bad_input("candidates", "#cand-run", None, "#cand-threshold input[type=number]", "150", enter=True,
+                        check=threshold_refused_or_kept)
 
             # Impact (defaults: layer 0, neurons 0, 1, 2)
             t.open("Impact")
@@ -265,11 +270,7 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
                 r = ns.simulate_pruning(model, 0, [0, 1, 2], ns.EXAMPLE_TEXTS[0])
             assert f"Impact score: {r.impact_score:.6f} nats" in text and r.verdict in text
             t.shot("impact")
-            page.locator("#impact-layer input").fill(str(info.n_layers + 90))
-            page.locator("#impact-run").click()
-            t.error("out of range")
-            t.shot("impact_bad")
-            t.close_toasts()
+            t.bad_input("impact", "#impact-run", "out of range", "#impact-layer input", str(info.n_layers + 90))
 
             # Importance
             t.open("Importance")
@@ -282,20 +283,14 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             critical = page.locator("#importance-critical").inner_text()
             assert shown(imp.critical["importance"].iloc[0]) in critical
             t.shot("importance")
-            page.locator("#importance-layer input").fill("-1")
-            page.locator("#importance-run").click()
-            t.error("out of range")
-            t.close_toasts()
+            t.bad_input("importance", "#importance-run", "out of range", "#importance-layer input", "-1")
 
             # Neuron contexts
             t.open("Neuron contexts")
             page.locator("#contexts-run").click()
             t.text("#contexts-note", "L0N0")
             t.shot("contexts")
-            page.locator("#contexts-neuron input").fill(str(info.d_mlp + 7))
-            page.locator("#contexts-run").click()
-            t.error("out of range")
-            t.close_toasts()
+            t.bad_input("contexts", "#contexts-run", "out of range", "#contexts-neuron input", str(info.d_mlp + 7))
 
             # Pruning curve with its defaults, against prune_curve on the app's kept calibration
             t.open("Pruning curve")
@@ -311,11 +306,7 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             curve_table = page.locator("#curve-table").inner_text()
             assert shown(expected_curve.table["perplexity"].iloc[0]) in curve_table
             t.shot("curve")
-            page.locator("#curve-sparsities textarea, #curve-sparsities input").first.fill("0.1, 1.5")
-            page.locator("#curve-run").click()
-            t.error("[0, 1)")
-            t.shot("curve_bad")
-            t.close_toasts()
+            t.bad_input("curve", "#curve-run", "[0, 1)", "#curve-sparsities textarea, #curve-sparsities input", "0.1, 1.5")
 
             # Live pruning with its defaults (the recommendation, 0.2), against the library's live engine
             t.open("Live pruning")
@@ -330,13 +321,31 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
                 assert row.domain in table and shown(row.pruned) in table and shown(row.dense) in table
             assert page.locator("#live-pruned textarea").input_value() == live.pruned_text
             t.shot("live")
-            page.locator("#live-prompt textarea").fill("   ")
-            page.locator("#live-run").click()
-            t.error("prompt is empty")
-            t.shot("live_bad")
-            t.close_toasts()
+            t.bad_input("live", "#live-run", "prompt is empty", "#live-prompt textarea", "   ")
+
+            # Compare models with its defaults (the app's model alone), against compare_models on the same model
+            t.open("Compare models")
+            assert page.locator("#compare-models textarea, #compare-models input").first.input_value() == state.model_name
+            page.locator("#compare-run").click()
+            note = t.text("#compare-note", "dense perplexity", timeout=1_800_000)
+            with state.model_work():
+                comp = compare.compare_models(
+                    [model], calib_tokens=min(compare.DEFAULT_COMPARE_CALIB_TOKENS, state.settings.max_calib_tokens),
+                    eval_tokens=min(compare.DEFAULT_EVAL_TOKENS, state.settings.max_tokens),
+                )
+            r = comp.models[0]
+            assert f"**{r.model}**" not in note and r.model in note  # markdown rendered
+            assert f"dense perplexity {r.dense_perplexity:.2f} on {r.n_eval_tokens} tokens; best method {r.winner['method']}" in note
+            row = compare.comparison_table(comp).iloc[0]
+            table = page.locator("#compare-table").inner_text()
+            for col in ("dense_ppl", "winner_x0.2", "random_x0.2", "most_sensitive_ratio", "importance_top1pct_share"):
+                assert shown(row[col]) in table, col
+            page.locator("#compare-plot img").first.wait_for(timeout=60_000)
+            t.shot("compare")
+            t.bad_input("compare", "#compare-run", "unknown model 'no-such-model'; choose from this model",
+                        "#compare-models textarea, #compare-models input", "no-such-model")
         finally:
             browser.close()
-    # every screenshot taken above was written: ten tabs with their defaults, eight of them also with a bad input
-    assert len(set(t.shots)) == 18 and all(p.stat().st_size > 0 for p in t.shots)
+    # every screenshot taken above was written: eleven tabs, each with its defaults and with a bad input
+    assert len(set(t.shots)) == 22 and all(p.stat().st_size > 0 for p in t.shots)
 

@@ -11,16 +11,17 @@ Routes are plain ``def`` functions, so FastAPI runs them in its thread pool; mod
 from __future__ import annotations
 
 import json
-from typing import Any, List, Literal, Optional
+from typing import Any, List, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from .. import compare
 from ..export import to_jsonable
 from ..texts import EXAMPLE_TEXTS
 from ..candidates import candidates_document
-from .state import AppState, Busy, LimitExceeded, NoResultYet
+from .state import THIS_MODEL, AppState, Busy, LimitExceeded, NoResultYet
 
 PREFIX = "/api/pruning"
 
@@ -80,6 +81,20 @@ class ExportRequest(_Body):
     type: StrictStr = Field(description="'weight' or 'impact'")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"type": "weight"}, {"type": "impact"}]})
+
+
+class CompareRequest(_Body):
+    models: List[StrictStr] = Field(description=f"models to compare, in order: {THIS_MODEL!r} (the app's model), its name, or a "
+                                    "model the app may load (a 400 lists them)")
+    methods: List[StrictStr] = Field(default_factory=lambda: list(compare.DEFAULT_METHODS), description="pruning methods of the curves")
+    sparsities: List[Union[StrictFloat, StrictInt]] = Field(default_factory=lambda: list(compare.DEFAULT_SPARSITIES), description="per-layer sparsities in [0, 1)")
+    ablation: Literal["zero", "mean"] = compare.DEFAULT_ABLATION
+    calib_tokens: Optional[StrictInt] = Field(None, description="calibration tokens per model; null: the library's default within the app's limit")
+    eval_tokens: Optional[StrictInt] = Field(None, description="evaluation tokens per model; null: the library's default within the app's limit")
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"models": [THIS_MODEL], "methods": ["wanda", "random"], "sparsities": [0.2]}]}
+    )
 
 
 # ---------------------------------------------------------------------------------------------- documented responses
@@ -146,6 +161,12 @@ class ExportResponse(_Out):
     model: str
     created: str
     result: Any
+
+
+class CompareResponse(_Out):
+    settings: dict
+    table: List[dict]
+    models: List[dict]
 
 
 def errors(*codes: int) -> dict:
@@ -230,6 +251,15 @@ def batch_analysis(body: BatchRequest, state: AppState = Depends(get_state)):
     cands = [c.model_dump() for c in body.pruning_candidates]
     result = call(state.batch, cands, body.input_texts, body.batch_size, body.ablation)
     return json_response(result.to_dict())
+
+
+@router.post("/compare", responses={200: {"model": CompareResponse}, **errors(400, 413, 503)})
+def compare_models(body: CompareRequest, state: AppState = Depends(get_state)):
+    """The models side by side on the same texts: ``table`` (one row per model, as ``comparison_table``), the
+    ``settings`` used and each model's winner and importance summary (the document ``neuronscope-tl compare``
+    writes to ``compare_result.json``)."""
+    comp = call(state.compare, body.models, body.methods, body.sparsities, body.ablation, body.calib_tokens, body.eval_tokens)
+    return json_response(compare.comparison_document(comp))
 
 
 @router.post("/export", responses={200: {"model": ExportResponse}, **errors(400, 409, 413, 503)})

@@ -22,7 +22,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from .. import activations, candidates, curves, evaluation, impact, pipelines, recipes, scores, scoring, selection, surgery, texts, weights
+from .. import activations, candidates, compare, curves, evaluation, impact, models, pipelines, recipes, scores, scoring, selection, surgery, texts, weights
 from ..impact import BatchAnalysis, ImpactResult
 from ..metrics import ImpactThresholds
 from ..models import mlp_info, model_name
@@ -30,6 +30,7 @@ from . import picker
 from .live import LivePruning, LiveResult
 
 EXPORT_TYPES = ("weight", "impact")
+THIS_MODEL = "this model"  # how a comparison names the app's own model, whatever it is called
 
 
 @dataclass
@@ -46,6 +47,8 @@ class AppSettings:
         max_body_bytes: size of a REST request body.
         max_calib_tokens: calibration tokens of a pruning curve or a pruned download in the demo.
         max_basket: neurons in the demo's candidate basket.
+        compare_models: models a comparison may load by name, besides the app's own (names or local directories
+            for ``load_model``); None for the embedded models installed here. A request can name no other.
         warm_start: compute the weight analysis in the background at start-up, so the first call does not wait.
         lock_timeout_s: how long a request waits for the model before it is refused (HTTP 503).
         ui_concurrency: Gradio events handled at once (they still queue on the model lock).
@@ -60,6 +63,7 @@ class AppSettings:
     max_body_bytes: int = 1_000_000
     max_calib_tokens: int = field(default_factory=lambda: recipes.RECOMMENDED_CALIB_TOKENS)
     max_basket: int = 512
+    compare_models: Optional[List[str]] = field(default=None, metadata={"default_text": "the embedded models installed here"})
     warm_start: bool = True
     lock_timeout_s: float = 120.0
     ui_concurrency: int = 4
@@ -72,6 +76,10 @@ class AppSettings:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         if not self.lock_timeout_s > 0:
             raise ValueError(f"lock_timeout_s must be > 0, got {self.lock_timeout_s!r}.")
+        if self.compare_models is not None:
+            if isinstance(self.compare_models, str) or not all(isinstance(m, str) and m.strip() for m in self.compare_models):
+                raise ValueError(f"compare_models must be a list of model names, got {self.compare_models!r}.")
+            self.compare_models = list(self.compare_models)
 
 
 class LimitExceeded(ValueError):
@@ -322,6 +330,71 @@ class AppState:
             pipelines.prune_and_save(self.model, sparsity, out, method, scope, None if method is None else ablation,
                                      calib_tokens=calib_tokens, calibration=cal, measure_latency=False)
             return Path(shutil.make_archive(str(out), "zip", root_dir=out))
+
+    # ------------------------------------------------------------------------------------------- comparing models
+
+    def compare_choices(self) -> List[str]:
+        """What a comparison may name: "this model", the app's model by its name, and the models the app may load
+        (``AppSettings.compare_models``)."""
+        loadable = self.settings.compare_models
+        loadable = models.embedded_models() if loadable is None else loadable
+        return list(dict.fromkeys([THIS_MODEL, self.model_name, *(models.canonical_name(m) for m in loadable)]))
+
+    def _compare_entries(self, model_names: Union[str, Sequence[str]]) -> list:
+        """The models a comparison lists, in order: ``self.model`` for "this model" or the app model's name (any
+        alias), a name to load for the others. ValueError naming the choices for an unknown name, none or a repeat."""
+        if isinstance(model_names, str):
+            model_names = model_names.split(",")
+        if not isinstance(model_names, (list, tuple)) or not all(isinstance(m, str) for m in model_names):
+            raise ValueError(f"models must be model names separated by commas, got {texts.show(model_names)}.")
+        choices = self.compare_choices()
+        names = [m.strip() for m in model_names if m.strip()]
+        if not names:
+            raise ValueError(f"name at least one model to compare; choose from {', '.join(choices)}.")
+        entries, seen = [], set()
+        for name in names:
+            canonical = THIS_MODEL if name.lower() == THIS_MODEL else models.canonical_name(name)
+            if canonical not in choices:
+                raise ValueError(f"unknown model {texts.show(name, 120)}; choose from {', '.join(choices)}.")
+            own = canonical in (THIS_MODEL, self.model_name)
+            key = self.model_name if own else canonical
+            if key in seen:
+                raise ValueError(f"model {texts.show(name, 120)} is listed twice; name each model once.")
+            seen.add(key)
+            entries.append(self.model if own else canonical)
+        return entries
+
+    def _token_budget(self, value: Optional[int], default: int, limit: int, what: str) -> int:
+        """A token budget of a comparison: ``default`` capped at ``limit`` when None; otherwise within [1, limit]."""
+        if value is None:
+            return min(default, limit)
+        value = texts.check_int(value, what, 1)
+        if value > limit:
+            raise LimitExceeded(f"{what} {value} is too large; at most {limit}.")
+        return value
+
+    def compare(self, model_names: Union[str, Sequence[str]], methods: Sequence[str] = compare.DEFAULT_METHODS,
+                sparsities: Sequence[float] = compare.DEFAULT_SPARSITIES, ablation: str = compare.DEFAULT_ABLATION,
+                calib_tokens: Optional[int] = None, eval_tokens: Optional[int] = None, progress: bool = False) -> "compare.Comparison":
+        """Compare models side by side on the default texts (:func:`~neuronscope_tl.compare.compare_models`).
+
+        ``model_names`` is a comma-separated list (or a list) of :meth:`compare_choices`; models other than the
+        app's own are loaded one at a time and released. Token budgets default to the library's
+        (``compare.DEFAULT_COMPARE_CALIB_TOKENS`` and ``DEFAULT_EVAL_TOKENS``) within the app's limits
+        (``max_calib_tokens``; ``max_tokens``, the tokens a request may run the model on); a larger one is
+        refused with :class:`LimitExceeded`. Everything is checked before any model is loaded or run.
+        """
+        entries = self._compare_entries(model_names)
+        if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not methods:
+            raise ValueError(f"choose at least one method of {', '.join(scores.method_names())}.")
+        methods = [scores.check_method(m) for m in methods]
+        sparsities = selection.check_sparsities(sparsities)
+        impact.check_ablation(ablation)
+        calib_tokens = self._token_budget(calib_tokens, compare.DEFAULT_COMPARE_CALIB_TOKENS, self.settings.max_calib_tokens, "calibration tokens")
+        eval_tokens = self._token_budget(eval_tokens, compare.DEFAULT_EVAL_TOKENS, self.settings.max_tokens, "evaluation tokens")
+        with self.model_work():
+            return compare.compare_models(entries, methods=methods, sparsities=sparsities, ablation=ablation,
+                                          calib_tokens=calib_tokens, eval_tokens=eval_tokens, progress=progress)
 
     def export_document(self, export_type: str) -> Tuple[str, dict]:
         """(file name, JSON document) of the weight analysis or of the last impact or batch analysis."""

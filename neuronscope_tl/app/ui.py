@@ -1,5 +1,6 @@
 """The Gradio demo: tabs that follow the analysis workflow (weights, neuron map with the candidate basket,
-candidates, impact, importance, neuron contexts, batch, pruning curve with prune-and-download, live pruning, export)
+candidates, impact, importance, neuron contexts, batch, pruning curve with prune-and-download, live pruning, compare
+models, export)
 over the same :class:`.AppState` operations as the REST API.
 
 Each handler converts widget values to library arguments, calls one operation and converts the result into
@@ -22,7 +23,7 @@ from typing import List
 import gradio as gr
 import pandas as pd
 
-from .. import plots, recipes, report, scores
+from .. import compare, plots, recipes, report, scores
 from ..candidates import CANDIDATE_COLUMNS, DEFAULT_SAFE_PERCENTILE, WEIGHT_ONLY_LIMITS, candidate_records, first_candidates
 from ..curves import resolve_method
 from ..export import write_csv, write_json
@@ -322,6 +323,22 @@ def build_ui(state: AppState) -> gr.Blocks:
         return (note, display_table(individual), plots.cumulative_impact_figure(r), report.recommendations_html(r), r.individual,
                 basket_note, basket_shown)
 
+    # ---- compare models
+
+    @ui_errors
+    def run_compare(model_names, methods, sparsities, progress=gr.Progress(track_tqdm=True)):
+        progress(0, desc="waiting for the model; then each model in turn is loaded, calibrated and measured")
+        comp = state.compare(model_names, list(methods or []), parse_floats(sparsities, "sparsities"), progress=True)
+        png = compare.plot_comparison(comp, Path(tempfile.mkdtemp(dir=downloads)) / "compare.png")
+        st = comp.settings
+        note = (
+            f"{len(comp.models)} model{'s' if len(comp.models) > 1 else ''} on the same {st['n_texts']} evaluation texts ({st['ablation']} ablation, "
+            f"{st['calib_tokens']} calibration tokens each); perplexities are multiples of each model's own dense.  \n"
+            + "  \n".join(f"**{r.model}**: dense perplexity {r.dense_perplexity:.2f} on {r.n_eval_tokens} tokens; "
+                          f"best method {r.winner.get('method', 'none (random only)')}" for r in comp.models)
+        )
+        return note, str(png), display_table(compare.comparison_table(comp))
+
     @ui_errors
     def run_export(kind):
         name, doc = state.export_document(kind)
@@ -505,6 +522,25 @@ def build_ui(state: AppState) -> gr.Blocks:
                 live_outputs = [l_note, l_table, l_dense, l_pruned]
                 l_btn.click(run_live, live_inputs, live_outputs, api_name="live")
                 l_sparsity.release(run_live, live_inputs, live_outputs, trigger_mode="always_last")
+
+            with gr.Tab("Compare models", id="compare"):
+                gr.Markdown(
+                    "Several models side by side on the same texts, each with its own tokenizer (as "
+                    "`neuronscope-tl compare`): pruning curves, each layer's sensitivity against relative depth, the "
+                    "distribution of neuron importance and outlier neurons. Other models are loaded one at a time."
+                )
+                with gr.Row():
+                    k_models = gr.Textbox(value=state.model_name, elem_id="compare-models", scale=2,
+                                          label=f"Models, comma separated (any of: {', '.join(state.compare_choices())})")
+                    k_sparsities = gr.Textbox(value=", ".join(f"{x:g}" for x in compare.DEFAULT_SPARSITIES),
+                                              label="Sparsities in [0, 1), comma separated", elem_id="compare-sparsities")
+                k_methods = gr.CheckboxGroup(list(scores.method_names()), value=list(compare.DEFAULT_METHODS), label="Methods")
+                k_btn = gr.Button("Compare models", variant="primary", elem_id="compare-run")
+                k_note = gr.Markdown(elem_id="compare-note")
+                k_plot = gr.Image(label="Pruning curves, layer sensitivity, importance distribution, outlier neurons",
+                                  type="filepath", elem_id="compare-plot")
+                k_table = gr.Dataframe(label="One row per model", interactive=False, elem_id="compare-table")
+                k_btn.click(run_compare, [k_models, k_methods, k_sparsities], [k_note, k_plot, k_table], api_name="compare")
 
             with gr.Tab("Export", id="export"):
                 e_kind = gr.Radio(["weight", "impact"], value="weight", label="What to export")

@@ -351,14 +351,20 @@ def sum_values(*values: float) -> Tuple[float, ...]:
     return tuple(buffer.tolist())
 
 
-def sum_disjoint(tensor: Tensor) -> Tensor:
-    """A tensor whose every entry was filled by at most one rank (zeros elsewhere), summed over the ranks: the
-    whole tensor, exactly (adding zeros rounds nothing). Unchanged without torchrun."""
+def sum_tensor(tensor: Tensor, what: str = "sum tensor") -> Tensor:
+    """A tensor summed over the ranks with ``all_reduce`` (a new tensor on the same device); unchanged without
+    torchrun."""
     if not active():
         return tensor
     buffer = tensor.detach().cpu().clone()
-    _collective("gather rows", lambda: dist.all_reduce(buffer))
+    _collective(what, lambda: dist.all_reduce(buffer))
     return buffer.to(tensor.device)
+
+
+def sum_disjoint(tensor: Tensor) -> Tensor:
+    """A tensor whose every entry was filled by at most one rank (zeros elsewhere), summed over the ranks: the
+    whole tensor, exactly (adding zeros rounds nothing). Unchanged without torchrun."""
+    return sum_tensor(tensor, "gather rows")
 
 
 def stop() -> None:

@@ -17,6 +17,9 @@ The passes start from the tokens and stop early (``stop_at_layer``), so G groups
 passes. (Re-entering the residual stream with ``start_at_layer`` would be cheaper in principle, but a
 ``TransformerBridge`` still computes every block before the start layer.) Methods that need gradients
 (``taylor``) cannot be calibrated this way.
+
+Under ``torchrun`` each rank runs its share of the windows; after each group the collectors are reduced
+(statistics merged, Gram sums and counts summed), so every rank selects and refits the same neurons.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import engine
+from . import distributed, engine
 from . import scores as registry
 from .activations import NeuronAccumulator
 from .arch import output_matrix
@@ -109,6 +112,13 @@ class _LayerCollector:
             aug = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1)
             self.sums[f] += (aug.t() @ aug).double()
             self.counts[f] += rows.shape[0]
+
+    def reduce(self) -> None:
+        """Fold the ranks' shares under torchrun (statistics gathered and merged in rank order, Gram sums and
+        counts summed); every rank ends with the same state. Nothing happens in one process."""
+        distributed.reduce([self.stats])
+        self.sums = [distributed.sum_tensor(s, f"sequential Gram layer {self.layer}") for s in self.sums]
+        self.counts = [int(c) for c in distributed.sum_values(*self.counts)]
 
     def fold_grams(self) -> List[Tensor]:
         return [s / max(n, 1) for s, n in zip(self.sums, self.counts)]
@@ -231,11 +241,12 @@ def sequential_spec(
     weights = neuron_weight_table(model)
     mag = torch.tensor(weights["mean_abs_weight"].to_numpy()).reshape(n_layers, d)
     w_out = output_matrix(model)
-    batches = list(zip(windows.tokens.split(batch_size), windows.folds.split(batch_size)))
+    batches = distributed.shard(list(zip(windows.tokens.split(batch_size), windows.folds.split(batch_size))))
     for group in tqdm(plan, desc="sequential calibration", disable=not progress):
         cols = {l: _LayerCollector(n_layers, l, d, len(windows.fold_names)) for l in group}
         hooks = simulation_hooks(spec) + [(mlp_post_name(l), c.hook) for l, c in cols.items()]
-        with attached_hooks(model, hooks), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with (attached_hooks(model, hooks), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+              distributed.shard_work("sequential calibration")):
             for tokens, folds in batches:
                 for c in cols.values():
                     c.folds = folds
@@ -244,6 +255,7 @@ def sequential_spec(
                 else:
                     model(tokens, return_type=None)
         for layer, col in cols.items():
+            col.reduce()
             gram = col.gram()
             means = {layer: gram[d, :d].float()}
             cal = Calibration(score_table(col.stats.table(), weights), mag, means, {layer: gram.float()})

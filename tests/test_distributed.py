@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 import neuronscope_tl as ns
-from neuronscope_tl import ablation, activations, cli, distributed, engine, evaluation, scoring
+from neuronscope_tl import ablation, activations, cli, distributed, engine, evaluation, scoring, sequential
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -118,7 +118,15 @@ def all_passes(model_dir: str) -> dict:
         "perplexity": (ppl.perplexity, ppl.mean_nll, ppl.n_tokens, ppl.n_windows),
         "ablate": ablation.ablate_each(model, PAIRS, TEXTS[:3], "mean", calib_texts=TEXTS, stack=2),
         "validate": scoring.validate_scores(model, None, TEXTS[:3], n=3, scores=["wanda", "rms"], max_tokens=48).measured,
+        "sequential": sequential_state(model),
     }
+
+
+def sequential_state(model) -> dict:
+    """Sequential calibration (two folds, refit damping chosen on them) with OWL counts, as plain data."""
+    windows = sequential.calibration_windows(model, {"a": TEXTS[:4], "b": TEXTS[4:]}, 96, 8)
+    res = sequential.sequential_spec(model, windows, "obs", 0.3, "mean", "auto", batch_size=2, scope="owl")
+    return {"neurons": res.spec.neurons, "damp": res.damp, "delta_out": res.spec.delta_out, "bias": res.spec.bias}
 
 
 def passes_rank(rank: int, model_dir: str, out: str) -> int:
@@ -212,6 +220,21 @@ def test_grams(two_and_one):
         d = g1.diagonal().double()
         bound = 2 * n_batches * F32 * (d[:, None] * d[None, :]).sqrt()
         assert ((g2.double() - g1.double()).abs() <= bound).all(), layer
+
+
+def test_sequential_calibration(two_and_one):
+    """Sequential calibration over shared windows selects the same neurons with the same damping on both ranks and
+    as one process. The refit differs only by the order of float64 Gram sums (relative changes near 1e-16, far
+    below fp32 after the damped solve), then is rounded to fp32 once: at most one fp32 rounding of each entry,
+    bounded by 2^-24 of the largest entry (twice that as the bound)."""
+    two, _, one = two_and_one
+    assert two["sequential"]["neurons"] == one["sequential"]["neurons"]
+    assert len({len(v) for v in one["sequential"]["neurons"].values()}) > 1  # OWL counts differ per layer
+    assert two["sequential"]["damp"] == one["sequential"]["damp"]
+    for key in ("delta_out", "bias"):
+        for layer, t1 in one["sequential"][key].items():
+            t2 = two["sequential"][key][layer]
+            assert (t2 - t1).abs().max() <= 2 * F32 * t1.abs().max()
 
 
 def test_perplexity(two_and_one):

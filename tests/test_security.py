@@ -133,7 +133,7 @@ def test_cli_trust_remote_code_flag_is_off_by_default(command, monkeypatch, tmp_
 # ---------------------------------------------------------------------------------------------- no client paths
 
 
-def test_rest_inputs_are_a_fixed_set_without_paths(model):
+def test_rest_inputs_are_a_fixed_set_without_paths(model, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
     from neuronscope_tl.app import create_app
@@ -149,7 +149,8 @@ def test_rest_inputs_are_a_fixed_set_without_paths(model):
         if schema["title"].endswith("Request") or schema["title"] == "Candidate":
             names |= set(schema["properties"])
             assert schema.get("additionalProperties") is False, schema["title"]
-    assert names == {"threshold", "layer_index", "neuron_indices", "input_text", "ablation", "input_texts", "top_k", "pruning_candidates", "batch_size", "type", "neuron_index"}
+    assert names == {"threshold", "layer_index", "neuron_indices", "input_text", "ablation", "input_texts", "top_k", "pruning_candidates",
+                     "batch_size", "type", "neuron_index", "models", "methods", "sparsities", "calib_tokens", "eval_tokens"}
     good = {
         "/impact-analysis": {"layer_index": 0, "neuron_indices": [0], "input_text": "a b"},
         "/neuron-importance": {"layer_index": 0, "input_texts": ["a b"]},
@@ -160,6 +161,13 @@ def test_rest_inputs_are_a_fixed_set_without_paths(model):
         for field in ("path", "file", "output_dir", "model"):
             r = c.post(P + route, json={**body, field: "/tmp/evil"})
             assert r.status_code == 422, (route, field)
+    # the one field that names models takes only the app's model and its allow-list: a path or a hub id is a 400
+    loads = []
+    monkeypatch.setattr("neuronscope_tl.compare.load_model", lambda *a, **k: loads.append(a) or model)
+    for name in (str(tmp_path), "/tmp/evil", "someone/model"):
+        r = c.post(P + "/compare", json={"models": [name], "methods": ["random"], "sparsities": [0.2]})
+        assert r.status_code == 400 and "Traceback" not in r.text, (name, r.text)
+    assert loads == []
 
 
 def test_rest_export_writes_nothing_to_disk(model, tmp_path, monkeypatch):

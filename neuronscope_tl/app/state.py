@@ -228,7 +228,7 @@ class AppState:
         for (t, g, d), cal in self._calibration.items():
             if t == calib_tokens and (g or not grams) and (d or not grads):
                 return cal
-        cal = selection.calibrate(self.model, calib_tokens=calib_tokens, with_grams=grams, with_gradients=grads)
+        cal = selection.calibrate_for(self.model, methods, calib_tokens=calib_tokens)
         self._calibration[(calib_tokens, grams, grads)] = cal
         return cal
 

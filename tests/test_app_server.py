@@ -239,3 +239,22 @@ def test_serve_command_prints_bound_address_and_answers(tiny_dirs):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_basket_keeps_measured_impacts_when_neurons_are_added(live, model):
+    """Neurons measured by a batch run keep their impact in the basket table after more neurons join it (by rule,
+    or from the candidates); the new ones show none until measured."""
+    client = Client(live.url + "/", verbose=False)  # a session of its own: an empty basket
+    _img, _note, shown = client.predict("lowest 2 of layer 0 by wanda", "wanda", "zero", api_name="/select_rule")
+    first = [(row[0], row[1]) for row in shown["data"]]
+    table = {"headers": ["layer_index", "neuron_index"], "data": [list(p) for p in first]}
+    client.predict(table, "\n".join(ns.EXAMPLE_TEXTS[:2]), 1, "zero", api_name="/batch")
+    _img, _note, shown = client.predict("lowest 1 of layer 2 by wanda", "wanda", "zero", api_name="/select_rule")
+    batch = impact.batch_analysis(model, first, ns.EXAMPLE_TEXTS[:2], progress=False)
+    col = shown["headers"].index("impact_score")
+    rows = {(row[0], row[1]): row[col] for row in shown["data"]}
+    assert len(rows) == 3
+    for pair, value in zip(first, batch.individual["impact_score"]):
+        assert rows[pair] == round_significant(value)
+    new = [p for p in rows if p not in first]
+    assert len(new) == 1 and str(rows[new[0]]).lower() in ("none", "", "nan")

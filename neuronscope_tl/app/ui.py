@@ -149,14 +149,14 @@ def build_ui(state: AppState) -> gr.Blocks:
         return plots.neuron_map_rgb(values, basket, row_px=row_px, col_px=col_px)
 
     @ui_errors
-    def run_map(method, ablation, basket, progress=gr.Progress()):
+    def run_map(method, ablation, basket, impacts, progress=gr.Progress()):
         progress(0, desc="scores of every neuron (the first call calibrates, then they are kept)")
         basket = list(basket or [])
-        note, table = basket_view(basket)
+        note, table = basket_view(basket, impacts)
         return map_image(method, ablation, basket), note, table
 
     @ui_errors
-    def map_click(method, ablation, mode, corner, basket, evt: gr.SelectData):
+    def map_click(method, ablation, mode, corner, basket, impacts, evt: gr.SelectData):
         basket = list(basket or [])
         x, y = evt.index[0], evt.index[1]
         cell = plots.map_cell(x, y, (info.n_layers, info.d_mlp), row_px=row_px, col_px=col_px)
@@ -164,21 +164,21 @@ def build_ui(state: AppState) -> gr.Blocks:
             raise ValueError("click inside the map.")
         if mode.startswith("rectangle"):
             if corner is None:
-                note, table = basket_view(basket)
+                note, table = basket_view(basket, impacts)
                 return (gr.update(), f"First corner: layer {cell[0]}, neuron {cell[1]}; click the opposite corner.",
                         table, cell, basket)
             basket = picker.add(basket, picker.rectangle(tuple(corner), cell), state.settings.max_basket)
             corner = None
         else:
             basket = picker.add(basket, [cell], state.settings.max_basket)
-        note, table = basket_view(basket)
+        note, table = basket_view(basket, impacts)
         return map_image(method, ablation, basket), note, table, corner, basket
 
     @ui_errors
-    def add_rule(rule, method, ablation, basket, progress=gr.Progress()):
+    def add_rule(rule, method, ablation, basket, impacts, progress=gr.Progress()):
         progress(0, desc="selecting")
         basket = picker.add(list(basket or []), state.select(rule, ablation), state.settings.max_basket)
-        note, table = basket_view(basket)
+        note, table = basket_view(basket, impacts)
         return map_image(method, ablation, basket), note, table, basket
 
     @ui_errors
@@ -233,11 +233,11 @@ def build_ui(state: AppState) -> gr.Blocks:
         return rows.reset_index(drop=True), gr.Tabs(selected="batch")
 
     @ui_errors
-    def candidates_to_basket(threshold, how_many, basket):
+    def candidates_to_basket(threshold, how_many, basket, impacts):
         n = as_int(how_many, "how many")
         table = first_candidates(state.candidates(threshold), n)
         basket = picker.add(list(basket or []), [(int(r.layer), int(r.neuron)) for r in table.itertuples()], state.settings.max_basket)
-        note, shown = basket_view(basket)
+        note, shown = basket_view(basket, impacts)
         return basket, note, shown
 
     @ui_errors
@@ -396,9 +396,9 @@ def build_ui(state: AppState) -> gr.Blocks:
                     n_prune_ablation = gr.Radio(["zero", "mean"], value="zero", label="Ablation of the pruned neurons")
                     n_prune = gr.Button("Prune the basket's neurons and download")
                 n_file = gr.File(label="Pruned model (zip)")
-                n_btn.click(run_map, [n_method, n_ablation, basket], [n_image, n_note, n_basket], api_name="neuron_map")
-                n_image.select(map_click, [n_method, n_ablation, n_mode, corner, basket], [n_image, n_note, n_basket, corner, basket])
-                n_rule_btn.click(add_rule, [n_rule, n_method, n_ablation, basket], [n_image, n_note, n_basket, basket], api_name="select_rule")
+                n_btn.click(run_map, [n_method, n_ablation, basket, impacts], [n_image, n_note, n_basket], api_name="neuron_map")
+                n_image.select(map_click, [n_method, n_ablation, n_mode, corner, basket, impacts], [n_image, n_note, n_basket, corner, basket])
+                n_rule_btn.click(add_rule, [n_rule, n_method, n_ablation, basket, impacts], [n_image, n_note, n_basket, basket], api_name="select_rule")
                 n_clear.click(clear_basket, [n_method, n_ablation], [n_image, n_note, n_basket, basket, corner])
                 n_prune.click(prune_basket, [basket, n_prune_ablation], [n_file], api_name="prune_basket")
 
@@ -415,7 +415,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                     c_send = gr.Button("Send to batch")
                     c_basket = gr.Button("Add to basket")
                 c_btn.click(run_candidates, [c_threshold], [c_note, c_table, c_csv, c_json], api_name="candidates")
-                c_basket.click(candidates_to_basket, [c_threshold, c_n, basket], [basket, n_note, n_basket], api_name="candidates_to_basket")
+                c_basket.click(candidates_to_basket, [c_threshold, c_n, basket, impacts], [basket, n_note, n_basket], api_name="candidates_to_basket")
 
             with gr.Tab("Impact", id="impact"):
                 with gr.Row():

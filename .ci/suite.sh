@@ -22,6 +22,7 @@ PY
 echo "suite.sh: $venv installed in $(( $(date +%s) - start )) s"
 if [ "${LINT:-0}" = 1 ]; then
   "$venv/bin/ruff" check neuronscope_tl tests benchmarks demos
+  "$venv/bin/ruff" format --check neuronscope_tl tests benchmarks demos
 fi
 echo "suite.sh: started pytest at $(date -u +%FT%TZ)"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

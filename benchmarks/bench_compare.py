@@ -48,8 +48,7 @@ def main() -> None:
     written = compare.write_comparison(comp, out)
     pd.set_option("display.width", 200)
     print(compare.comparison_table(comp).T.to_string())
-    print(json.dumps({"per_model_s": {r.model: round(r.seconds, 1) for r in comp.models},
-                      "files": [str(p) for p in written]}))
+    print(json.dumps({"per_model_s": {r.model: round(r.seconds, 1) for r in comp.models}, "files": [str(p) for p in written]}))
 
 
 if __name__ == "__main__":

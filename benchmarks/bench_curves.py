@@ -59,9 +59,17 @@ def main(argv=None) -> dict:
     model = ns.load_model()
     sets = evaluation.domain_windows(model, domains.default_evaluation_sets())
     dense = hf_perplexities(fresh_hf_copy(model), sets)
-    out = {"model": ns.models.model_name(model), "recommended": dataclasses.asdict(recipes.RECOMMENDED),
-           "dense": {k: round(v, 3) for k, v in dense.items()}, "sets": [d.wins.texts for d in sets], "runs": []}
-    runs = {"default": {}, "lee_wanda": {"method": "wanda", "ablation": "mean", "calib_texts": ns.calibration_texts(), "calib_tokens": 8192}}
+    out = {
+        "model": ns.models.model_name(model),
+        "recommended": dataclasses.asdict(recipes.RECOMMENDED),
+        "dense": {k: round(v, 3) for k, v in dense.items()},
+        "sets": [d.wins.texts for d in sets],
+        "runs": [],
+    }
+    runs = {
+        "default": {},
+        "lee_wanda": {"method": "wanda", "ablation": "mean", "calib_texts": ns.calibration_texts(), "calib_tokens": 8192},
+    }
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         for name, kwargs in runs.items():
             with tempfile.TemporaryDirectory() as tmp:
@@ -72,10 +80,18 @@ def main(argv=None) -> dict:
                 ppl = hf_perplexities(hf, sets)
             ratios = {k: ppl[k] / dense[k] for k in ppl}
             summary = evaluation.domain_summary(ppl, dense, sets)
-            row = {"run": name, "sparsity": sparsity, "recipe": report.recipe, "calibration": report.calibration,
-                   "ratios": {k: round(v, 4) for k, v in ratios.items()}, "in_domain": round(summary["in_domain"], 4),
-                   "out_of_domain": round(summary["out_of_domain"], 4), "all": round(summary["all"], 4),
-                   "d_mlp_after": report.model.d_mlp_after, "prune_s": round(prune_s, 1)}
+            row = {
+                "run": name,
+                "sparsity": sparsity,
+                "recipe": report.recipe,
+                "calibration": report.calibration,
+                "ratios": {k: round(v, 4) for k, v in ratios.items()},
+                "in_domain": round(summary["in_domain"], 4),
+                "out_of_domain": round(summary["out_of_domain"], 4),
+                "all": round(summary["all"], 4),
+                "d_mlp_after": report.model.d_mlp_after,
+                "prune_s": round(prune_s, 1),
+            }
             out["runs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     out["threads"] = torch.get_num_threads()

@@ -57,10 +57,18 @@ def worker(tokens: int, piece: int, threads: int) -> None:
         every = [mine]
     if here.rank == 0:
         d = acc.d_mlp
-        print(json.dumps({"tokens": sum(int(t.numel()) for t in token_lists), "seconds": round(seconds, 3),
-                          "collective_s": [e["collective_s"] for e in every],
-                          "state_mb": round(len(pickle.dumps(acc)) / 1e6, 2),
-                          "gram_mb_per_layer": round((d + 1) ** 2 * 4 / 1e6, 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "tokens": sum(int(t.numel()) for t in token_lists),
+                    "seconds": round(seconds, 3),
+                    "collective_s": [e["collective_s"] for e in every],
+                    "state_mb": round(len(pickle.dumps(acc)) / 1e6, 2),
+                    "gram_mb_per_layer": round((d + 1) ** 2 * 4 / 1e6, 2),
+                }
+            ),
+            flush=True,
+        )
     distributed.stop()
 
 
@@ -86,17 +94,32 @@ def main() -> None:
     me = [os.path.abspath(__file__), WORKER, "--tokens", str(args.tokens), "--piece", str(args.piece)]
     t0 = time.perf_counter()
     one = run([sys.executable, *me, "--threads", "2"], threads=2)
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *me, "--threads", "1"], threads=1)
+    two = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *me, "--threads", "1"], threads=1
+    )
     assert one["tokens"] == two["tokens"]
     one_tok_s, two_tok_s = one["tokens"] / one["seconds"], two["tokens"] / two["seconds"]
-    print(json.dumps({
-        "model": "SmolLM2-135M-Instruct", "tokens": one["tokens"], "piece": args.piece,
-        "one_proc_threads": 2, "one_proc_s": one["seconds"], "one_proc_tok_s": round(one_tok_s, 1),
-        "two_proc_threads": 1, "two_proc_s": two["seconds"], "two_proc_tok_s": round(two_tok_s, 1),
-        "speedup": round(two_tok_s / one_tok_s, 3), "collective_s": two["collective_s"],
-        "state_mb": two["state_mb"], "gram_mb_per_layer": two["gram_mb_per_layer"],
-        "wall_s": round(time.perf_counter() - t0, 1), "load_avg_1m": round(os.getloadavg()[0], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": "SmolLM2-135M-Instruct",
+                "tokens": one["tokens"],
+                "piece": args.piece,
+                "one_proc_threads": 2,
+                "one_proc_s": one["seconds"],
+                "one_proc_tok_s": round(one_tok_s, 1),
+                "two_proc_threads": 1,
+                "two_proc_s": two["seconds"],
+                "two_proc_tok_s": round(two_tok_s, 1),
+                "speedup": round(two_tok_s / one_tok_s, 3),
+                "collective_s": two["collective_s"],
+                "state_mb": two["state_mb"],
+                "gram_mb_per_layer": two["gram_mb_per_layer"],
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

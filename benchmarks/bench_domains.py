@@ -28,19 +28,19 @@ import neuronscope_tl as ns
 from neuronscope_tl import domains, evaluation, selection, sequential, surgery
 
 DEFAULT_CONFIGS = (
-    "lee:8192:oneshot:wanda:none",        # the baseline: Lee-calibrated structured Wanda
-    "lee:8192:oneshot:obs:0.01",          # the former recommendation
-    "mix:8192:oneshot:obs:0.01",          # calibration mix
-    "mix:32768:oneshot:obs:0.01",         # calibration size
+    "lee:8192:oneshot:wanda:none",  # the baseline: Lee-calibrated structured Wanda
+    "lee:8192:oneshot:obs:0.01",  # the former recommendation
+    "mix:8192:oneshot:obs:0.01",  # calibration mix
+    "mix:32768:oneshot:obs:0.01",  # calibration size
     "mix:32768:oneshot:fluctuation:0.01",
-    "mix:32768:seq:obs:0.01",             # sequential calibration, fixed damping
-    "mix:32768:seq:obs:auto",             # sequential, damping chosen on held-out domains: the recommendation
+    "mix:32768:seq:obs:0.01",  # sequential calibration, fixed damping
+    "mix:32768:seq:obs:auto",  # sequential, damping chosen on held-out domains: the recommendation
     "mix:32768:seq:fluctuation:auto",
     "mix:32768:seq:wanda:auto",
-    "mix:32768:seq:obs:auto:0.3",         # the recommendation at 30% per layer
+    "mix:32768:seq:obs:auto:0.3",  # the recommendation at 30% per layer
     "lee:8192:oneshot:wanda:none:0.3",
-    "mix:131072:seq:obs:auto",            # calibration size
-    "mix:32768:seq:obs:auto:0.2:owl",     # non-uniform allocation (OWL) on the recommendation
+    "mix:131072:seq:obs:auto",  # calibration size
+    "mix:32768:seq:obs:auto:0.2:owl",  # non-uniform allocation (OWL) on the recommendation
     "mix:32768:seq:obs:auto:0.3:owl",
 )
 
@@ -48,9 +48,15 @@ DEFAULT_CONFIGS = (
 def parse(cfg: str, sparsity: float) -> dict:
     """``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY[:SCOPE]]`` (scope: per_layer, the default, or owl)."""
     calib, tokens, mode, method, refit, *rest = cfg.split(":")
-    return {"calib": calib, "tokens": int(tokens), "mode": mode, "method": method,
-            "refit": None if refit == "none" else refit if refit == "auto" else float(refit),
-            "sparsity": float(rest[0]) if rest else sparsity, "scope": rest[1] if len(rest) > 1 else "per_layer"}
+    return {
+        "calib": calib,
+        "tokens": int(tokens),
+        "mode": mode,
+        "method": method,
+        "refit": None if refit == "none" else refit if refit == "auto" else float(refit),
+        "sparsity": float(rest[0]) if rest else sparsity,
+        "scope": rest[1] if len(rest) > 1 else "per_layer",
+    }
 
 
 def run_config(model, sets, dense, c: dict, cache: dict) -> dict:
@@ -59,8 +65,9 @@ def run_config(model, sets, dense, c: dict, cache: dict) -> dict:
     if c["mode"] == "seq":
         sources = {"lee": ns.calibration_texts()} if c["calib"] == "lee" else domains.calibration_sources()
         wins = sequential.calibration_windows(model, sources, c["tokens"])
-        spec = sequential.sequential_spec(model, wins, c["method"], sparsity, "mean", c["refit"], bf16=True,
-                                          scope=c["scope"]).spec
+        spec = sequential.sequential_spec(
+            model, wins, c["method"], sparsity, "mean", c["refit"], bf16=True, scope=c["scope"]
+        ).spec
     else:
         key = (c["calib"], c["tokens"])
         if key not in cache:
@@ -72,9 +79,16 @@ def run_config(model, sets, dense, c: dict, cache: dict) -> dict:
     widths = [spec.d_mlp - len(spec.neurons.get(l, ())) for l in range(ns.mlp_info(model).n_layers)]
     ppl = evaluation.domain_perplexities(model, sets, surgery.simulation_hooks(spec), bf16=True)
     summary = evaluation.domain_summary(ppl, dense, sets)
-    return {**c, "ratios": {k: round(v, 4) for k, v in summary["ratios"].items()},
-            "in_domain": round(summary["in_domain"], 4), "out_of_domain": round(summary["out_of_domain"], 4),
-            "widest_kept": max(widths), "narrowest_kept": min(widths), "fit_s": round(fit_s, 1), "total_s": round(time.perf_counter() - t, 1)}
+    return {
+        **c,
+        "ratios": {k: round(v, 4) for k, v in summary["ratios"].items()},
+        "in_domain": round(summary["in_domain"], 4),
+        "out_of_domain": round(summary["out_of_domain"], 4),
+        "widest_kept": max(widths),
+        "narrowest_kept": min(widths),
+        "fit_s": round(fit_s, 1),
+        "total_s": round(time.perf_counter() - t, 1),
+    }
 
 
 def main(argv=None) -> dict:
@@ -87,8 +101,14 @@ def main(argv=None) -> dict:
     model = ns.load_model()
     sets = evaluation.domain_windows(model, domains.default_evaluation_sets())
     dense = evaluation.domain_perplexities(model, sets, bf16=True)
-    out = {"model": ns.models.model_name(model), "sparsity": args.sparsity, "ablation": "mean",
-           "dense": {k: round(v, 3) for k, v in dense.items()}, "sets": [d.wins.texts for d in sets], "runs": []}
+    out = {
+        "model": ns.models.model_name(model),
+        "sparsity": args.sparsity,
+        "ablation": "mean",
+        "dense": {k: round(v, 3) for k, v in dense.items()},
+        "sets": [d.wins.texts for d in sets],
+        "runs": [],
+    }
     cache: dict = {}
     for cfg in args.configs.split(","):
         row = run_config(model, sets, dense, parse(cfg, args.sparsity), cache)

@@ -44,9 +44,18 @@ def main() -> None:
     settings = AppSettings(max_calib_tokens=args.calib_tokens) if args.calib_tokens else AppSettings()
     state = AppState(ns.load_model(), settings)
     load_s = time.perf_counter() - t
-    out = {"model": state.model_name, "threads": args.threads, "load_s": load_s, "calib_tokens": state.default_calib_tokens,
-           "subset": {"window": state.live_engine.window, "windows_per_domain": state.live_engine.windows_per_domain,
-                      "new_tokens": state.live_engine.new_tokens}, "methods": {}}
+    out = {
+        "model": state.model_name,
+        "threads": args.threads,
+        "load_s": load_s,
+        "calib_tokens": state.default_calib_tokens,
+        "subset": {
+            "window": state.live_engine.window,
+            "windows_per_domain": state.live_engine.windows_per_domain,
+            "new_tokens": state.live_engine.new_tokens,
+        },
+        "methods": {},
+    }
     for method in args.methods.split(","):
         ablation = rec_ablation if method == recommended else "zero"
         t = time.perf_counter()
@@ -57,12 +66,24 @@ def main() -> None:
         for s in sparsities + sparsities[:1]:  # each new sparsity, then one revisit
             t = time.perf_counter()
             r = state.live(method, "per_layer", s, ablation, DEFAULT_PROMPT)
-            moves.append({"sparsity": s, "seconds": time.perf_counter() - t, **{k: round(v, 3) for k, v in r.timings.items()},
-                          "geometric_mean_x_dense": r.geometric_mean, "pruned_text": r.pruned_text})
+            moves.append(
+                {
+                    "sparsity": s,
+                    "seconds": time.perf_counter() - t,
+                    **{k: round(v, 3) for k, v in r.timings.items()},
+                    "geometric_mean_x_dense": r.geometric_mean,
+                    "pruned_text": r.pruned_text,
+                }
+            )
             print(json.dumps({"method": method, "warm_s": warm_s, **moves[-1]}), file=sys.stderr, flush=True)  # progress
         secs = [m["seconds"] for m in moves]
-        out["methods"][method] = {"ablation": ablation, "warm_s": warm_s, "median_s": statistics.median(secs),
-                                  "max_s": max(secs), "moves": moves}
+        out["methods"][method] = {
+            "ablation": ablation,
+            "warm_s": warm_s,
+            "median_s": statistics.median(secs),
+            "max_s": max(secs),
+            "moves": moves,
+        }
     out["dense_text"] = state.live_engine.dense_text(DEFAULT_PROMPT)
     out["load_average"] = {"start": load0, "end": os.getloadavg()[0], "cpus": os.cpu_count()}
     print(json.dumps(out))

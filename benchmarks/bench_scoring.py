@@ -63,7 +63,9 @@ def naive_loop(model, ids, pairs):
         for layer, neuron in pairs:
             logits = model.run_with_hooks(ids, fwd_hooks=[(hooks.mlp_post_name(layer), hooks.ablation_hook([neuron]))])
             logp = metrics.log_probs(logits)
-            out.append((float(metrics.nll_from_log_probs(logp, ids).mean()), float(metrics.kl_from_log_probs(logp_orig, logp).mean())))
+            out.append(
+                (float(metrics.nll_from_log_probs(logp, ids).mean()), float(metrics.kl_from_log_probs(logp_orig, logp).mean()))
+            )
     return out
 
 

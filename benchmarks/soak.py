@@ -42,7 +42,15 @@ def mix() -> List[tuple]:
         ("POST", "/impact-analysis", {"layer_index": 3, "neuron_indices": [1, 2], "input_text": TEXTS[0]}),
         ("POST", "/impact-analysis", {"layer_index": 20, "neuron_indices": [7], "input_text": TEXTS[1]}),
         ("POST", "/neuron-importance", {"layer_index": 5, "input_texts": TEXTS[:2], "top_k": 5}),
-        ("POST", "/batch-analysis", {"pruning_candidates": [{"layer_index": 2, "neuron_index": 3}, {"layer_index": 9, "neuron_index": 4}], "input_texts": TEXTS[2:], "batch_size": 1}),
+        (
+            "POST",
+            "/batch-analysis",
+            {
+                "pruning_candidates": [{"layer_index": 2, "neuron_index": 3}, {"layer_index": 9, "neuron_index": 4}],
+                "input_texts": TEXTS[2:],
+                "batch_size": 1,
+            },
+        ),
         ("POST", "/export", {"type": "impact"}),
         ("POST", "/impact-analysis", {"layer_index": 999, "neuron_indices": [0], "input_text": "x"}),  # 400
         ("POST", "/neuron-importance", {"layer_index": 0, "input_texts": ["a"] * 17}),  # 413: 17 texts
@@ -134,17 +142,21 @@ def main(argv=None) -> int:
     pct = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 1)
     counts = Counter(str(s) for s, _ in results)
     growth = (rss_end - rss_start) / rss_start if rss_start and rss_end else None
-    print(json.dumps({
-        "requests": len(results),
-        "status_counts": dict(sorted(counts.items())),
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
-        "rss_start_mb": round(rss_start, 1) if rss_start else None,
-        "rss_end_mb": round(rss_end, 1) if rss_end else None,
-        "rss_growth": round(growth, 4) if growth is not None else None,
-        "threads": args.threads,
-        "wall_s": round(wall, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "requests": len(results),
+                "status_counts": dict(sorted(counts.items())),
+                "p50_ms": pct(0.50),
+                "p99_ms": pct(0.99),
+                "rss_start_mb": round(rss_start, 1) if rss_start else None,
+                "rss_end_mb": round(rss_end, 1) if rss_end else None,
+                "rss_growth": round(growth, 4) if growth is not None else None,
+                "threads": args.threads,
+                "wall_s": round(wall, 1),
+            }
+        )
+    )
     bad = any(int(s) >= 500 for s in counts) or (growth is not None and growth > 0.10)
     return 1 if bad else 0
 

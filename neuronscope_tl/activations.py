@@ -23,8 +23,16 @@ from . import engine
 from .export import Result
 from .models import mlp_info, model_name
 from .texts import (
-    DEFAULT_BATCH_SIZE, as_finite_real, calibration_texts, calibration_tokens, check_batch_size, check_int, check_max_tokens, check_texts,
-    show, tokenize,
+    DEFAULT_BATCH_SIZE,
+    as_finite_real,
+    calibration_texts,
+    calibration_tokens,
+    check_batch_size,
+    check_int,
+    check_max_tokens,
+    check_texts,
+    show,
+    tokenize,
 )
 
 DEFAULT_ACTIVE_THRESHOLD = 0.01
@@ -208,7 +216,9 @@ class GramAccumulator:
         return {l: s / max(self.count, 1) for l, s in self.sums.items()}
 
 
-def activation_grams(model, texts: Sequence[str], layers: Sequence[int], max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS) -> Dict[int, Tensor]:
+def activation_grams(
+    model, texts: Sequence[str], layers: Sequence[int], max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS
+) -> Dict[int, Tensor]:
     """Per layer, the Gram matrix ``E[ã ã^T]`` [d_mlp + 1, d_mlp + 1] of the MLP activations augmented with a
     constant 1 (its last row holds the mean activations), over the first ``max_tokens`` tokens of ``texts`` (texts
     longer than the model's context are cut into context-sized pieces)."""
@@ -282,7 +292,9 @@ def neuron_importance(
 _CALIBRATION_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def calibration_stats(model, texts: Optional[Sequence[str]] = None, max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS) -> NeuronAccumulator:
+def calibration_stats(
+    model, texts: Optional[Sequence[str]] = None, max_tokens: Optional[int] = DEFAULT_CALIB_TOKENS
+) -> NeuronAccumulator:
     """Activation statistics of every layer over the calibration texts (default: the Lee calibration split),
     first ``max_tokens`` tokens (texts longer than the model's context are cut into context-sized pieces);
     computed once per model and text set, then served from a cache.

@@ -17,7 +17,13 @@ from typing import Any, List, Optional, Sequence, Union
 import torch
 
 from .activations import DEFAULT_CALIB_TOKENS
-from .candidates import DEFAULT_SAFE_PERCENTILE, DEFAULT_THRESHOLD_PERCENTILE, PruningCandidate, assess_candidates, candidate_objects
+from .candidates import (
+    DEFAULT_SAFE_PERCENTILE,
+    DEFAULT_THRESHOLD_PERCENTILE,
+    PruningCandidate,
+    assess_candidates,
+    candidate_objects,
+)
 from .impact import BatchAnalysis, ImpactResult, batch_analysis, export_impact, simulate_pruning
 from .metrics import ImpactThresholds
 from .models import load_model
@@ -48,8 +54,13 @@ class WeightAnalyzer:
             pass that gives each candidate its activation evidence.
     """
 
-    def __init__(self, model, near_zero_threshold: float = 0.01, calib_texts: Optional[Sequence[str]] = None,
-                 calib_tokens: int = DEFAULT_CALIB_TOKENS):
+    def __init__(
+        self,
+        model,
+        near_zero_threshold: float = 0.01,
+        calib_texts: Optional[Sequence[str]] = None,
+        calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    ):
         self.model = model
         self.near_zero_threshold = near_zero_threshold
         self.calib_texts = calib_texts
@@ -66,13 +77,15 @@ class WeightAnalyzer:
         """Summary dict: ``overall_sparsity``, ``total_parameters``, ``near_zero_fraction``, per-layer stats, ..."""
         return self.analysis.summary()
 
-    def identify_pruning_candidates(self, threshold_percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
-                                    safe_percentile: float = DEFAULT_SAFE_PERCENTILE) -> List[PruningCandidate]:
+    def identify_pruning_candidates(
+        self, threshold_percentile: float = DEFAULT_THRESHOLD_PERCENTILE, safe_percentile: float = DEFAULT_SAFE_PERCENTILE
+    ) -> List[PruningCandidate]:
         """Neurons at or below the ``threshold_percentile`` of mean |w| in their layer, lowest first, each with its
         activation evidence; ``is_pruning_candidate`` marks those whose activation score is within the layer's
         lowest ``safe_percentile`` percent (see :mod:`neuronscope_tl.candidates`)."""
-        table = assess_candidates(self.model, threshold_percentile, safe_percentile, self.calib_texts,
-                                  self.calib_tokens, self.analysis.neurons)
+        table = assess_candidates(
+            self.model, threshold_percentile, safe_percentile, self.calib_texts, self.calib_tokens, self.analysis.neurons
+        )
         return candidate_objects(table)
 
     def export_weight_analysis(self, path: Union[str, Path]) -> List[Path]:
@@ -83,21 +96,33 @@ class WeightAnalyzer:
 class PruningImpactAnalyzer:
     """Simulated pruning of one model: ``simulate_neuron_pruning`` and ``batch_pruning_analysis``."""
 
-    def __init__(self, model, tokenizer=None, thresholds: Optional[ImpactThresholds] = None, calib_texts: Optional[Sequence[str]] = None):
+    def __init__(
+        self, model, tokenizer=None, thresholds: Optional[ImpactThresholds] = None, calib_texts: Optional[Sequence[str]] = None
+    ):
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         self.thresholds = thresholds or ImpactThresholds()
         self.calib_texts = calib_texts
         self.last_result: Optional[Union[ImpactResult, BatchAnalysis]] = None
 
-    def simulate_neuron_pruning(self, layer_index: int, neuron_indices: Sequence[int], input_text: str, ablation: str = "zero") -> ImpactResult:
+    def simulate_neuron_pruning(
+        self, layer_index: int, neuron_indices: Sequence[int], input_text: str, ablation: str = "zero"
+    ) -> ImpactResult:
         result = simulate_pruning(
-            self.model, layer_index, neuron_indices, input_text, ablation, thresholds=self.thresholds, calib_texts=self.calib_texts
+            self.model,
+            layer_index,
+            neuron_indices,
+            input_text,
+            ablation,
+            thresholds=self.thresholds,
+            calib_texts=self.calib_texts,
         )
         self.last_result = result
         return result
 
-    def batch_pruning_analysis(self, input_texts: Sequence[str], candidates: Any, batch_size: int = DEFAULT_BATCH_SIZE, ablation: str = "zero") -> BatchAnalysis:
+    def batch_pruning_analysis(
+        self, input_texts: Sequence[str], candidates: Any, batch_size: int = DEFAULT_BATCH_SIZE, ablation: str = "zero"
+    ) -> BatchAnalysis:
         result = batch_analysis(
             self.model, candidates, input_texts, batch_size, ablation, thresholds=self.thresholds, calib_texts=self.calib_texts
         )

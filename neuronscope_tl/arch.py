@@ -373,12 +373,17 @@ class Gemma3Arch(LlamaArch):
         cfg = hf.config
         pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
         mask_kwargs = dict(config=cfg, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=pos)
-        masks = {"full_attention": create_causal_mask(**mask_kwargs), "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+        masks = {
+            "full_attention": create_causal_mask(**mask_kwargs),
+            "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs),
+        }
         rotary = hf.model.rotary_emb
         tables = {t: rotary(hidden, pos, t) for t in set(cfg.layer_types)}
         for i in range(start, len(self.decoder_layers(hf))):
             kind = cfg.layer_types[i]
-            out = self.decoder_layers(hf)[i](hidden, attention_mask=masks[kind], position_embeddings=tables[kind], position_ids=pos)
+            out = self.decoder_layers(hf)[i](
+                hidden, attention_mask=masks[kind], position_embeddings=tables[kind], position_ids=pos
+            )
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
@@ -500,9 +505,7 @@ class HookedArch(Arch):
             return PROCESSED
         with torch.no_grad():
             mats = [model.W_E.detach()] + [b.mlp.W_out.detach() for b in model.blocks]
-            centred = all(
-                bool((m.double().mean(-1).abs() <= 4 * FP32_EPS * m.double().abs().amax(-1)).all()) for m in mats
-            )
+            centred = all(bool((m.double().mean(-1).abs() <= 4 * FP32_EPS * m.double().abs().amax(-1)).all()) for m in mats)
         return PROCESSED if centred else RAW
 
     def tail(self, model: Module) -> Tail:

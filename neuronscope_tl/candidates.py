@@ -40,8 +40,17 @@ WEIGHT_ONLY_LIMITS = (
 )
 
 CANDIDATE_COLUMNS = (
-    "layer", "neuron", "label", "weight_score", "band", "rank_in_layer", "activation_rms", "w_out_norm",
-    "activation_score", "safety_score", "is_pruning_candidate",
+    "layer",
+    "neuron",
+    "label",
+    "weight_score",
+    "band",
+    "rank_in_layer",
+    "activation_rms",
+    "w_out_norm",
+    "activation_score",
+    "safety_score",
+    "is_pruning_candidate",
 )
 
 
@@ -81,8 +90,12 @@ def check_safe_percentile(safe_percentile: float) -> float:
         raise ValueError(f"safe_percentile must be in (0, 100], got {safe_percentile!r}.") from None
 
 
-def activation_evidence(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
-                        safe_percentile: float = DEFAULT_SAFE_PERCENTILE) -> pd.DataFrame:
+def activation_evidence(
+    model,
+    calib_texts: Optional[Sequence[str]] = None,
+    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    safe_percentile: float = DEFAULT_SAFE_PERCENTILE,
+) -> pd.DataFrame:
     """Per neuron of every layer: activation_rms, w_out_norm, activation_score, safety_score, is_pruning_candidate.
 
     ``safety_score`` = (number of the layer's neurons with a strictly larger activation score) / (d_mlp - 1);
@@ -105,9 +118,14 @@ def activation_evidence(model, calib_texts: Optional[Sequence[str]] = None, cali
     return table
 
 
-def assess_candidates(model, threshold_percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
-                      safe_percentile: float = DEFAULT_SAFE_PERCENTILE, calib_texts: Optional[Sequence[str]] = None,
-                      calib_tokens: int = DEFAULT_CALIB_TOKENS, weight_table: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+def assess_candidates(
+    model,
+    threshold_percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
+    safe_percentile: float = DEFAULT_SAFE_PERCENTILE,
+    calib_texts: Optional[Sequence[str]] = None,
+    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    weight_table: Optional[pd.DataFrame] = None,
+) -> pd.DataFrame:
     """Weight-ranked candidates with their activation evidence (columns :data:`CANDIDATE_COLUMNS`).
 
     The rows are :func:`weight_candidates` (layer by layer, lowest mean |w| first); the evidence columns come from
@@ -128,10 +146,17 @@ def candidate_objects(table: pd.DataFrame) -> List[PruningCandidate]:
     """The rows of :func:`assess_candidates` as :class:`PruningCandidate` objects."""
     return [
         PruningCandidate(
-            layer_index=int(r.layer), neuron_index=int(r.neuron), label=str(r.label), weight_score=float(r.weight_score),
-            band=str(r.band), rank_in_layer=int(r.rank_in_layer), activation_rms=float(r.activation_rms),
-            w_out_norm=float(r.w_out_norm), activation_score=float(r.activation_score),
-            safety_score=float(r.safety_score), is_pruning_candidate=bool(r.is_pruning_candidate),
+            layer_index=int(r.layer),
+            neuron_index=int(r.neuron),
+            label=str(r.label),
+            weight_score=float(r.weight_score),
+            band=str(r.band),
+            rank_in_layer=int(r.rank_in_layer),
+            activation_rms=float(r.activation_rms),
+            w_out_norm=float(r.w_out_norm),
+            activation_score=float(r.activation_score),
+            safety_score=float(r.safety_score),
+            is_pruning_candidate=bool(r.is_pruning_candidate),
         )
         for r in table.itertuples(index=False)
     ]
@@ -142,7 +167,9 @@ def candidate_records(table: pd.DataFrame) -> List[dict]:
     return [c.to_dict() for c in candidate_objects(table)]
 
 
-def candidates_document(table: pd.DataFrame, threshold_percentile: float, safe_percentile: float = DEFAULT_SAFE_PERCENTILE) -> dict:
+def candidates_document(
+    table: pd.DataFrame, threshold_percentile: float, safe_percentile: float = DEFAULT_SAFE_PERCENTILE
+) -> dict:
     """What every front end reports about a candidate set: counts, the rule and its limits, and the records."""
     return {
         "threshold": threshold_percentile,
@@ -161,4 +188,9 @@ def first_candidates(table: pd.DataFrame, n: int, safe_only: bool = True) -> pd.
     """
     chosen = table[table["is_pruning_candidate"]] if safe_only else table
     by_layer_rank = chosen.groupby("layer").cumcount()
-    return chosen.assign(_order=by_layer_rank.to_numpy()).sort_values(["_order", "layer"]).head(max(int(n), 0)).drop(columns="_order")
+    return (
+        chosen.assign(_order=by_layer_rank.to_numpy())
+        .sort_values(["_order", "layer"])
+        .head(max(int(n), 0))
+        .drop(columns="_order")
+    )

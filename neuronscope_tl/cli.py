@@ -39,7 +39,28 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from . import activations, candidates, compare, distributed, pipelines, curves, evaluation, impact, models, plots, recipes, report, scores, scoring, search, selection, sequential, surgery, texts, weights
+from . import (
+    activations,
+    candidates,
+    compare,
+    distributed,
+    pipelines,
+    curves,
+    evaluation,
+    impact,
+    models,
+    plots,
+    recipes,
+    report,
+    scores,
+    scoring,
+    search,
+    selection,
+    sequential,
+    surgery,
+    texts,
+    weights,
+)
 from .app.state import AppSettings
 from .export import report_document, write_csv, write_json, write_set
 
@@ -57,9 +78,11 @@ def recommended_method_text() -> str:
 
 def recommended_recipe_text(name: str) -> Callable[[], str]:
     """The help's text for an omitted recipe field (--calibration, --refit): the recommendation's value."""
+
     def text() -> str:
         value = getattr(recipes.RECOMMENDED, name)
         return f"the recommendation's, {'none' if value is None else value}; oneshot and the method's own with a given --method"
+
     return text
 
 
@@ -159,7 +182,7 @@ def is_hub_id(name: Optional[str]) -> bool:
     """A ``--model`` that only the Hugging Face hub can provide: neither a built-in name nor a local directory."""
     if name is None:
         return False
-    bare = name[len(models.HOOKED_PREFIX):] if name.startswith(models.HOOKED_PREFIX) else name
+    bare = name[len(models.HOOKED_PREFIX) :] if name.startswith(models.HOOKED_PREFIX) else name
     if not bare or bare in models._DEFAULT_ALIASES or bare in models._GEMMA_ALIASES:
         return False
     return not Path(bare).expanduser().exists() and not bare.startswith(("/", ".", "~"))
@@ -176,8 +199,11 @@ def load_model_cli(name: Optional[str], trust_remote_code: bool, log: Callable[[
     except RuntimeError as exc:
         if not isinstance(exc.__cause__, (OSError, ValueError)):
             raise
-        where = ("the Hugging Face hub is unreachable from this machine and the model is not in its local cache"
-                 if offline else "it is neither a local directory nor a model the Hugging Face hub provided")
+        where = (
+            "the Hugging Face hub is unreachable from this machine and the model is not in its local cache"
+            if offline
+            else "it is neither a local directory nor a model the Hugging Face hub provided"
+        )
         cause = str(exc.__cause__).strip().splitlines()[0] if str(exc.__cause__).strip() else type(exc.__cause__).__name__
         raise ValueError(
             f"cannot load --model {name}: {where}. Omit --model for the embedded default ({models.DEFAULT_MODEL_NAME}), "
@@ -194,8 +220,10 @@ def machine_load_note() -> str:
     cpus = os.cpu_count() or 1
     if load <= 0.5 * cpus:
         return f"machine idle enough (load average {load:.1f} on {cpus} CPUs)."
-    return (f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other jobs slow both runs unevenly, "
-            "so compare latencies on an idle machine.")
+    return (
+        f"the machine was busy (load average {load:.1f} on {cpus} CPUs): other jobs slow both runs unevenly, "
+        "so compare latencies on an idle machine."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- flags from configs
@@ -268,7 +296,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         text = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         if kind is bool:
             if default:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f"{text} (default: on)")
+                parser.add_argument(
+                    "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f"{text} (default: on)"
+                )
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=f"{text} (default: off)")
             continue
@@ -286,8 +316,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         if f.metadata.get("repeat"):  # NAME=FILE given once per set
             parser.add_argument(flag, dest=f.name, action="append", default=[], help=f"{text} (repeatable; {shown})")
             continue
-        parser.add_argument(flag, dest=f.name, type=convert, default=None if required else default, required=required,
-                            help=f"{text} ({shown})")
+        parser.add_argument(
+            flag, dest=f.name, type=convert, default=None if required else default, required=required, help=f"{text} ({shown})"
+        )
 
 
 def config_from_args(cls, values: dict):
@@ -364,7 +395,9 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     wa = weights.analyze_weights(model)
     files = [str(p) for p in weights.export_weights(wa, out / "weight_analysis.json")]
     timings["weights_s"] = time.perf_counter() - t
-    log(f"  {wa.total_parameters:,} parameters, sparsity {wa.overall_sparsity:.4%} exactly zero, {wa.near_zero_fraction:.2%} |w| < {wa.near_zero_threshold}")
+    log(
+        f"  {wa.total_parameters:,} parameters, sparsity {wa.overall_sparsity:.4%} exactly zero, {wa.near_zero_fraction:.2%} |w| < {wa.near_zero_threshold}"
+    )
 
     t = time.perf_counter()
     log(f"candidates at or below the {cfg.threshold:g}th percentile of mean |w|, with their activation evidence")
@@ -381,11 +414,16 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
 
     t = time.perf_counter()
     log(f"neuron importance over {len(calib)} texts")
-    imp = activations.neuron_importance(model, calib, batch_size=cfg.batch_size, max_tokens=activations.DEFAULT_CALIB_TOKENS, progress=True)
+    imp = activations.neuron_importance(
+        model, calib, batch_size=cfg.batch_size, max_tokens=activations.DEFAULT_CALIB_TOKENS, progress=True
+    )
     files.append(str(write_csv(out / "neuron_importance.csv", imp.table)))
     imp_doc = report_document(
-        "neuron_importance", imp.model, {"active_threshold": imp.active_threshold, "layers": imp.layers},
-        {"n_texts": imp.n_texts, "n_tokens": imp.n_tokens}, {"critical": imp.critical},
+        "neuron_importance",
+        imp.model,
+        {"active_threshold": imp.active_threshold, "layers": imp.layers},
+        {"n_texts": imp.n_texts, "n_tokens": imp.n_tokens},
+        {"critical": imp.critical},
     )
     files.append(str(write_json(out / "neuron_importance.json", imp_doc)))
     timings["importance_s"] = time.perf_counter() - t
@@ -396,15 +434,23 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
     files += [str(p) for p in impact.export_impact(batch, out / "batch_analysis.json")]
     timings["batch_s"] = time.perf_counter() - t
     for r in batch.individual.itertuples():
-        log(f"  {r.label}: {r.impact_score:.4f} nats ({r.verdict}), loss change {r.loss_change:+.4f}, top-1 {r.top1_agreement:.3f}")
+        log(
+            f"  {r.label}: {r.impact_score:.4f} nats ({r.verdict}), loss change {r.loss_change:+.4f}, top-1 {r.top1_agreement:.3f}"
+        )
     rec = batch.recommendations
-    log(f"  {len(rec['safe_to_prune'])} safe, {len(rec['moderate'])} moderate, {len(rec['risky_to_prune'])} risky; "
-        f"cumulative impact {rec['cumulative_impact']:.4f} ({rec['cumulative_verdict']}), safe prefix {rec['max_safe_prefix']}")
+    log(
+        f"  {len(rec['safe_to_prune'])} safe, {len(rec['moderate'])} moderate, {len(rec['risky_to_prune'])} risky; "
+        f"cumulative impact {rec['cumulative_impact']:.4f} ({rec['cumulative_verdict']}), safe prefix {rec['max_safe_prefix']}"
+    )
 
     log("report.html")
     html_path = out / "report.html"
-    report.write_report(html_path, f"{models.model_name(model)}: which MLP neurons can be pruned?",
-                        report.analyze_sections(wa, cands, batch, imp, safe_rule), files)
+    report.write_report(
+        html_path,
+        f"{models.model_name(model)}: which MLP neurons can be pruned?",
+        report.analyze_sections(wa, cands, batch, imp, safe_rule),
+        files,
+    )
     files.append(str(html_path))
     timings["total_s"] = time.perf_counter() - t0
 
@@ -416,8 +462,15 @@ def run_analyze(cfg: AnalyzeConfig, log=print) -> dict:
         "n_candidates": len(cands),
         "n_safe_candidates": int(cands["is_pruning_candidate"].sum()),
         "candidate_limits": safe_rule,
-        "impacts": [{"layer_index": int(r.layer), "neuron_indices": [int(r.neuron)], "impact_score": float(r.impact_score),
-                     "verdict": r.verdict} for r in batch.individual.itertuples()],
+        "impacts": [
+            {
+                "layer_index": int(r.layer),
+                "neuron_indices": [int(r.neuron)],
+                "impact_score": float(r.impact_score),
+                "verdict": r.verdict,
+            }
+            for r in batch.individual.itertuples()
+        ],
         "recommendations": rec,
         "timings": timings,
         "files": files + [str(out / "report.json")],
@@ -541,27 +594,47 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
     settings = asdict(cfg)
     name = models.model_name(model)
     log(f"decoding the top {cfg.top_k_contexts} contexts of every neuron")
-    files = {out / "scores.csv": result.table, out / "top_contexts.csv": contexts_table(result, CONTEXT_WINDOW),
-             out / "scores.json": report_document("neuron_scores", name, settings,
-                                                  {"n_texts": len(result.token_lists), "n_tokens": result.n_tokens}, result.table)}
+    files = {
+        out / "scores.csv": result.table,
+        out / "top_contexts.csv": contexts_table(result, CONTEXT_WINDOW),
+        out / "scores.json": report_document(
+            "neuron_scores", name, settings, {"n_texts": len(result.token_lists), "n_tokens": result.n_tokens}, result.table
+        ),
+    }
     summary = {"model": name, "config": settings, "score_s": score_s, "n_tokens": result.n_tokens}
     if cfg.validate_n:
         t = time.perf_counter()
         validations = {}
         for set_name, set_texts, table in [("calibration", calib, None)] + [(s.name, s.texts, result.table) for s in sets]:
-            log(f"validating {', '.join(scores)} on {set_name}: exact {cfg.ablation} ablation of up to "
-                f"{cfg.validate_n * (len(scores) + 1)} neurons, one at a time, over {cfg.validate_tokens} tokens")
-            validations[set_name] = scoring.validate_scores(model, table, set_texts, cfg.validate_n, scores, cfg.ablation,
-                                                            cfg.validate_tokens, cfg.seed, calib_texts=calib, progress=True)
+            log(
+                f"validating {', '.join(scores)} on {set_name}: exact {cfg.ablation} ablation of up to "
+                f"{cfg.validate_n * (len(scores) + 1)} neurons, one at a time, over {cfg.validate_tokens} tokens"
+            )
+            validations[set_name] = scoring.validate_scores(
+                model,
+                table,
+                set_texts,
+                cfg.validate_n,
+                scores,
+                cfg.ablation,
+                cfg.validate_tokens,
+                cfg.seed,
+                calib_texts=calib,
+                progress=True,
+            )
         summary["validate_s"] = time.perf_counter() - t
         files[out / "validation_measured.csv"] = pd.concat(
-            [v.measured.assign(set=k) for k, v in validations.items()], ignore_index=True)
+            [v.measured.assign(set=k) for k, v in validations.items()], ignore_index=True
+        )
         doc = {k: val for k, val in validations["calibration"].to_dict().items() if k != "measured"}
-        doc["sets"] = {k: {"spearman_candidates": v.spearman_candidates, "spearman_random": v.spearman_random,
-                           "n_tokens": v.n_tokens} for k, v in validations.items()}
+        doc["sets"] = {
+            k: {"spearman_candidates": v.spearman_candidates, "spearman_random": v.spearman_random, "n_tokens": v.n_tokens}
+            for k, v in validations.items()
+        }
         doc["sets_record"] = [s.record() for s in sets]
-        files[out / "validation.json"] = report_document("score_validation", name, settings,
-                                                         {"n_tokens": validations["calibration"].n_tokens}, doc)
+        files[out / "validation.json"] = report_document(
+            "score_validation", name, settings, {"n_tokens": validations["calibration"].n_tokens}, doc
+        )
         summary["spearman_candidates"] = validations["calibration"].spearman_candidates
         summary["spearman_random"] = validations["calibration"].spearman_random
         summary["validation_sets"] = doc["sets"]
@@ -600,10 +673,21 @@ def contexts_table(result: "scoring.ScorePass", window: int = CONTEXT_WINDOW) ->
     for t, p in zip(t_idx.tolist(), p_idx.tolist()):
         row = ids[t]
         token.append(piece(row[p]))
-        left.append("".join(piece(i) for i in row[max(0, p - window):p]))
-        right.append("".join(piece(i) for i in row[p + 1:p + 1 + window]))
-    table = pd.DataFrame({"layer": layer, "neuron": neuron, "rank": rank + 1, "activation": value[layer, rank, neuron],
-                          "text_index": t_idx, "position": p_idx, "token": token, "left": left, "right": right})
+        left.append("".join(piece(i) for i in row[max(0, p - window) : p]))
+        right.append("".join(piece(i) for i in row[p + 1 : p + 1 + window]))
+    table = pd.DataFrame(
+        {
+            "layer": layer,
+            "neuron": neuron,
+            "rank": rank + 1,
+            "activation": value[layer, rank, neuron],
+            "text_index": t_idx,
+            "position": p_idx,
+            "token": token,
+            "left": left,
+            "right": right,
+        }
+    )
     return table.sort_values(["layer", "neuron", "rank"], kind="stable").reset_index(drop=True)
 
 
@@ -679,28 +763,53 @@ def run_curve(cfg: CurveConfig, log=print) -> dict:
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, calibration_domains, defaults=cfg.domains)
     log(f"calibrating on {cfg.calib_tokens} tokens, then measuring dense perplexity; a progress bar follows")
     res = curves.prune_curve(
-        model, cfg.methods, cfg.sparsities, cfg.scope, cfg.ablations, every=cfg.every,
+        model,
+        cfg.methods,
+        cfg.sparsities,
+        cfg.scope,
+        cfg.ablations,
+        every=cfg.every,
         calib_texts=calib if cfg.calib_texts or cfg.calibration == "oneshot" else None,
-        calib_tokens=cfg.calib_tokens, precision=cfg.precision, progress=True, domains=sets or None,
-        window=default_window(model), on_run=getattr(log, "tick", None),
-        sequential=cfg.calibration == "sequential", refit=recipes.parse_refit(cfg.refit),
+        calib_tokens=cfg.calib_tokens,
+        precision=cfg.precision,
+        progress=True,
+        domains=sets or None,
+        window=default_window(model),
+        on_run=getattr(log, "tick", None),
+        sequential=cfg.calibration == "sequential",
+        refit=recipes.parse_refit(cfg.refit),
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [write_csv(out / "curve.csv", res.table), write_csv(out / "curve_runs.csv", res.runs)]
     if res.domains is not None:
         files.append(write_csv(out / "curve_domains.csv", res.domains))
-    doc = {"protocol": res.protocol, "dense_perplexity": res.dense_perplexity, "dense_fp32": res.dense_fp32,
-           "dense_bf16": res.dense_bf16, "recommended": res.recommended, "timings": res.timings, "config": asdict(cfg)}
+    doc = {
+        "protocol": res.protocol,
+        "dense_perplexity": res.dense_perplexity,
+        "dense_fp32": res.dense_fp32,
+        "dense_bf16": res.dense_bf16,
+        "recommended": res.recommended,
+        "timings": res.timings,
+        "config": asdict(cfg),
+    }
     files.append(write_json(out / "protocol.json", doc))
     files.append(plots.plot_curve(res, out / "curve.png"))
-    files.append(report.write_report(out / "report.html", f"{res.protocol['model']}: pruning curve",
-                                     report.curve_sections(res), [str(f) for f in files]))
+    files.append(
+        report.write_report(
+            out / "report.html", f"{res.protocol['model']}: pruning curve", report.curve_sections(res), [str(f) for f in files]
+        )
+    )
     for row in res.table.itertuples():
         spread = f" (seeds {row.perplexity_min:.1f}-{row.perplexity_max:.1f})" if row.n_seeds > 1 else ""
-        where = "".join(f", x{value:.2f} {label}" for value, label in (
-            (getattr(row, "ratio_in_domain", None), "in-domain"), (getattr(row, "ratio_out_of_domain", None), "out-of-domain"))
-            if value is not None and value == value)
+        where = "".join(
+            f", x{value:.2f} {label}"
+            for value, label in (
+                (getattr(row, "ratio_in_domain", None), "in-domain"),
+                (getattr(row, "ratio_out_of_domain", None), "out-of-domain"),
+            )
+            if value is not None and value == value
+        )
         log(f"{row.method:12s} {row.ablation:5s} {row.sparsity:.2f}: ppl {row.perplexity:10.2f}  x{row.ratio:.2f}{spread}{where}")
     log(f"dense {res.dense_perplexity:.2f}; recommended {res.recommended}")
     return {"files": log_files(files, log), "recommended": res.recommended, "dense_perplexity": res.dense_perplexity}
@@ -734,9 +843,13 @@ class PruneConfig:
     sparsity: float = field(default=0.2, metadata={"required": True})
     out: str = field(default="neuronscope_pruned", metadata={"required": True})
     model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
-    method: Optional[str] = field(default=None, metadata={"choices": scores.method_names, "default_text": recommended_method_text})
+    method: Optional[str] = field(
+        default=None, metadata={"choices": scores.method_names, "default_text": recommended_method_text}
+    )
     scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
-    ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"], "default_text": recommended_ablation_text})
+    ablation: Optional[str] = field(
+        default=None, metadata={"choices": ["zero", "mean"], "default_text": recommended_ablation_text}
+    )
     overwrite: bool = False
     calib_texts: Optional[str] = None
     calib_tokens: int = recipes.RECOMMENDED_CALIB_TOKENS
@@ -744,8 +857,10 @@ class PruneConfig:
     evaluate: bool = True
     trust_remote_code: bool = False
     device: str = field(default="cpu", metadata={"choices": list(distributed.DEVICES)})
-    calibration: Optional[str] = field(default=None, metadata={"choices": list(recipes.CALIBRATION_MODES),
-                                                               "default_text": recommended_recipe_text("calibration")})
+    calibration: Optional[str] = field(
+        default=None,
+        metadata={"choices": list(recipes.CALIBRATION_MODES), "default_text": recommended_recipe_text("calibration")},
+    )
     refit: Optional[str] = field(default=None, metadata={"default_text": recommended_recipe_text("refit")})
 
     def __post_init__(self):
@@ -775,8 +890,10 @@ def log_domains(evaluation: dict, log) -> None:
     for s in evaluation["sets"]:
         name = s["name"]
         where = "in-domain" if s.get("in_domain") else "out-of-domain"
-        log(f"  {name:10s} {where:14s} ppl {evaluation['dense'][name]:8.2f} -> {evaluation['pruned'][name]:8.2f}  "
-            f"x{evaluation['ratios'][name]:.3f}  ({s['n_tokens']} tokens, {s['source']})")
+        log(
+            f"  {name:10s} {where:14s} ppl {evaluation['dense'][name]:8.2f} -> {evaluation['pruned'][name]:8.2f}  "
+            f"x{evaluation['ratios'][name]:.3f}  ({s['n_tokens']} tokens, {s['source']})"
+        )
     for key in ("in_domain", "out_of_domain", "all"):
         if evaluation[key] is not None:
             log(f"  geometric mean {key.replace('_', '-'):14s} x{evaluation[key]:.3f}")
@@ -788,24 +905,46 @@ def run_prune(cfg: PruneConfig, log=print) -> dict:
     calib, domains = pipelines.calibration_texts_for(cfg.calib_texts)
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains) if cfg.evaluate else None
     pruned = pipelines.prune_and_save(
-        model, cfg.sparsity, cfg.out, cfg.method, cfg.scope, cfg.ablation, calib if cfg.calib_texts else None, domains,
-        cfg.calib_tokens, sets, cfg.overwrite, log=log, calibration_mode=cfg.calibration, refit=cfg.refit,
+        model,
+        cfg.sparsity,
+        cfg.out,
+        cfg.method,
+        cfg.scope,
+        cfg.ablation,
+        calib if cfg.calib_texts else None,
+        domains,
+        cfg.calib_tokens,
+        sets,
+        cfg.overwrite,
+        log=log,
+        calibration_mode=cfg.calibration,
+        refit=cfg.refit,
     )
     result = pruned.model
     if result.masked:
-        log(f"widths differ per layer: every layer is stored at the widest layer's width ({result.d_mlp_after}), narrower "
-            f"layers padded with zeroed neurons; the file saves what the widest layer saves, not the average.")
-    log(f"pruned {result.n_pruned} neurons ({pruned.method}, {pruned.ablation}, {pruned.scope}); d_mlp {result.d_mlp_before} -> {result.d_mlp_after}; "
-        f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; file {result.file_bytes_before/1e6:.1f} -> {result.file_bytes_after/1e6:.1f} MB")
+        log(
+            f"widths differ per layer: every layer is stored at the widest layer's width ({result.d_mlp_after}), narrower "
+            f"layers padded with zeroed neurons; the file saves what the widest layer saves, not the average."
+        )
+    log(
+        f"pruned {result.n_pruned} neurons ({pruned.method}, {pruned.ablation}, {pruned.scope}); d_mlp {result.d_mlp_before} -> {result.d_mlp_after}; "
+        f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; file {result.file_bytes_before / 1e6:.1f} -> {result.file_bytes_after / 1e6:.1f} MB"
+    )
     if result.latency_s_before is not None:
-        log(f"latency, median of {LATENCY_REPEATS} forwards over {result.latency_tokens} tokens: dense "
+        log(
+            f"latency, median of {LATENCY_REPEATS} forwards over {result.latency_tokens} tokens: dense "
             f"{result.latency_s_before * 1e3:.0f} ms (IQR {fmt_iqr(result.latency_iqr_s_before)}), pruned "
-            f"{result.latency_s_after * 1e3:.0f} ms (IQR {fmt_iqr(result.latency_iqr_s_after)}); {machine_load_note()}")
+            f"{result.latency_s_after * 1e3:.0f} ms (IQR {fmt_iqr(result.latency_iqr_s_after)}); {machine_load_note()}"
+        )
     if pruned.evaluation is not None:
         log_domains(pruned.evaluation, log)
     out = Path(cfg.out)
-    report.write_report(out / "report.html", f"{models.model_name(model)} pruned to {cfg.out}", report.prune_sections(pruned),
-                        sorted(str(f) for f in out.iterdir() if f.is_file()))
+    report.write_report(
+        out / "report.html",
+        f"{models.model_name(model)} pruned to {cfg.out}",
+        report.prune_sections(pruned),
+        sorted(str(f) for f in out.iterdir() if f.is_file()),
+    )
     log_files(sorted(f for f in out.iterdir() if f.is_file()), log)
     return pruned.to_dict()
 
@@ -831,8 +970,12 @@ class SearchConfig:
     loss_budget: float = 0.25
     out: str = "neuronscope_search"
     model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
-    method: Optional[str] = field(default=None, metadata={"choices": scores.method_names, "default_text": recommended_method_text})
-    ablation: Optional[str] = field(default=None, metadata={"choices": ["zero", "mean"], "default_text": recommended_ablation_text})
+    method: Optional[str] = field(
+        default=None, metadata={"choices": scores.method_names, "default_text": recommended_method_text}
+    )
+    ablation: Optional[str] = field(
+        default=None, metadata={"choices": ["zero", "mean"], "default_text": recommended_ablation_text}
+    )
     scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
     calib_texts: Optional[str] = None
     calib_tokens: int = recipes.RECOMMENDED_CALIB_TOKENS
@@ -858,8 +1001,17 @@ def run_search(cfg: SearchConfig, log=print) -> dict:
     calib, domains = pipelines.calibration_texts_for(cfg.calib_texts)
     sets = pipelines.evaluation_sets_for(cfg.eval_texts, domains)
     log(f"calibrating on {cfg.calib_tokens} tokens, then searching ({cfg.method}, {cfg.ablation}, budget +{cfg.loss_budget:.0%})")
-    res = search.search_pruning(model, cfg.loss_budget, cfg.method, cfg.ablation, cfg.scope, calib_texts=calib,
-                                calib_tokens=cfg.calib_tokens, domains=sets, window=default_window(model))
+    res = search.search_pruning(
+        model,
+        cfg.loss_budget,
+        cfg.method,
+        cfg.ablation,
+        cfg.scope,
+        calib_texts=calib,
+        calib_tokens=cfg.calib_tokens,
+        domains=sets,
+        window=default_window(model),
+    )
     for row in res.steps.itertuples():
         log(f"  sparsity {row.sparsity:.4f}: x{row.ratio:.3f} {'accepted' if row.accepted else 'over budget'}")
     out = Path(cfg.out)
@@ -916,9 +1068,16 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     records."""
     loaded = [models.load_model(m, trust_remote_code=cfg.trust_remote_code) if cfg.trust_remote_code else m for m in cfg.models]
     comp = compare.compare_models(
-        loaded, texts.read_text_file(cfg.texts) if cfg.texts else None, methods=cfg.methods, sparsities=cfg.sparsities,
-        ablation=cfg.ablation, layer_sparsity=cfg.layer_sparsity, outlier_factor=cfg.outlier_factor,
-        eval_tokens=cfg.eval_tokens, calib_tokens=cfg.calib_tokens, log=log,
+        loaded,
+        texts.read_text_file(cfg.texts) if cfg.texts else None,
+        methods=cfg.methods,
+        sparsities=cfg.sparsities,
+        ablation=cfg.ablation,
+        layer_sparsity=cfg.layer_sparsity,
+        outlier_factor=cfg.outlier_factor,
+        eval_tokens=cfg.eval_tokens,
+        calib_tokens=cfg.calib_tokens,
+        log=log,
     )
     paths = compare.write_comparison(comp, cfg.out)
     table = compare.comparison_table(comp)

@@ -139,9 +139,21 @@ def importance_summary(relative: np.ndarray) -> Dict[str, float]:
     return out
 
 
-def compare_one(model, texts: Sequence[str], calib_texts: Sequence[str], methods: Sequence[str],
-                sparsities: Sequence[float], ablation: str, layer_sparsity: float, outlier_factor: float,
-                eval_tokens: int, calib_tokens: int, window: int, seeds: Sequence[int], progress: bool = False) -> ModelComparison:
+def compare_one(
+    model,
+    texts: Sequence[str],
+    calib_texts: Sequence[str],
+    methods: Sequence[str],
+    sparsities: Sequence[float],
+    ablation: str,
+    layer_sparsity: float,
+    outlier_factor: float,
+    eval_tokens: int,
+    calib_tokens: int,
+    window: int,
+    seeds: Sequence[int],
+    progress: bool = False,
+) -> ModelComparison:
     """Every measurement of :func:`compare_models` on one loaded model."""
     t0 = time.perf_counter()
     arch = arch_for(model)
@@ -150,8 +162,19 @@ def compare_one(model, texts: Sequence[str], calib_texts: Sequence[str], methods
     n_windows = len(eval_windows(model, texts, window, 1).tokens)
     every = max(1, n_windows // max(1, -(-eval_tokens // (window - 1))))  # about eval_tokens, spread over the texts
     cal = calibrate(model, calib_texts, calib_tokens, with_grams=False)
-    curve = prune_curve(model, list(methods), sparsities, ablation=ablation, calibration=cal, eval_texts=texts,
-                        window=window, every=every, seeds=seeds, precision="fp32", progress=progress)
+    curve = prune_curve(
+        model,
+        list(methods),
+        sparsities,
+        ablation=ablation,
+        calibration=cal,
+        eval_texts=texts,
+        window=window,
+        every=every,
+        seeds=seeds,
+        precision="fp32",
+        progress=progress,
+    )
     dense = float(curve.dense_perplexity)
     wins = eval_windows(model, texts, window, every)  # the curve's windows
     wanda = cal.column("wanda")
@@ -161,8 +184,15 @@ def compare_one(model, texts: Sequence[str], calib_texts: Sequence[str], methods
         chosen = sorted(wanda[layer].argsort(stable=True)[:k].tolist())
         spec = make_spec(model, {layer: chosen}, ablation, means=cal.means)
         ppl = perplexity(*window_nll(model, wins, simulation_hooks(spec)))
-        rows.append({"layer": layer, "relative_depth": relative_depth(layer, info.n_layers), "n_pruned": k,
-                     "perplexity": ppl, "ratio": ppl / dense})
+        rows.append(
+            {
+                "layer": layer,
+                "relative_depth": relative_depth(layer, info.n_layers),
+                "n_pruned": k,
+                "perplexity": ppl,
+                "ratio": ppl / dense,
+            }
+        )
     sensitivity = pd.DataFrame(rows)
     # importance distribution
     imp = cal.scores[["layer", "neuron", "label", "wanda"]].rename(columns={"wanda": "importance"}).copy()
@@ -175,21 +205,50 @@ def compare_one(model, texts: Sequence[str], calib_texts: Sequence[str], methods
     peak_median = float(peak.median())
     ratio = peak / peak_median if peak_median > 0 else torch.full_like(peak, float("nan"))
     idx = (ratio >= outlier_factor).nonzero().tolist()
-    out = pd.DataFrame([{"label": f"L{l}N{n}", "layer": l, "neuron": n, "relative_depth": relative_depth(l, info.n_layers),
-                         "peak_abs": float(peak[l, n]), "ratio_to_median": float(ratio[l, n])} for l, n in idx],
-                       columns=["label", "layer", "neuron", "relative_depth", "peak_abs", "ratio_to_median"])
+    out = pd.DataFrame(
+        [
+            {
+                "label": f"L{l}N{n}",
+                "layer": l,
+                "neuron": n,
+                "relative_depth": relative_depth(l, info.n_layers),
+                "peak_abs": float(peak[l, n]),
+                "ratio_to_median": float(ratio[l, n]),
+            }
+            for l, n in idx
+        ],
+        columns=["label", "layer", "neuron", "relative_depth", "peak_abs", "ratio_to_median"],
+    )
     out = out.sort_values("ratio_to_median", ascending=False).reset_index(drop=True)
-    peaks = pd.DataFrame({"layer": np.repeat(np.arange(info.n_layers), info.d_mlp),
-                          "neuron": np.tile(np.arange(info.d_mlp), info.n_layers),
-                          "relative_depth": np.repeat([relative_depth(l, info.n_layers) for l in range(info.n_layers)], info.d_mlp),
-                          "peak_abs": peak.reshape(-1).numpy(), "ratio": ratio.reshape(-1).numpy()})
+    peaks = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(info.n_layers), info.d_mlp),
+            "neuron": np.tile(np.arange(info.d_mlp), info.n_layers),
+            "relative_depth": np.repeat([relative_depth(l, info.n_layers) for l in range(info.n_layers)], info.d_mlp),
+            "peak_abs": peak.reshape(-1).numpy(),
+            "ratio": ratio.reshape(-1).numpy(),
+        }
+    )
     table = curve.table[["method", "sparsity", "ablation", "perplexity", "ratio", "perplexity_min", "perplexity_max", "n_seeds"]]
     return ModelComparison(
-        model=model_name(model), kind=arch.name, n_layers=info.n_layers, d_mlp=info.d_mlp,
-        vocab=int(model.cfg.d_vocab), n_eval_tokens=int(sum(int(t.numel()) - 1 for t in wins.tokens)),
-        dense_perplexity=dense, curve=table.reset_index(drop=True), sensitivity=sensitivity, importance=imp,
-        importance_summary=importance_summary(imp["relative"].to_numpy()), outliers=out, peaks=peaks, peak_median=peak_median,
-        winner=dict(curve.recommended), window=window, every=every, seconds=time.perf_counter() - t0,
+        model=model_name(model),
+        kind=arch.name,
+        n_layers=info.n_layers,
+        d_mlp=info.d_mlp,
+        vocab=int(model.cfg.d_vocab),
+        n_eval_tokens=int(sum(int(t.numel()) - 1 for t in wins.tokens)),
+        dense_perplexity=dense,
+        curve=table.reset_index(drop=True),
+        sensitivity=sensitivity,
+        importance=imp,
+        importance_summary=importance_summary(imp["relative"].to_numpy()),
+        outliers=out,
+        peaks=peaks,
+        peak_median=peak_median,
+        winner=dict(curve.recommended),
+        window=window,
+        every=every,
+        seconds=time.perf_counter() - t0,
     )
 
 
@@ -226,7 +285,9 @@ def compare_models(
         raise ValueError(f"models must be a non-empty list of model names or loaded models; got {show(models)}.")
     if not (isinstance(layer_sparsity, (int, float)) and not isinstance(layer_sparsity, bool) and 0 < layer_sparsity < 1):
         raise ValueError(f"layer_sparsity must be a number in (0, 1), got {show(layer_sparsity)}.")
-    if not (isinstance(outlier_factor, (int, float)) and not isinstance(outlier_factor, bool) and 1 <= outlier_factor < float("inf")):
+    if not (
+        isinstance(outlier_factor, (int, float)) and not isinstance(outlier_factor, bool) and 1 <= outlier_factor < float("inf")
+    ):
         raise ValueError(f"outlier_factor must be a finite number >= 1, got {show(outlier_factor)}.")
     eval_tokens = check_int(eval_tokens, "eval_tokens", 1)
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
@@ -237,15 +298,39 @@ def compare_models(
         model = load_model(m) if isinstance(m, str) else m
         if log:
             log(f"comparing {model_name(model)} ...")
-        results.append(compare_one(model, texts, calib, methods, sparsities, ablation, layer_sparsity,
-                                   outlier_factor, eval_tokens, calib_tokens, window, seeds, progress))
+        results.append(
+            compare_one(
+                model,
+                texts,
+                calib,
+                methods,
+                sparsities,
+                ablation,
+                layer_sparsity,
+                outlier_factor,
+                eval_tokens,
+                calib_tokens,
+                window,
+                seeds,
+                progress,
+            )
+        )
         if isinstance(m, str):
             del model
             gc.collect()
-    settings = {"methods": list(methods), "sparsities": list(sparsities), "ablation": ablation,
-                "layer_sparsity": layer_sparsity, "outlier_factor": outlier_factor, "eval_tokens": eval_tokens,
-                "calib_tokens": calib_tokens, "window": window, "seeds": list(seeds),
-                "n_texts": len(texts), "n_calib_texts": len(calib)}
+    settings = {
+        "methods": list(methods),
+        "sparsities": list(sparsities),
+        "ablation": ablation,
+        "layer_sparsity": layer_sparsity,
+        "outlier_factor": outlier_factor,
+        "eval_tokens": eval_tokens,
+        "calib_tokens": calib_tokens,
+        "window": window,
+        "seeds": list(seeds),
+        "n_texts": len(texts),
+        "n_calib_texts": len(calib),
+    }
     return Comparison(results, settings)
 
 
@@ -255,8 +340,16 @@ def comparison_table(comp: Comparison) -> pd.DataFrame:
     rows = []
     for r in comp.models:
         win = r.winner.get("method")
-        row = {"model": r.model, "kind": r.kind, "n_layers": r.n_layers, "d_mlp": r.d_mlp, "vocab": r.vocab,
-               "eval_tokens": r.n_eval_tokens, "dense_ppl": r.dense_perplexity, "winner": win}
+        row = {
+            "model": r.model,
+            "kind": r.kind,
+            "n_layers": r.n_layers,
+            "d_mlp": r.d_mlp,
+            "vocab": r.vocab,
+            "eval_tokens": r.n_eval_tokens,
+            "dense_ppl": r.dense_perplexity,
+            "winner": win,
+        }
         for s in sorted(r.curve["sparsity"].unique()):
             at = r.curve[r.curve["sparsity"] == s].set_index("method")["ratio"]
             row[f"winner_x{s:g}"] = float(at.get(win, np.nan))
@@ -301,14 +394,21 @@ def plot_comparison(comp: Comparison, path: Union[str, Path]) -> Path:
         ax[1, 1].scatter(r.peaks["relative_depth"], r.peaks["ratio"], s=2, alpha=0.4, label=r.model)
     ax[0, 0].set(xlabel="per-layer sparsity", ylabel="perplexity / dense", yscale="log", title="Pruning curves")
     ax[0, 0].legend(fontsize=6, ncol=2)
-    ax[0, 1].set(xlabel="relative depth (0 = first block, 1 = last)", ylabel="perplexity / dense",
-                 title=f"One layer pruned ({comp.settings['layer_sparsity']:.0%} lowest Wanda, {comp.settings['ablation']} ablation)")
+    ax[0, 1].set(
+        xlabel="relative depth (0 = first block, 1 = last)",
+        ylabel="perplexity / dense",
+        title=f"One layer pruned ({comp.settings['layer_sparsity']:.0%} lowest Wanda, {comp.settings['ablation']} ablation)",
+    )
     ax[0, 1].legend(fontsize=8)
     ax[1, 0].set(xlabel="log10(importance / median)", ylabel="density", title="Neuron importance (RMS a x ||W_out row||)")
     ax[1, 0].legend(fontsize=8)
     ax[1, 1].axhline(comp.settings["outlier_factor"], color="k", lw=0.8, ls="--")
-    ax[1, 1].set(xlabel="relative depth", ylabel="peak |a| / median peak", yscale="log",
-                 title=f"Outlier neurons (>= {comp.settings['outlier_factor']:g} x median)")
+    ax[1, 1].set(
+        xlabel="relative depth",
+        ylabel="peak |a| / median peak",
+        yscale="log",
+        title=f"Outlier neurons (>= {comp.settings['outlier_factor']:g} x median)",
+    )
     ax[1, 1].legend(fontsize=8, markerscale=4)
     fig.tight_layout()
     path = Path(path)
@@ -323,11 +423,25 @@ def comparison_document(comp: Comparison, table: Optional[pd.DataFrame] = None) 
     ``table`` (:func:`comparison_table` as records, full precision, NaN as null) and per model its winner,
     importance summary, median peak and timing."""
     table = comparison_table(comp) if table is None else table
-    return to_jsonable({"settings": comp.settings, "table": table,
-                        "models": [{"model": r.model, "kind": r.kind, "dense_perplexity": r.dense_perplexity,
-                                    "winner": r.winner, "importance_summary": r.importance_summary,
-                                    "peak_median": r.peak_median, "n_eval_tokens": r.n_eval_tokens,
-                                    "seconds": r.seconds} for r in comp.models]})
+    return to_jsonable(
+        {
+            "settings": comp.settings,
+            "table": table,
+            "models": [
+                {
+                    "model": r.model,
+                    "kind": r.kind,
+                    "dense_perplexity": r.dense_perplexity,
+                    "winner": r.winner,
+                    "importance_summary": r.importance_summary,
+                    "peak_median": r.peak_median,
+                    "n_eval_tokens": r.n_eval_tokens,
+                    "seconds": r.seconds,
+                }
+                for r in comp.models
+            ],
+        }
+    )
 
 
 def write_comparison(comp: Comparison, out: Union[str, Path]) -> List[Path]:

@@ -22,16 +22,31 @@ from tqdm.auto import tqdm
 from . import scores as registry
 from .domains import TextSet
 from .evaluation import (
-    DEFAULT_DOMAIN_WINDOWS, DEFAULT_EVERY, DEFAULT_WINDOW, check_seeds, domain_perplexities, domain_summary, domain_windows,
-    eval_windows, geometric_mean, protocol_record, window_nll,
+    DEFAULT_DOMAIN_WINDOWS,
+    DEFAULT_EVERY,
+    DEFAULT_WINDOW,
+    check_seeds,
+    domain_perplexities,
+    domain_summary,
+    domain_windows,
+    eval_windows,
+    geometric_mean,
+    protocol_record,
+    window_nll,
 )
 from .export import Result
 from .recipes import RECOMMENDED, resolve_recipe
 from .impact import check_ablation
 from .metrics import perplexity
 from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate_for, check_scope, check_sparsities
-from .sequential import (calibration_windows, check_refit, check_sequential_method, check_sequential_scope,
-                         sequential_sources, sequential_spec)
+from .sequential import (
+    calibration_windows,
+    check_refit,
+    check_sequential_method,
+    check_sequential_scope,
+    sequential_sources,
+    sequential_spec,
+)
 from .surgery import simulation_hooks
 from .texts import check_max_tokens, show
 
@@ -154,13 +169,17 @@ def prune_curve(
 
     fp32 = measure([], False)
     bf16_ppl = measure([], True) if precision != "fp32" else None
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and all(abs(bf16_ppl[k] / fp32[k] - 1) < BF16_TOLERANCE for k in fp32))
+    use_bf16 = precision == "bf16" or (precision == "auto" and all(abs(bf16_ppl[k] / fp32[k] - 1) < BF16_TOLERANCE for k in fp32))
     dense = bf16_ppl if use_bf16 else fp32
 
     runs, domain_runs = [], []
-    jobs = [(m, s, a, seed) for a in ablations for m in methods for s in sparsities
-            for seed in (seeds if registry.get(m).random else [0])]
+    jobs = [
+        (m, s, a, seed)
+        for a in ablations
+        for m in methods
+        for s in sparsities
+        for seed in (seeds if registry.get(m).random else [0])
+    ]
     for method, sparsity, abl, seed in tqdm(jobs, desc="curve", disable=not progress):
         if sequential:
             spec = sequential_spec(model, seq_windows, method, sparsity, abl, refit, seed, bf16=use_bf16, scope=scope).spec
@@ -169,13 +188,28 @@ def prune_curve(
             spec = build_spec(model, cal, method, sparsity, scope, abl, seed)
         hooks = simulation_hooks(spec) if spec is not None else []
         ppl = measure(hooks, use_bf16)
-        row = {"method": method, "sparsity": sparsity, "scope": scope, "ablation": abl, "seed": seed,
-               "n_pruned": spec.n_pruned if spec else 0, "perplexity": geometric_mean(ppl.values())}
+        row = {
+            "method": method,
+            "sparsity": sparsity,
+            "scope": scope,
+            "ablation": abl,
+            "seed": seed,
+            "n_pruned": spec.n_pruned if spec else 0,
+            "perplexity": geometric_mean(ppl.values()),
+        }
         if sets is not None:
             summary = domain_summary(ppl, dense, sets)
             row.update(ratio_in_domain=summary["in_domain"], ratio_out_of_domain=summary["out_of_domain"])
-            domain_runs += [{**{k: row[k] for k in ("method", "sparsity", "scope", "ablation", "seed")}, "domain": d.name,
-                             "in_domain": d.in_domain, "perplexity": ppl[d.name], "dense": dense[d.name]} for d in sets]
+            domain_runs += [
+                {
+                    **{k: row[k] for k in ("method", "sparsity", "scope", "ablation", "seed")},
+                    "domain": d.name,
+                    "in_domain": d.in_domain,
+                    "perplexity": ppl[d.name],
+                    "dense": dense[d.name],
+                }
+                for d in sets
+            ]
         runs.append(row)
         if on_run is not None:
             on_run(dict(row, dense=geometric_mean(dense.values())))
@@ -185,12 +219,18 @@ def prune_curve(
     per_domain = None
     if sets is not None:
         keys = ["method", "sparsity", "scope", "ablation"]
-        extra = runs_df.groupby(keys, sort=False)[["ratio_in_domain", "ratio_out_of_domain"]].agg(
-            lambda v: geometric_mean(v) if v.notna().all() else None).reset_index()
+        extra = (
+            runs_df.groupby(keys, sort=False)[["ratio_in_domain", "ratio_out_of_domain"]]
+            .agg(lambda v: geometric_mean(v) if v.notna().all() else None)
+            .reset_index()
+        )
         table = table.merge(extra, on=keys, how="left")
         d = pd.DataFrame(domain_runs)
-        per_domain = d.groupby(keys + ["domain", "in_domain"], sort=False).agg(
-            perplexity=("perplexity", "mean"), dense=("dense", "first")).reset_index()
+        per_domain = (
+            d.groupby(keys + ["domain", "in_domain"], sort=False)
+            .agg(perplexity=("perplexity", "mean"), dense=("dense", "first"))
+            .reset_index()
+        )
         per_domain["ratio"] = per_domain["perplexity"] / per_domain["dense"]
     first = wins if sets is None else sets[0].wins
     precision_name = "bf16-autocast" if use_bf16 else "fp32"
@@ -205,10 +245,15 @@ def prune_curve(
         protocol["n_windows"] = sum(len(d.wins.tokens) for d in sets)
     fp32_all = geometric_mean(fp32.values())
     return CurveResult(
-        table=table, runs=runs_df, dense_perplexity=dense_all, dense_fp32=fp32_all,
+        table=table,
+        runs=runs_df,
+        dense_perplexity=dense_all,
+        dense_fp32=fp32_all,
         dense_bf16=geometric_mean(bf16_ppl.values()) if bf16_ppl else None,
-        recommended=recommend(table), protocol=protocol,
-        timings={"calibration_s": t_cal, "total_s": time.perf_counter() - t0}, domains=per_domain,
+        recommended=recommend(table),
+        protocol=protocol,
+        timings={"calibration_s": t_cal, "total_s": time.perf_counter() - t0},
+        domains=per_domain,
     )
 
 

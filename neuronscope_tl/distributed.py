@@ -147,8 +147,10 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     here = current()
     index = here.local_rank if here.active else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {index} has no GPU: {torch.cuda.device_count()} CUDA GPUs visible on this host; "
-                         f"start at most that many processes per node.")
+        raise ValueError(
+            f"LOCAL_RANK {index} has no GPU: {torch.cuda.device_count()} CUDA GPUs visible on this host; "
+            f"start at most that many processes per node."
+        )
     return torch.device("cuda", index)
 
 
@@ -196,14 +198,15 @@ def start() -> Rank:
         try:
             dist.init_process_group(backend, timeout=timeout)
         except RuntimeError as exc:
-            raise DistributedError(f"rank {here.rank}: the process group did not start within {timeout_s():g} s: not "
-                                   f"every one of the {here.world_size} ranks reached its first pass. Cause: {_first_line(exc)}") from None
+            raise DistributedError(
+                f"rank {here.rank}: the process group did not start within {timeout_s():g} s: not "
+                f"every one of the {here.world_size} ranks reached its first pass. Cause: {_first_line(exc)}"
+            ) from None
         here = current()
     if not _steps["started"]:
         _steps["started"] = True
         _record_step(here, 0)
     return here
-
 
 
 def _store():
@@ -257,8 +260,9 @@ def _collective(what: str, fn):
     except DistributedError:
         raise
     except RuntimeError as exc:
-        raise DistributedError(f"rank {here.rank}: collective {step} ({what}) failed: {_behind(here, step)}. "
-                               f"Cause: {_first_line(exc)}") from None
+        raise DistributedError(
+            f"rank {here.rank}: collective {step} ({what}) failed: {_behind(here, step)}. Cause: {_first_line(exc)}"
+        ) from None
     finally:
         _steps["seconds"] += time.perf_counter() - t0
 

@@ -47,7 +47,9 @@ def _gensim_data(name: str) -> Path:
         raise RuntimeError("this text set needs the gensim wheel: `pip install --no-deps gensim` (it is not imported).")
     path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / name
     if not path.exists():
-        raise RuntimeError(f"gensim is installed but {path} is missing; reinstall with `pip install --no-deps --force-reinstall gensim`.")
+        raise RuntimeError(
+            f"gensim is installed but {path} is missing; reinstall with `pip install --no-deps --force-reinstall gensim`."
+        )
     return path
 
 
@@ -90,10 +92,16 @@ def python_docs() -> List[str]:
 
 
 def reviews() -> List[str]:
-    sentences = [re.sub(r"^__label__\w+\s+", "", l).strip() for l in _gensim_data("pang_lee_polarity.cor").read_text(encoding="cp1252", errors="replace").splitlines()]
+    sentences = [
+        re.sub(r"^__label__\w+\s+", "", l).strip()
+        for l in _gensim_data("pang_lee_polarity.cor").read_text(encoding="cp1252", errors="replace").splitlines()
+    ]
     sentences = [s for s in sentences if s]
     grouped = [" ".join(sentences[i : i + 20]) for i in range(0, len(sentences), 20)]
-    imdb = [re.sub(r"^_\*\d+\s+", "", l).strip() for l in _gensim_data("alldata-id-10.txt").read_text(encoding="utf-8", errors="replace").splitlines()]
+    imdb = [
+        re.sub(r"^_\*\d+\s+", "", l).strip()
+        for l in _gensim_data("alldata-id-10.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+    ]
     return grouped + [t for t in imdb if t]
 
 
@@ -143,15 +151,36 @@ DOMAINS: Dict[str, Domain] = {
     d.name: d
     for d in (
         # 200 / 300: the same Lee calibration/evaluation split as everywhere else (articles 0-199 / 200-299)
-        Domain("news", "ABC news articles (Lee background corpus)", "gensim test_data/lee_background.cor", "LGPL-2.1 (gensim)",
-               lambda: list(lee_articles()), 200 / 300),
-        Domain("forum", "20 Newsgroups posts, headers and quotes removed", "gensim test_data/mini_newsgroup",
-               "public Usenet posts as redistributed with gensim", forum_posts),
+        Domain(
+            "news",
+            "ABC news articles (Lee background corpus)",
+            "gensim test_data/lee_background.cor",
+            "LGPL-2.1 (gensim)",
+            lambda: list(lee_articles()),
+            200 / 300,
+        ),
+        Domain(
+            "forum",
+            "20 Newsgroups posts, headers and quotes removed",
+            "gensim test_data/mini_newsgroup",
+            "public Usenet posts as redistributed with gensim",
+            forum_posts,
+        ),
         Domain("docs", "Python language reference topics", "CPython pydoc_data.topics", "PSF-2.0", python_docs),
-        Domain("reviews", "movie-review sentences (Pang & Lee 2005) and IMDB reviews (Maas et al. 2011)",
-               "gensim test_data/pang_lee_polarity.cor, alldata-id-10.txt", "research data sets as shipped with gensim", reviews),
-        Domain("legal", "free-software licence texts", "/usr/share/common-licenses (Debian base-files)",
-               "verbatim copying permitted", licences),
+        Domain(
+            "reviews",
+            "movie-review sentences (Pang & Lee 2005) and IMDB reviews (Maas et al. 2011)",
+            "gensim test_data/pang_lee_polarity.cor, alldata-id-10.txt",
+            "research data sets as shipped with gensim",
+            reviews,
+        ),
+        Domain(
+            "legal",
+            "free-software licence texts",
+            "/usr/share/common-licenses (Debian base-files)",
+            "verbatim copying permitted",
+            licences,
+        ),
     )
 }
 
@@ -194,8 +223,14 @@ class TextSet:
         return hashlib.sha256("\n".join(self.texts).encode()).hexdigest()[:16]
 
     def record(self, n_tokens: Optional[int] = None) -> dict:
-        out = {"name": self.name, "source": self.source, "licence": self.licence, "part": self.part,
-               "n_texts": len(self.texts), "sha256": self.sha256}
+        out = {
+            "name": self.name,
+            "source": self.source,
+            "licence": self.licence,
+            "part": self.part,
+            "n_texts": len(self.texts),
+            "sha256": self.sha256,
+        }
         if self.in_domain is not None:
             out["in_domain"] = self.in_domain
         if n_tokens is not None:
@@ -234,8 +269,9 @@ def check_unique(sets: Sequence[TextSet]) -> List[TextSet]:
     return list(sets)
 
 
-def default_evaluation_sets(calibration_domains: Sequence[str] = DEFAULT_CALIBRATION_DOMAINS,
-                            held_out_domains: Sequence[str] = DEFAULT_HELD_OUT_DOMAINS) -> List[TextSet]:
+def default_evaluation_sets(
+    calibration_domains: Sequence[str] = DEFAULT_CALIBRATION_DOMAINS, held_out_domains: Sequence[str] = DEFAULT_HELD_OUT_DOMAINS
+) -> List[TextSet]:
     """The held-out part of each calibration domain (in-domain), then every text of each domain the calibration
     never saw (out-of-domain)."""
     sets = [domain_set(n, EVALUATION, calibration_domains) for n in calibration_domains]

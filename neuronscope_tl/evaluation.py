@@ -72,8 +72,12 @@ def weights_hash(model) -> str:
 def library_versions() -> Dict[str, str]:
     """Versions of torch, transformers, TransformerLens and this package (read from the installed metadata, so
     neither transformers nor TransformerLens is imported for it)."""
-    return {"torch": torch.__version__, "transformers": version("transformers"),
-            "transformer_lens": version("transformer-lens"), "neuronscope_tl": __version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "transformer_lens": version("transformer-lens"),
+        "neuronscope_tl": __version__,
+    }
 
 
 def texts_record(texts: Optional[Sequence[str]], default: str) -> Tuple[List[str], dict]:
@@ -116,9 +120,15 @@ def window_nll(model, wins: EvalWindows, hooks: Sequence = (), bf16: bool = Fals
     each rank scores its share of the windows and the sums are added up (:mod:`neuronscope_tl.distributed`)."""
     total, count = 0.0, 0
     device = model_device(model)
-    with distributed.shard_work("perplexity"), attached_hooks(model, hooks), torch.no_grad(), \
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for ids in tqdm(distributed.shard(wins.tokens, [t.numel() for t in wins.tokens]), desc="perplexity", disable=not progress):
+    with (
+        distributed.shard_work("perplexity"),
+        attached_hooks(model, hooks),
+        torch.no_grad(),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+    ):
+        for ids in tqdm(
+            distributed.shard(wins.tokens, [t.numel() for t in wins.tokens]), desc="perplexity", disable=not progress
+        ):
             nll = token_nll(model(ids[None].to(device)), ids[None])
             total += float(nll.double().sum())
             count += int(nll.numel())
@@ -161,8 +171,16 @@ def protocol_record(model, wins: EvalWindows, seed: int, precision: str, calib: 
     }
 
 
-def evaluate_perplexity(model, texts: Optional[Sequence[str]] = None, window: int = DEFAULT_WINDOW, every: int = 1,
-                        bf16: bool = False, hooks: Sequence = (), seed: int = 0, progress: bool = False) -> PerplexityResult:
+def evaluate_perplexity(
+    model,
+    texts: Optional[Sequence[str]] = None,
+    window: int = DEFAULT_WINDOW,
+    every: int = 1,
+    bf16: bool = False,
+    hooks: Sequence = (),
+    seed: int = 0,
+    progress: bool = False,
+) -> PerplexityResult:
     """Perplexity over non-overlapping ``window``-token windows of ``texts`` (default: Lee articles 200-299).
 
     The texts are concatenated (each with its BOS) and cut into windows; ``every=3`` scores every third window.
@@ -171,7 +189,10 @@ def evaluate_perplexity(model, texts: Optional[Sequence[str]] = None, window: in
     wins = eval_windows(model, texts, window, every)
     total, count = window_nll(model, wins, hooks, bf16, progress)
     return PerplexityResult(
-        perplexity=perplexity(total, count), mean_nll=total / count, n_tokens=count, n_windows=len(wins.tokens),
+        perplexity=perplexity(total, count),
+        mean_nll=total / count,
+        n_tokens=count,
+        n_windows=len(wins.tokens),
         protocol=protocol_record(model, wins, seed, "bf16-autocast" if bf16 else "fp32"),
     )
 
@@ -196,8 +217,9 @@ class DomainWindows:
     wins: EvalWindows
 
 
-def domain_windows(model, sets: Sequence[TextSet], window: int = DEFAULT_WINDOW,
-                   max_windows: int = DEFAULT_DOMAIN_WINDOWS) -> List[DomainWindows]:
+def domain_windows(
+    model, sets: Sequence[TextSet], window: int = DEFAULT_WINDOW, max_windows: int = DEFAULT_DOMAIN_WINDOWS
+) -> List[DomainWindows]:
     """Each set's windows: all non-overlapping ``window``-token windows, then every n-th so that at most
     ``max_windows`` remain. Set names must be unique."""
     window = check_window(model, window)

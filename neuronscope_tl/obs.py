@@ -23,7 +23,9 @@ from torch import Tensor
 DEFAULT_DAMP = 0.01
 
 
-def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: bool, damp: float = DEFAULT_DAMP) -> Tuple[Tensor, Optional[Tensor]]:
+def refit_output(
+    gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: bool, damp: float = DEFAULT_DAMP
+) -> Tuple[Tensor, Optional[Tensor]]:
     """Least-squares refit of the kept neurons' output weights after removing ``pruned`` (ZipLM/SparseGPT OBS).
 
     Args:
@@ -56,8 +58,14 @@ def refit_output(gram: Tensor, w_out: Tensor, pruned: Sequence[int], with_bias: 
     return delta.float(), bias
 
 
-def obs_order(gram: Tensor, w_out: Tensor, n_remove: int, keep_constant: bool = True,
-              block: Optional[int] = None, damp: float = DEFAULT_DAMP) -> Tuple[List[int], List[float]]:
+def obs_order(
+    gram: Tensor,
+    w_out: Tensor,
+    n_remove: int,
+    keep_constant: bool = True,
+    block: Optional[int] = None,
+    damp: float = DEFAULT_DAMP,
+) -> Tuple[List[int], List[float]]:
     """Greedy structured OBS (ZipLM, Kurtic et al. 2023): repeatedly remove the neurons whose removal, after the
     optimal refit of the others, adds the least output error ``||w_i||^2 / [G^-1]_ii``.
 
@@ -120,8 +128,14 @@ def refit_residual(gram: Tensor, w_out: Tensor, pruned: Sequence[int], delta: Te
 DAMP_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
-def choose_damp(fold_grams: Sequence[Tensor], fold_counts: Sequence[int], w_out: Tensor, pruned: Sequence[int],
-                with_bias: bool, grid: Sequence[float] = DAMP_GRID) -> Tuple[float, List[float]]:
+def choose_damp(
+    fold_grams: Sequence[Tensor],
+    fold_counts: Sequence[int],
+    w_out: Tensor,
+    pruned: Sequence[int],
+    with_bias: bool,
+    grid: Sequence[float] = DAMP_GRID,
+) -> Tuple[float, List[float]]:
     """The refit damping with the least held-out error: for each fold, refit on the other folds' pooled Gram
     matrix and measure the error on the fold's own (:func:`refit_residual`), relative to the fold's dense output
     energy so that every fold counts the same. Returns (best damping, mean relative error for each grid value).

@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from .domains import (
-    DEFAULT_CALIBRATION_DOMAINS, TextSet, calibration_sources, check_unique, default_evaluation_sets, mixed_calibration_texts,
+    DEFAULT_CALIBRATION_DOMAINS,
+    TextSet,
+    calibration_sources,
+    check_unique,
+    default_evaluation_sets,
+    mixed_calibration_texts,
     user_set,
 )
 from .evaluation import DEFAULT_DOMAIN_WINDOWS, DEFAULT_WINDOW, domain_perplexities, domain_summary, domain_windows
@@ -36,8 +41,9 @@ def calibration_texts_for(calib_file: Optional[str] = None) -> Tuple[List[str], 
         raise ValueError(f"cannot read calibration text file {calib_file}: {exc}.") from None
 
 
-def evaluation_sets_for(eval_specs: Sequence[str] = (), calibration_domains: Sequence[str] = DEFAULT_CALIBRATION_DOMAINS,
-                        defaults: bool = True) -> List[TextSet]:
+def evaluation_sets_for(
+    eval_specs: Sequence[str] = (), calibration_domains: Sequence[str] = DEFAULT_CALIBRATION_DOMAINS, defaults: bool = True
+) -> List[TextSet]:
     """The default evaluation sets (held-out part of each calibration domain, all of the others) and the user's
     ``NAME=FILE`` sets (out-of-domain), with unique names."""
     sets = default_evaluation_sets() if defaults else []
@@ -53,8 +59,10 @@ def check_calibration_size(model, texts: Sequence[str], calib_tokens: int) -> in
     """The number of calibration tokens the texts hold; a ValueError when fewer than ``calib_tokens``."""
     have = sum(int(t.numel()) for t in tokenize(model, texts, max_tokens=calib_tokens))
     if have < calib_tokens:
-        raise ValueError(f"the calibration texts hold {have} tokens, fewer than the {calib_tokens} asked for; "
-                         f"give more text or ask for at most {have} calibration tokens.")
+        raise ValueError(
+            f"the calibration texts hold {have} tokens, fewer than the {calib_tokens} asked for; "
+            f"give more text or ask for at most {have} calibration tokens."
+        )
     return have
 
 
@@ -130,8 +138,17 @@ def prune_and_save(
     sets = domain_windows(model, eval_sets, min(window, int(model.cfg.n_ctx)), DEFAULT_DOMAIN_WINDOWS) if eval_sets else None
 
     log(f"calibrating on {calib_tokens} tokens: {recipe.describe()}")
-    spec, calib_record = recipe_spec(model, recipe, sparsity, scope, calib_texts, calibration=calibration,
-                                     windows=windows, calib_tokens=calib_tokens, progress=True)
+    spec, calib_record = recipe_spec(
+        model,
+        recipe,
+        sparsity,
+        scope,
+        calib_texts,
+        calibration=calibration,
+        windows=windows,
+        calib_tokens=calib_tokens,
+        progress=True,
+    )
     if spec is None:
         raise ValueError(f"sparsity {sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")
     evaluation = None
@@ -139,12 +156,25 @@ def prune_and_save(
         log(f"measuring {len(sets)} evaluation sets, dense and pruned")
         dense = domain_perplexities(model, sets, bf16=True)
         pruned = domain_perplexities(model, sets, simulation_hooks(spec), bf16=True)
-        evaluation = {"dense": dense, "pruned": pruned, **domain_summary(pruned, dense, sets),
-                      "sets": [{**d.wins.texts, "in_domain": d.in_domain} for d in sets], "precision": "bf16-autocast"}
+        evaluation = {
+            "dense": dense,
+            "pruned": pruned,
+            **domain_summary(pruned, dense, sets),
+            "sets": [{**d.wins.texts, "in_domain": d.in_domain} for d in sets],
+            "precision": "bf16-autocast",
+        }
     log(f"writing the pruned model to {out}")
     result = save_pruned(model, spec, out, overwrite=overwrite, measure_latency=measure_latency)
-    report = PruneReport(method=recipe.method, method_source=method_source, ablation=recipe.ablation, scope=scope,
-                         sparsity=sparsity, calibration=calib_record, evaluation=evaluation, model=result,
-                         recipe=asdict(recipe))
+    report = PruneReport(
+        method=recipe.method,
+        method_source=method_source,
+        ablation=recipe.ablation,
+        scope=scope,
+        sparsity=sparsity,
+        calibration=calib_record,
+        evaluation=evaluation,
+        model=result,
+        recipe=asdict(recipe),
+    )
     write_json(Path(out) / "pruning_report.json", report.to_dict())
     return report

@@ -103,10 +103,13 @@ def matrix_names(analysis) -> List[str]:
 
 def weight_means_table(analysis) -> pd.DataFrame:
     """One row per (layer, matrix): mean |w|."""
-    return pd.DataFrame([
-        {"layer": entry["layer"], "matrix": name, "mean_abs": entry[name]["mean_abs"]}
-        for entry in analysis.layers for name in matrix_names(analysis)
-    ])
+    return pd.DataFrame(
+        [
+            {"layer": entry["layer"], "matrix": name, "mean_abs": entry[name]["mean_abs"]}
+            for entry in analysis.layers
+            for name in matrix_names(analysis)
+        ]
+    )
 
 
 def weight_means_figure(analysis):
@@ -136,8 +139,10 @@ def weight_histogram_table(analysis, layer: int) -> pd.DataFrame:
     rows = []
     for name in matrix_names(analysis):
         h = analysis.layers[layer][name]["histogram_abs"]
-        rows += [{"matrix": name, "from": lo, "to": hi, "count": int(c)}
-                 for lo, hi, c in zip(h["edges"][:-1], h["edges"][1:], h["counts"])]
+        rows += [
+            {"matrix": name, "from": lo, "to": hi, "count": int(c)}
+            for lo, hi, c in zip(h["edges"][:-1], h["edges"][1:], h["counts"])
+        ]
     return pd.DataFrame(rows)
 
 
@@ -174,8 +179,14 @@ def cumulative_impact_figure(batch):
     c = batch.cumulative
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     ax.plot(c["n_pruned"], c["impact_score"], marker="o", color="C0", label="first k together")
-    ax.plot(batch.individual.index + 1, batch.individual["impact_score"], marker="x", linestyle="none", color="C7",
-            label="candidate k alone")
+    ax.plot(
+        batch.individual.index + 1,
+        batch.individual["impact_score"],
+        marker="x",
+        linestyle="none",
+        color="C7",
+        label="candidate k alone",
+    )
     th = batch.thresholds
     ax.axhline(th.safe_below, color=VERDICT_COLOURS["safe"], linestyle="--", linewidth=0.8, label=f"safe below {th.safe_below:g}")
     ax.axhline(th.risky_from, color=VERDICT_COLOURS["high"], linestyle="--", linewidth=0.8, label=f"high from {th.risky_from:g}")
@@ -243,9 +254,15 @@ def curve_figure(result: CurveResult):
         for (method, ablation), g in data.groupby(["method", "ablation"], sort=False):
             g = g.sort_values("sparsity")
             n = len(styles)
-            style = styles.setdefault((method, ablation), {
-                "color": f"C{n % 10}", "linestyle": ("-", "--", ":", "-.")[(n // 10 + (ablation == "mean")) % 4],
-                "marker": "osD^v<>ph*"[n % 10], "markersize": 4})
+            style = styles.setdefault(
+                (method, ablation),
+                {
+                    "color": f"C{n % 10}",
+                    "linestyle": ("-", "--", ":", "-.")[(n // 10 + (ablation == "mean")) % 4],
+                    "marker": "osD^v<>ph*"[n % 10],
+                    "markersize": 4,
+                },
+            )
             ax.plot(g["sparsity"], g[ycol], label=f"{method} ({ablation})", **style)
             if ycol == "ratio" and "n_seeds" in g and (g["n_seeds"] > 1).any():
                 ax.fill_between(g["sparsity"], g["ratio_min"], g["ratio_max"], color=style["color"], alpha=0.2)
@@ -260,13 +277,16 @@ def curve_figure(result: CurveResult):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"fraction of MLP neurons removed ({result.table['scope'].iloc[0]})", fontsize=8)
         ax.set_ylabel("perplexity x dense" + (" (log scale)" if top > 4 else ""), fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, ncol=min(4, len(labels)), loc="lower center")
     p = result.protocol
-    fig.suptitle(f"{p['model']}: {p['n_tokens_scored']} tokens scored, window {p['window']}, {p['precision']}; "
-                 f"dense perplexity {result.dense_perplexity:.2f}", fontsize=9)
+    fig.suptitle(
+        f"{p['model']}: {p['n_tokens_scored']} tokens scored, window {p['window']}, {p['precision']}; "
+        f"dense perplexity {result.dense_perplexity:.2f}",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 0.97))
     return fig
 
@@ -289,8 +309,7 @@ def layer_percentiles(values: np.ndarray) -> np.ndarray:
     return ranks / max(1, values.shape[1] - 1)
 
 
-def neuron_map_rgb(values: np.ndarray, selected: Iterable[Tuple[int, int]] = (), row_px: int = 8,
-                   col_px: int = 1) -> np.ndarray:
+def neuron_map_rgb(values: np.ndarray, selected: Iterable[Tuple[int, int]] = (), row_px: int = 8, col_px: int = 1) -> np.ndarray:
     """The layer x neuron map as an RGB image, ``row_px`` pixels per layer and ``col_px`` per neuron: colour =
     the neuron's percentile within its layer (viridis: dark = lowest score = pruned first); selected neurons red.
     Pixel (x, y) is neuron ``x // col_px`` of layer ``y // row_px``."""

@@ -24,8 +24,13 @@ from .impact import check_ablation
 from .obs import DEFAULT_DAMP
 from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate_for, check_scope, check_sparsity
 from .sequential import (
-    CalibrationWindows, calibration_windows, check_refit, check_sequential_method, check_sequential_scope,
-    sequential_sources, sequential_spec,
+    CalibrationWindows,
+    calibration_windows,
+    check_refit,
+    check_sequential_method,
+    check_sequential_scope,
+    sequential_sources,
+    sequential_spec,
 )
 from .surgery import PruneSpec
 from .texts import show
@@ -70,16 +75,20 @@ class Recipe:
         if self.calibration == "sequential":
             check_sequential_method(self.method)
         elif self.refit == "auto":
-            raise ValueError("refit 'auto' chooses the damping on held-out calibration folds, which only sequential "
-                             "calibration keeps; use calibration 'sequential' or a damping such as 0.01.")
+            raise ValueError(
+                "refit 'auto' chooses the damping on held-out calibration folds, which only sequential "
+                "calibration keeps; use calibration 'sequential' or a damping such as 0.01."
+            )
 
     @property
     def needs_grams(self) -> bool:
         return registry.get(self.method).needs_grams or self.refit is not None
 
     def describe(self) -> str:
-        refit = {None: "no refit" if not registry.get(self.method).refit else f"refit (damping {DEFAULT_DAMP})",
-                 "auto": "refit (damping chosen on held-out folds)"}.get(self.refit, f"refit (damping {self.refit})")
+        refit = {
+            None: "no refit" if not registry.get(self.method).refit else f"refit (damping {DEFAULT_DAMP})",
+            "auto": "refit (damping chosen on held-out folds)",
+        }.get(self.refit, f"refit (damping {self.refit})")
         return f"{self.method}, {self.ablation} ablation, {self.calibration} calibration, {refit}"
 
 
@@ -88,8 +97,9 @@ class Recipe:
 RECOMMENDED = Recipe("obs", "mean", "sequential", "auto")
 
 
-def resolve_recipe(method: Optional[str] = None, ablation: Optional[str] = None, calibration: Optional[str] = None,
-                   refit=None) -> Recipe:
+def resolve_recipe(
+    method: Optional[str] = None, ablation: Optional[str] = None, calibration: Optional[str] = None, refit=None
+) -> Recipe:
     """The recipe of a user's choices: no method means the recommended recipe with any given field replaced; a given
     method means that method with zero ablation, one-shot calibration and the method's own refit unless given."""
     if method is None:
@@ -125,8 +135,18 @@ def recipe_spec(
         check_sequential_scope(scope)
         if windows is None:
             windows = calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
-        spec = sequential_spec(model, windows, recipe.method, sparsity, recipe.ablation, recipe.refit, seed,
-                               bf16=bf16, progress=progress, scope=scope).spec
+        spec = sequential_spec(
+            model,
+            windows,
+            recipe.method,
+            sparsity,
+            recipe.ablation,
+            recipe.refit,
+            seed,
+            bf16=bf16,
+            progress=progress,
+            scope=scope,
+        ).spec
         return (spec if spec.neurons else None), {"mode": "sequential", **windows.record}
     if calibration is None:
         calibration = calibrate_for(model, [recipe.method], calib_texts, calib_tokens, refit=recipe.refit is not None)

@@ -142,7 +142,7 @@ class Score:
         """The ``k`` lowest-scored neurons of every layer (ties by index); ``k`` is one count or one per layer."""
         order = self.scores(cal, ablation, seed).argsort(dim=1, stable=True)
         ks = layer_counts(k, order.shape[0])
-        return {l: sorted(order[l, :ks[l]].tolist()) for l in range(order.shape[0])}
+        return {l: sorted(order[l, : ks[l]].tolist()) for l in range(order.shape[0])}
 
     def select_layer(self, model, cal: "Calibration", layer: int, k: int, ablation: str, seed: int = 0) -> List[int]:
         """The ``k`` lowest-scored neurons of one layer (sequential calibration selects layer by layer)."""
@@ -290,37 +290,67 @@ def _random(cal: "Calibration", ablation: str, seed: int) -> Tensor:
     return torch.rand(cal.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-register(Score(
-    "magnitude", "mean |w| of the neuron's input and output weights (weight magnitude)", needs="weights",
-    rank=lambda cal, ablation, seed: cal.magnitude.double(),
-))
-register(Score(
-    "activation", "mean |a| over the calibration tokens", needs="activations",
-    rank=lambda cal, ablation, seed: cal.column("mean_abs"),
-))
-register(Score(
-    "wanda", "||W_out row|| x RMS activation: structured Wanda (Sun et al. 2023)", needs="activations",
-    rank=lambda cal, ablation, seed: cal.column("wanda"),
-    columns=(Column("wanda", lambda t, s: t["w_out_norm"] * t["rms"]),),
-))
-register(Score(
-    "fluctuation", "var(a) x ||W_out row||^2: FLAP's fluctuation metric (An et al. 2024)", needs="activations",
-    rank=lambda cal, ablation, seed: cal.column("fluctuation"),
-    columns=(Column("fluctuation", lambda t, s: t["var"] * t["w_out_norm"] ** 2),),
-))
-register(Score(
-    "taylor", "|sum_t g_t (0 - a_t)| or |sum_t g_t (mu - a_t)| by ablation: gradient x activation "
-    "(Molchanov et al. 2019)", needs="gradients", rank=_taylor,
-    columns=(
-        Column("taylor_zero", lambda t, s: -s.sum_grad_act / s.n_targets),
-        Column("taylor_mean", lambda t, s: (t["mean"].to_numpy() * s.sum_grad - s.sum_grad_act) / s.n_targets),
-    ),
-))
-register(Score(
-    "random", "uniform random, one draw per seed: the baseline (Santacroce et al. 2023)", needs="nothing",
-    rank=_random, random=True,
-))
-register(ObsScore(
-    "obs", "greedy structured Optimal Brain Surgeon with a least-squares refit of the kept output weights "
-    "(ZipLM, Kurtic et al. 2023)", needs="grams", refit=True,
-))
+register(
+    Score(
+        "magnitude",
+        "mean |w| of the neuron's input and output weights (weight magnitude)",
+        needs="weights",
+        rank=lambda cal, ablation, seed: cal.magnitude.double(),
+    )
+)
+register(
+    Score(
+        "activation",
+        "mean |a| over the calibration tokens",
+        needs="activations",
+        rank=lambda cal, ablation, seed: cal.column("mean_abs"),
+    )
+)
+register(
+    Score(
+        "wanda",
+        "||W_out row|| x RMS activation: structured Wanda (Sun et al. 2023)",
+        needs="activations",
+        rank=lambda cal, ablation, seed: cal.column("wanda"),
+        columns=(Column("wanda", lambda t, s: t["w_out_norm"] * t["rms"]),),
+    )
+)
+register(
+    Score(
+        "fluctuation",
+        "var(a) x ||W_out row||^2: FLAP's fluctuation metric (An et al. 2024)",
+        needs="activations",
+        rank=lambda cal, ablation, seed: cal.column("fluctuation"),
+        columns=(Column("fluctuation", lambda t, s: t["var"] * t["w_out_norm"] ** 2),),
+    )
+)
+register(
+    Score(
+        "taylor",
+        "|sum_t g_t (0 - a_t)| or |sum_t g_t (mu - a_t)| by ablation: gradient x activation (Molchanov et al. 2019)",
+        needs="gradients",
+        rank=_taylor,
+        columns=(
+            Column("taylor_zero", lambda t, s: -s.sum_grad_act / s.n_targets),
+            Column("taylor_mean", lambda t, s: (t["mean"].to_numpy() * s.sum_grad - s.sum_grad_act) / s.n_targets),
+        ),
+    )
+)
+register(
+    Score(
+        "random",
+        "uniform random, one draw per seed: the baseline (Santacroce et al. 2023)",
+        needs="nothing",
+        rank=_random,
+        random=True,
+    )
+)
+register(
+    ObsScore(
+        "obs",
+        "greedy structured Optimal Brain Surgeon with a least-squares refit of the kept output weights "
+        "(ZipLM, Kurtic et al. 2023)",
+        needs="grams",
+        refit=True,
+    )
+)

@@ -227,19 +227,29 @@ def top_contexts(result: ScorePass, layer: int, neuron: int, window: int = DEFAU
     """The neuron's top-k activating tokens, highest first: activation, text index, position, token, context."""
     acc = result.accumulator
     if not (is_integer(layer) and is_integer(neuron) and 0 <= layer < len(acc.layers) and 0 <= neuron < acc.d_mlp):
-        raise ValueError(f"(layer, neuron) = ({show(layer)}, {show(neuron)}) is out of range; layers 0..{len(acc.layers) - 1}, neurons 0..{acc.d_mlp - 1}.")
+        raise ValueError(
+            f"(layer, neuron) = ({show(layer)}, {show(neuron)}) is out of range; layers 0..{len(acc.layers) - 1}, neurons 0..{acc.d_mlp - 1}."
+        )
     layer, neuron = int(layer), int(neuron)
     window = check_int(window, "window (context tokens either side)", 0, MAX_CONTEXT)
     rows = []
-    for value, t, p in zip(acc.top_value[layer, :, neuron].tolist(), acc.top_text[layer, :, neuron].tolist(), acc.top_pos[layer, :, neuron].tolist()):
+    for value, t, p in zip(
+        acc.top_value[layer, :, neuron].tolist(), acc.top_text[layer, :, neuron].tolist(), acc.top_pos[layer, :, neuron].tolist()
+    ):
         if t < 0:
             continue
         ids = result.token_lists[t]
         decode = lambda s: result.tokenizer.decode([int(i) for i in s])
-        rows.append({
-            "activation": value, "text_index": t, "position": p, "token": decode(ids[p : p + 1]),
-            "left": decode(ids[max(0, p - window) : p]), "right": decode(ids[p + 1 : p + 1 + window]),
-        })
+        rows.append(
+            {
+                "activation": value,
+                "text_index": t,
+                "position": p,
+                "token": decode(ids[p : p + 1]),
+                "left": decode(ids[max(0, p - window) : p]),
+                "right": decode(ids[p + 1 : p + 1 + window]),
+            }
+        )
     return pd.DataFrame(rows, columns=["activation", "text_index", "position", "token", "left", "right"])
 
 
@@ -325,7 +335,9 @@ def validate_scores(
     columns = table.columns if table is not None else score_columns()
     unknown = [s for s in scores if s not in columns]
     if not scores or unknown:
-        raise ValueError(f"unknown score(s) {unknown or scores}; valid scores are columns of the table such as {', '.join(cheap)}.")
+        raise ValueError(
+            f"unknown score(s) {unknown or scores}; valid scores are columns of the table such as {', '.join(cheap)}."
+        )
     if table is None:
         table = score_neurons(model, texts, max_tokens=max_tokens, batch_size=1)
     table = table.reset_index(drop=True)
@@ -333,7 +345,9 @@ def validate_scores(
     random_rows = sorted(random.Random(seed).sample(range(len(table)), n))
     rows = sorted(set(random_rows).union(*candidates.values()))
     sub = table.loc[rows]
-    exact = ablate_each(model, list(zip(sub["layer"], sub["neuron"])), texts, ablation, calib_texts, max_tokens, progress=progress)
+    exact = ablate_each(
+        model, list(zip(sub["layer"], sub["neuron"])), texts, ablation, calib_texts, max_tokens, progress=progress
+    )
     measured = sub[["layer", "neuron", "label"] + scores].copy()
     measured["loss_change"] = exact["loss_change"].to_numpy()
     measured["kl"] = exact["kl"].to_numpy()
@@ -341,7 +355,10 @@ def validate_scores(
     rho = lambda idx, s: spearman(measured.loc[idx, s], measured.loc[idx, "loss_change"])
     n_tokens = sum(int(t.numel()) for t in tokenize(model, texts, max_tokens=max_tokens))
     return ScoreValidation(
-        ablation=ablation, n=n, seed=seed, n_tokens=n_tokens,
+        ablation=ablation,
+        n=n,
+        seed=seed,
+        n_tokens=n_tokens,
         spearman_candidates={s: rho(candidates[s], s) for s in scores},
         spearman_random={s: rho(random_rows, s) for s in scores},
         measured=measured.reset_index(drop=True),

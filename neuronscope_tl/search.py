@@ -17,7 +17,14 @@ from . import scores as registry
 from .curves import RECOMMENDED_ABLATION, RECOMMENDED_METHOD
 from .domains import TextSet
 from .evaluation import (
-    DEFAULT_EVERY, DEFAULT_WINDOW, domain_perplexities, domain_windows, eval_windows, geometric_mean, protocol_record, window_nll,
+    DEFAULT_EVERY,
+    DEFAULT_WINDOW,
+    domain_perplexities,
+    domain_windows,
+    eval_windows,
+    geometric_mean,
+    protocol_record,
+    window_nll,
 )
 from .export import Result
 from .impact import check_ablation
@@ -39,7 +46,9 @@ def check_budget(loss_budget: Any) -> float:
     """The allowed relative perplexity increase: a finite number > 0."""
     value = as_finite_real(loss_budget)
     if value is None or not value > 0:
-        raise ValueError(f"loss_budget must be a finite relative perplexity increase > 0 (e.g. 0.05 for +5%), got {show(loss_budget)}.")
+        raise ValueError(
+            f"loss_budget must be a finite relative perplexity increase > 0 (e.g. 0.05 for +5%), got {show(loss_budget)}."
+        )
     return value
 
 
@@ -125,16 +134,33 @@ def search_pruning(
         spec = build_spec(model, cal, method, trial, scope, ablation)
         ppl, per_set = measure(simulation_hooks(spec)) if spec else (dense, dense_sets)
         ok = ppl <= limit
-        steps.append({"sparsity": trial, "perplexity": ppl, "ratio": ppl / dense, "accepted": ok,
-                      **{f"ratio_{name}": value / dense_sets[name] for name, value in per_set.items()}})
+        steps.append(
+            {
+                "sparsity": trial,
+                "perplexity": ppl,
+                "ratio": ppl / dense,
+                "accepted": ok,
+                **{f"ratio_{name}": value / dense_sets[name] for name, value in per_set.items()},
+            }
+        )
         if ok:
             current, best_ppl, best_spec = trial, ppl, spec
         else:
             step /= 2
     return SearchResult(
-        method=method, ablation=ablation, scope=scope, loss_budget=budget, sparsity=current, perplexity=best_ppl,
-        dense_perplexity=dense, budget_perplexity=limit, steps=pd.DataFrame(steps),
-        neurons=best_spec.neurons if best_spec else {}, spec=best_spec,
-        protocol={**protocol_record(model, wins, 0, "bf16-autocast" if bf16 else "fp32", cal.record),
-                  **({"domains": [d.wins.texts for d in sets], "budget_on": [d.name for d in judged]} if sets else {})},
+        method=method,
+        ablation=ablation,
+        scope=scope,
+        loss_budget=budget,
+        sparsity=current,
+        perplexity=best_ppl,
+        dense_perplexity=dense,
+        budget_perplexity=limit,
+        steps=pd.DataFrame(steps),
+        neurons=best_spec.neurons if best_spec else {},
+        spec=best_spec,
+        protocol={
+            **protocol_record(model, wins, 0, "bf16-autocast" if bf16 else "fp32", cal.record),
+            **({"domains": [d.wins.texts for d in sets], "budget_on": [d.name for d in judged]} if sets else {}),
+        },
     )

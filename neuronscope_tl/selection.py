@@ -113,16 +113,32 @@ def pruning_calibration_texts(calib_texts: Optional[Sequence[str]] = None) -> Tu
     return texts, record
 
 
-def calibrate_for(model, methods: Sequence[str], calib_texts: Optional[Sequence[str]] = None,
-                  calib_tokens: int = PRUNE_CALIB_TOKENS, refit: bool = False) -> Calibration:
+def calibrate_for(
+    model,
+    methods: Sequence[str],
+    calib_texts: Optional[Sequence[str]] = None,
+    calib_tokens: int = PRUNE_CALIB_TOKENS,
+    refit: bool = False,
+) -> Calibration:
     """:func:`calibrate` with exactly what ``methods`` (registered names) need: Gram matrices when one of them
     (or a ``refit``) needs them, the backward pass when one needs gradients."""
-    return calibrate(model, calib_texts, calib_tokens, with_grams=registry.needs_grams(methods) or refit,
-                     with_gradients=registry.needs_gradients(methods))
+    return calibrate(
+        model,
+        calib_texts,
+        calib_tokens,
+        with_grams=registry.needs_grams(methods) or refit,
+        with_gradients=registry.needs_gradients(methods),
+    )
 
 
-def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = PRUNE_CALIB_TOKENS,
-              with_grams: bool = True, scores: Optional[pd.DataFrame] = None, with_gradients: bool = True) -> Calibration:
+def calibrate(
+    model,
+    calib_texts: Optional[Sequence[str]] = None,
+    calib_tokens: int = PRUNE_CALIB_TOKENS,
+    with_grams: bool = True,
+    scores: Optional[pd.DataFrame] = None,
+    with_gradients: bool = True,
+) -> Calibration:
     """The calibration context of every method, over the first ``calib_tokens`` tokens of the calibration texts
     (texts longer than the model's context are cut into context-sized pieces).
 
@@ -150,8 +166,7 @@ def calibrate(model, calib_texts: Optional[Sequence[str]] = None, calib_tokens: 
     scores = scores.sort_values(["layer", "neuron"]).reset_index(drop=True)
     mag = torch.tensor(weights["mean_abs_weight"].to_numpy()).reshape(info.n_layers, info.d_mlp)
     mean = torch.tensor(scores["mean"].to_numpy(), dtype=torch.float32).reshape(info.n_layers, info.d_mlp)
-    return Calibration(scores, mag, {l: mean[l] for l in range(info.n_layers)}, grams.grams() if grams else None,
-                       record=record)
+    return Calibration(scores, mag, {l: mean[l] for l in range(info.n_layers)}, grams.grams() if grams else None, record=record)
 
 
 OWL_OUTLIER_FACTOR = 5.0
@@ -163,8 +178,9 @@ def owl_outlier_scores(cal: Calibration) -> Tensor:
     return registry.get("wanda").scores(cal, "zero")
 
 
-def owl_layer_counts(outlier_scores: Tensor, sparsity: float, factor: float = OWL_OUTLIER_FACTOR,
-                     spread: float = OWL_SPREAD) -> List[int]:
+def owl_layer_counts(
+    outlier_scores: Tensor, sparsity: float, factor: float = OWL_OUTLIER_FACTOR, spread: float = OWL_SPREAD
+) -> List[int]:
     """Neurons to remove per layer under outlier-weighted layer sparsity (OWL, Yin et al. 2024), for neurons.
 
     A layer's outlier ratio is the fraction of its neurons whose score exceeds ``factor`` times the layer's mean.
@@ -200,8 +216,9 @@ def owl_layer_counts(outlier_scores: Tensor, sparsity: float, factor: float = OW
     return counts
 
 
-def select_neurons(model, cal: Calibration, method: str, sparsity: float, scope: str = "per_layer",
-                   ablation: str = "zero", seed: int = 0) -> Neurons:
+def select_neurons(
+    model, cal: Calibration, method: str, sparsity: float, scope: str = "per_layer", ablation: str = "zero", seed: int = 0
+) -> Neurons:
     """The neurons to prune: the lowest-scored fraction per layer, or globally on comparable scores."""
     score_def = registry.get(method)
     sparsity = check_sparsity(sparsity)
@@ -233,8 +250,9 @@ def select_neurons(model, cal: Calibration, method: str, sparsity: float, scope:
     return {l: sorted(v) for l, v in sorted(chosen.items())}
 
 
-def build_spec(model, cal: Calibration, method: str, sparsity: float, scope: str, ablation: str, seed: int = 0,
-               refit: Optional[float] = None) -> Optional[PruneSpec]:
+def build_spec(
+    model, cal: Calibration, method: str, sparsity: float, scope: str, ablation: str, seed: int = 0, refit: Optional[float] = None
+) -> Optional[PruneSpec]:
     """The :class:`PruneSpec` of one selection (None when it selects nothing). Refit methods carry their refit;
     ``refit`` (a damping) adds a least-squares refit to any method, or sets the damping of a refit method's."""
     neurons = select_neurons(model, cal, method, sparsity, scope, ablation, seed)
@@ -243,5 +261,6 @@ def build_spec(model, cal: Calibration, method: str, sparsity: float, scope: str
     with_refit = registry.get(method).refit or refit is not None
     if with_refit and cal.grams is None:
         raise ValueError("a refit needs the calibration Gram matrices (calibrate(..., with_grams=True)).")
-    return make_spec(model, neurons, ablation, cal.means, cal.grams if with_refit else None,
-                     DEFAULT_DAMP if refit is None else refit)
+    return make_spec(
+        model, neurons, ablation, cal.means, cal.grams if with_refit else None, DEFAULT_DAMP if refit is None else refit
+    )

@@ -132,8 +132,10 @@ def check_sequential_method(method: str) -> str:
     score = registry.get(method)
     if score.needs == "gradients":
         ok = [s.name for s in registry.registered() if s.needs != "gradients"]
-        raise ValueError(f"method {method!r} needs gradients, which sequential calibration does not collect; "
-                         f"use one of {', '.join(ok)}, or one-shot calibration.")
+        raise ValueError(
+            f"method {method!r} needs gradients, which sequential calibration does not collect; "
+            f"use one of {', '.join(ok)}, or one-shot calibration."
+        )
     return method
 
 
@@ -146,8 +148,9 @@ def check_refit(refit) -> Union[str, float, None]:
     raise ValueError(f"refit must be 'auto', a positive damping or None, got {show(refit)}.")
 
 
-def sequential_sources(calib_texts: Optional[Sequence[str]] = None,
-                       calib_sources: Optional[Dict[str, Sequence[str]]] = None) -> Dict[str, Sequence[str]]:
+def sequential_sources(
+    calib_texts: Optional[Sequence[str]] = None, calib_sources: Optional[Dict[str, Sequence[str]]] = None
+) -> Dict[str, Sequence[str]]:
     """The sources sequential calibration folds over: ``calib_sources`` as given, else ``calib_texts`` as one
     source, else the calibration parts of the default domains."""
     if calib_sources is not None:
@@ -168,13 +171,16 @@ def check_sequential_scope(scope: str) -> str:
     """Sequential calibration selects layer by layer, so its scope is ``per_layer`` or ``owl`` (per-layer counts
     fixed before the first layer); ``global`` is refused."""
     if scope not in SEQUENTIAL_SCOPES:
-        raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer' or 'owl' "
-                         f"(--scope per_layer|owl), got {scope!r}.")
+        raise ValueError(
+            f"sequential calibration selects layer by layer: use scope 'per_layer' or 'owl' "
+            f"(--scope per_layer|owl), got {scope!r}."
+        )
     return scope
 
 
-def dense_owl_counts(model, windows: CalibrationWindows, sparsity: float, batch_size: int = SEQUENTIAL_BATCH,
-                     bf16: bool = False) -> List[int]:
+def dense_owl_counts(
+    model, windows: CalibrationWindows, sparsity: float, batch_size: int = SEQUENTIAL_BATCH, bf16: bool = False
+) -> List[int]:
     """Per-layer counts of :func:`~neuronscope_tl.selection.owl_layer_counts` from the dense model's statistics on
     the calibration windows (one forward pass)."""
     info = mlp_info(model)
@@ -232,8 +238,11 @@ def sequential_spec(
     n_layers, d = info.n_layers, info.d_mlp
     plan = layer_groups(n_layers, groups)
     t0 = time.perf_counter()
-    counts = ([int(round(sparsity * d))] * n_layers if scope == "per_layer"
-              else dense_owl_counts(model, windows, sparsity, batch_size, bf16))
+    counts = (
+        [int(round(sparsity * d))] * n_layers
+        if scope == "per_layer"
+        else dense_owl_counts(model, windows, sparsity, batch_size, bf16)
+    )
     spec = PruneSpec(neurons={}, d_mlp=d, ablation=ablation)
     out = SequentialSpec(spec)
     if not any(counts):
@@ -245,8 +254,12 @@ def sequential_spec(
     for group in tqdm(plan, desc="sequential calibration", disable=not progress):
         cols = {l: _LayerCollector(n_layers, l, d, len(windows.fold_names)) for l in group}
         hooks = simulation_hooks(spec) + [(mlp_post_name(l), c.hook) for l, c in cols.items()]
-        with (attached_hooks(model, hooks), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-              distributed.shard_work("sequential calibration")):
+        with (
+            attached_hooks(model, hooks),
+            torch.no_grad(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+            distributed.shard_work("sequential calibration"),
+        ):
             for tokens, folds in batches:
                 for c in cols.values():
                     c.folds = folds
@@ -284,8 +297,9 @@ def _merge_layer(spec: PruneSpec, layer_spec: PruneSpec, layer: int) -> None:
             getattr(spec, name)[layer] = part[layer]
 
 
-def calibration_windows(model, sources: Dict[str, Sequence[str]], n_tokens: int, window: Optional[int] = None,
-                        min_folds: int = 4) -> CalibrationWindows:
+def calibration_windows(
+    model, sources: Dict[str, Sequence[str]], n_tokens: int, window: Optional[int] = None, min_folds: int = 4
+) -> CalibrationWindows:
     """Full ``window``-token windows (default: 512, or the model's context when shorter) of each source (its texts
     concatenated, each with its BOS), an equal share of ``n_tokens`` from each (rounded up to whole windows),
     interleaved; one fold per source. A single source is cut into ``min_folds`` consecutive parts instead, so that
@@ -306,9 +320,11 @@ def calibration_windows(model, sources: Dict[str, Sequence[str]], n_tokens: int,
         if len(wins) < per_source:
             have = len(wins) * window
             what = "the calibration texts hold" if len(sources) == 1 else f"calibration source {name!r} holds"
-            raise ValueError(f"{what} {have} tokens in full {window}-token windows, fewer than the {n_tokens} asked "
-                             f"for{'' if len(sources) == 1 else f' ({per_source * window} from each source)'}; "
-                             f"give more text or ask for at most {have * len(sources)} calibration tokens.")
+            raise ValueError(
+                f"{what} {have} tokens in full {window}-token windows, fewer than the {n_tokens} asked "
+                f"for{'' if len(sources) == 1 else f' ({per_source * window} from each source)'}; "
+                f"give more text or ask for at most {have * len(sources)} calibration tokens."
+            )
         parts.append(torch.stack(wins[:per_source]))
         names.append(name)
     if len(parts) == 1 and min_folds > 1:
@@ -318,6 +334,11 @@ def calibration_windows(model, sources: Dict[str, Sequence[str]], n_tokens: int,
     else:
         tokens = torch.stack([p[i] for i in range(per_source) for p in parts])
         folds = torch.arange(len(parts)).repeat(per_source)
-    record = {"sources": list(sources), "folds": names, "window": window, "n_windows": len(tokens),
-              "n_tokens": int(tokens.numel())}
+    record = {
+        "sources": list(sources),
+        "folds": names,
+        "window": window,
+        "n_windows": len(tokens),
+        "n_tokens": int(tokens.numel()),
+    }
     return CalibrationWindows(tokens, folds, names, record)

@@ -132,7 +132,7 @@ def stored_neurons(spec: PruneSpec, n_layers: int) -> Tuple[int, Dict[int, List[
     stored = {}
     for layer in range(n_layers):
         kept = spec.kept(layer)
-        stored[layer] = sorted(kept + sorted(spec.neurons.get(layer, ()))[:width - len(kept)])
+        stored[layer] = sorted(kept + sorted(spec.neurons.get(layer, ()))[: width - len(kept)])
     return width, stored
 
 
@@ -252,8 +252,9 @@ def hooked_parameters(model) -> Tuple[int, int]:
     return total, mlp
 
 
-def save_pruned_hooked(model, spec: PruneSpec, out: Path, measure_latency: bool, latency_tokens: int,
-                       latency_repeats: int) -> PrunedModel:
+def save_pruned_hooked(
+    model, spec: PruneSpec, out: Path, measure_latency: bool, latency_tokens: int, latency_repeats: int
+) -> PrunedModel:
     """:func:`save_pruned` for a HookedTransformer: the smaller HookedTransformer (see :func:`save_hooked`), and
     under ``out/hf`` the HF checkpoint it came from with the same neurons removed, when the model holds that
     checkpoint's raw weights."""
@@ -278,11 +279,23 @@ def save_pruned_hooked(model, spec: PruneSpec, out: Path, measure_latency: bool,
             apply_spec(hf, spec).save_pretrained(tmp / "hf")
             AutoTokenizer.from_pretrained(source).save_pretrained(tmp / "hf")
     return PrunedModel(
-        out=str(out), ablation=spec.ablation, compensated=bool(spec.delta_out), masked=not spec.uniform,
-        n_pruned=spec.n_pruned, d_mlp_before=spec.d_mlp, d_mlp_after=int(pruned.cfg.d_mlp),
-        parameters_before=total0, parameters_after=total1, mlp_parameters_before=mlp0, mlp_parameters_after=mlp1,
-        file_bytes_before=bytes0, file_bytes_after=bytes1, latency_tokens=latency_tokens,
-        **latency_fields(lat0, lat1), format="hooked", hf_out=str(out / "hf") if with_hf else None,
+        out=str(out),
+        ablation=spec.ablation,
+        compensated=bool(spec.delta_out),
+        masked=not spec.uniform,
+        n_pruned=spec.n_pruned,
+        d_mlp_before=spec.d_mlp,
+        d_mlp_after=int(pruned.cfg.d_mlp),
+        parameters_before=total0,
+        parameters_after=total1,
+        mlp_parameters_before=mlp0,
+        mlp_parameters_after=mlp1,
+        file_bytes_before=bytes0,
+        file_bytes_after=bytes1,
+        latency_tokens=latency_tokens,
+        **latency_fields(lat0, lat1),
+        format="hooked",
+        hf_out=str(out / "hf") if with_hf else None,
     )
 
 
@@ -327,8 +340,12 @@ def latency_fields(before: Optional[Tuple[float, float, float]], after: Optional
     """The latency fields of :class:`PrunedModel` from two :func:`forward_latency` results (None: not measured)."""
     if before is None or after is None:
         return {"latency_s_before": None, "latency_s_after": None}
-    return {"latency_s_before": before[0], "latency_s_after": after[0],
-            "latency_iqr_s_before": before[1:], "latency_iqr_s_after": after[1:]}
+    return {
+        "latency_s_before": before[0],
+        "latency_s_after": after[0],
+        "latency_iqr_s_before": before[1:],
+        "latency_iqr_s_after": after[1:],
+    }
 
 
 def dir_size(path: Union[str, Path]) -> int:
@@ -381,12 +398,21 @@ def check_out_dir(out: Union[str, Path], overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} exists and is not a directory; give a new or empty directory.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {out} exists and is not empty; give a new or empty directory, or overwrite=True (--overwrite).")
+        raise ValueError(
+            f"output directory {out} exists and is not empty; give a new or empty directory, or overwrite=True (--overwrite)."
+        )
     return out
 
 
-def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool = False, measure_latency: bool = True,
-                latency_tokens: int = 512, latency_repeats: int = 5) -> PrunedModel:
+def save_pruned(
+    model,
+    spec: PruneSpec,
+    out: Union[str, Path],
+    overwrite: bool = False,
+    measure_latency: bool = True,
+    latency_tokens: int = 512,
+    latency_repeats: int = 5,
+) -> PrunedModel:
     """Apply ``spec`` to a fresh HF copy of ``model`` and ``save_pretrained`` it (with the tokenizer) into ``out``.
 
     The directory is written in a temporary sibling first and renamed into place, so a failure leaves no partial
@@ -415,10 +441,20 @@ def save_pruned(model, spec: PruneSpec, out: Union[str, Path], overwrite: bool =
         bytes1 = dir_size(tmp)
     width = arch_for(pruned).width(pruned.config)
     return PrunedModel(
-        out=str(out), ablation=spec.ablation, compensated=bool(spec.delta_out), masked=not spec.uniform,
-        n_pruned=spec.n_pruned, d_mlp_before=spec.d_mlp, d_mlp_after=width,
-        parameters_before=total0, parameters_after=total1, mlp_parameters_before=mlp0, mlp_parameters_after=mlp1,
-        file_bytes_before=bytes0, file_bytes_after=bytes1, latency_tokens=latency_tokens,
+        out=str(out),
+        ablation=spec.ablation,
+        compensated=bool(spec.delta_out),
+        masked=not spec.uniform,
+        n_pruned=spec.n_pruned,
+        d_mlp_before=spec.d_mlp,
+        d_mlp_after=width,
+        parameters_before=total0,
+        parameters_after=total1,
+        mlp_parameters_before=mlp0,
+        mlp_parameters_after=mlp1,
+        file_bytes_before=bytes0,
+        file_bytes_after=bytes1,
+        latency_tokens=latency_tokens,
         **latency_fields(lat0, lat1),
     )
 
@@ -446,9 +482,15 @@ def check_neuron_sets(model, neurons) -> Neurons:
     return dict(sorted(out.items()))
 
 
-def make_spec(model, neurons, ablation: str = "zero", means: Optional[Dict[int, Tensor]] = None,
-              grams: Optional[Dict[int, Tensor]] = None, damp: Union[float, Dict[int, float]] = DEFAULT_DAMP,
-              w_out: Optional[Tensor] = None) -> PruneSpec:
+def make_spec(
+    model,
+    neurons,
+    ablation: str = "zero",
+    means: Optional[Dict[int, Tensor]] = None,
+    grams: Optional[Dict[int, Tensor]] = None,
+    damp: Union[float, Dict[int, float]] = DEFAULT_DAMP,
+    w_out: Optional[Tensor] = None,
+) -> PruneSpec:
     """Build a :class:`PruneSpec` from validated neurons.
 
     ``ablation='mean'`` needs ``means`` ({layer: [d_mlp]}); a least-squares refit happens when ``grams`` (from
@@ -513,9 +555,18 @@ def _refit_hook(store: dict, key: str, delta: Tensor, bias: Optional[Tensor]):
     return hook
 
 
-def prune_model(model, neurons, ablation: str = "zero", out: Optional[Union[str, Path]] = None,
-                compensate: bool = False, calib_texts: Optional[Sequence[str]] = None, calib_tokens: int = DEFAULT_CALIB_TOKENS,
-                overwrite: bool = False, measure_latency: bool = True, spec: Optional[PruneSpec] = None):
+def prune_model(
+    model,
+    neurons,
+    ablation: str = "zero",
+    out: Optional[Union[str, Path]] = None,
+    compensate: bool = False,
+    calib_texts: Optional[Sequence[str]] = None,
+    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    overwrite: bool = False,
+    measure_latency: bool = True,
+    spec: Optional[PruneSpec] = None,
+):
     """Remove ``neurons`` from ``model`` physically.
 
     Args:
@@ -537,7 +588,11 @@ def prune_model(model, neurons, ablation: str = "zero", out: Optional[Union[str,
         chosen = check_neuron_sets(model, neurons)
         texts = list(calib_texts) if calib_texts is not None else calibration_texts()
         grams = activations.activation_grams(model, texts, sorted(chosen), calib_tokens) if compensate else None
-        means = ablation_values(model, sorted(chosen), ablation, texts, calib_tokens) if ablation == "mean" and not compensate else None
+        means = (
+            ablation_values(model, sorted(chosen), ablation, texts, calib_tokens)
+            if ablation == "mean" and not compensate
+            else None
+        )
         spec = make_spec(model, chosen, ablation, means, grams)
     if out is None:
         if isinstance(arch_for(model), HookedArch):

@@ -43,7 +43,9 @@ def lee_corpus_path() -> Path:
         raise RuntimeError("The default texts need the gensim wheel: `pip install --no-deps gensim` (it is not imported).")
     path = Path(list(spec.submodule_search_locations)[0]) / LEE_RELATIVE_PATH
     if not path.is_file():
-        raise RuntimeError(f"gensim is installed but {path} is missing; reinstall with `pip install --no-deps --force-reinstall gensim`.")
+        raise RuntimeError(
+            f"gensim is installed but {path} is missing; reinstall with `pip install --no-deps --force-reinstall gensim`."
+        )
     return path
 
 

@@ -27,7 +27,11 @@ def impact_reference(model_dir, tokens, change):
 def impact_tolerances(clean, pruned, tokens, eta, runs=1):
     """Pooled bounds on |impact - impact64| and |loss_change - loss_change64| (conftest.kl_tolerance)."""
     kl_tol = float(torch.cat([kl_tolerance(c, p, eta, runs) for c, p in zip(clean, pruned)]).mean())
-    loss_tol = float(torch.cat([nll_tolerance(c, t, eta, runs) + nll_tolerance(p, t, eta, runs) for c, p, t in zip(clean, pruned, tokens)]).mean())
+    loss_tol = float(
+        torch.cat(
+            [nll_tolerance(c, t, eta, runs) + nll_tolerance(p, t, eta, runs) for c, p, t in zip(clean, pruned, tokens)]
+        ).mean()
+    )
     return kl_tol, loss_tol
 
 

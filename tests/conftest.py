@@ -23,11 +23,20 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Tests set only what their own cost dictates (deadline, health checks, max_examples through max_examples()).
 HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.register_profile(
-    "ci", derandomize=True, database=None, deadline=None, print_blob=True,
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "explore", derandomize=False, database=None, deadline=None, print_blob=True, max_examples=500,
+    "explore",
+    derandomize=False,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    max_examples=500,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(HYPOTHESIS_PROFILE)
@@ -36,6 +45,7 @@ settings.load_profile(HYPOTHESIS_PROFILE)
 def max_examples(n: int) -> int:
     """A test's example count: ``n`` under the ci profile; under another profile its count when that is larger."""
     return n if HYPOTHESIS_PROFILE == "ci" else max(n, settings.default.max_examples)
+
 
 TINY_KINDS = ("llama", "gpt2")
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog, said the news agency on Monday."
@@ -63,8 +73,14 @@ def build_hf_model(kind: str, vocab_size: int, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     if kind == "llama":
         cfg = dict(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
         )
         cfg.update(overrides)
         model = LlamaForCausalLM(LlamaConfig(**cfg))
@@ -291,7 +307,7 @@ def single_and_padded_activations(model, token_lists, batch_size: int):
             for name, act in cache.items():
                 for row, (i, n) in enumerate(zip(batch.text_index, batch.lengths)):
                     rows[(layer_of(name), i)] = act[row, :n].double()
-        for (layer, i) in sorted(rows):
+        for layer, i in sorted(rows):
             padded.setdefault(layer, []).append(rows[(layer, i)])
     cat = lambda d: {l: torch.cat(v) for l, v in d.items()}
     return cat(single), cat(padded)
@@ -306,8 +322,12 @@ def stat_tolerances(a, eta: float, threshold: float) -> dict:
     std = a.std(0, unbiased=False)
     near = ((a.abs() - threshold).abs() <= eta).double().mean(0)
     return {
-        "mean": eta + slack, "mean_abs": eta + slack, "rms": eta + slack, "max": eta + slack,
-        "var": 2 * eta * std + eta**2 + slack, "frac_active": near + 1e-12,
+        "mean": eta + slack,
+        "mean_abs": eta + slack,
+        "rms": eta + slack,
+        "max": eta + slack,
+        "var": 2 * eta * std + eta**2 + slack,
+        "frac_active": near + 1e-12,
     }
 
 
@@ -325,9 +345,7 @@ try:  # TransformerLens 3.x only
 except ImportError:
     HAS_HOOKED = False
 
-HOOKED_SKIP_REASON = (
-    "HookedTransformer was removed in TransformerLens 4; these cases run in CI's TransformerLens 3.9 environment"
-)
+HOOKED_SKIP_REASON = "HookedTransformer was removed in TransformerLens 4; these cases run in CI's TransformerLens 3.9 environment"
 requires_hooked = pytest.mark.skipif(not HAS_HOOKED, reason=HOOKED_SKIP_REASON)
 
 
@@ -344,15 +362,23 @@ def hooked_config(family: str, vocab_size: int, seed: int = 0):
     ``gpt2`` (GELU MLP, LayerNorm, learned positions)."""
     from transformer_lens import HookedTransformerConfig
 
-    common = dict(n_layers=3, d_model=32, d_head=8, n_heads=4, d_vocab=vocab_size, n_ctx=128, seed=seed,
-                  default_prepend_bos=True)
+    common = dict(n_layers=3, d_model=32, d_head=8, n_heads=4, d_vocab=vocab_size, n_ctx=128, seed=seed, default_prepend_bos=True)
     if family == "llama":
-        return HookedTransformerConfig(**common, d_mlp=48, act_fn="silu", normalization_type="RMS", gated_mlp=True,
-                                       positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2,
-                                       final_rms=True)
+        return HookedTransformerConfig(
+            **common,
+            d_mlp=48,
+            act_fn="silu",
+            normalization_type="RMS",
+            gated_mlp=True,
+            positional_embedding_type="rotary",
+            rotary_dim=8,
+            n_key_value_heads=2,
+            final_rms=True,
+        )
     if family == "gpt2":
-        return HookedTransformerConfig(**common, d_mlp=64, act_fn="gelu_new", normalization_type="LN",
-                                       positional_embedding_type="standard")
+        return HookedTransformerConfig(
+            **common, d_mlp=64, act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"
+        )
     raise ValueError(family)
 
 
@@ -391,8 +417,13 @@ def processed_copy(model):
 
     cfg = HookedTransformerConfig.from_dict({**copy.deepcopy(model.cfg.to_dict()), "n_params": None})
     out = HookedTransformer(cfg, model.tokenizer, move_to_device=False)
-    out.load_and_process_state_dict({k: v.clone() for k, v in model.state_dict().items()}, fold_ln=True,
-                                    center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+    out.load_and_process_state_dict(
+        {k: v.clone() for k, v in model.state_dict().items()},
+        fold_ln=True,
+        center_writing_weights=True,
+        center_unembed=True,
+        fold_value_biases=True,
+    )
     return out.eval()
 
 

@@ -10,8 +10,18 @@ import neuronscope_tl as ns
 from neuronscope_tl.hooks import ablation_hook, attached_hooks, mlp_post_name
 
 from conftest import (
-    FP32_EPS, PROBE_TEXT, fold_mean_into_bias, fp32_forward_error, hf_logits, kl64, kl_tolerance, load_hf,
-    logit_noise, nll64, nll_tolerance, zero_output_weights,
+    FP32_EPS,
+    PROBE_TEXT,
+    fold_mean_into_bias,
+    fp32_forward_error,
+    hf_logits,
+    kl64,
+    kl_tolerance,
+    load_hf,
+    logit_noise,
+    nll64,
+    nll_tolerance,
+    zero_output_weights,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,4 +91,3 @@ def test_simulate_pruning_metrics_match_zeroed_weight_model(tiny_model, tiny_dir
     near_ties = int(((gaps[..., 0] - gaps[..., 1]) <= 4 * eta + 4 * FP32_EPS * gaps[..., 0].abs()).any(0).sum())
     assert abs(result.top1_agreement - top.mean()) <= (near_ties + 0.5) / len(top)
     assert float(kl.mean()) > 20 * float(kl_tol.mean())
-

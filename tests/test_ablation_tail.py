@@ -15,6 +15,7 @@ from conftest import FP32_EPS, fold_mean_into_bias, fp32_forward_error, load_hf,
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Prices rose sharply on Monday, the agency said."]
 PAIRS = [(2, 7), (0, 1), (1, 5), (2, 3), (0, 30), (2, 0), (1, 40)]  # uneven per layer, given out of layer order
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads, and on a shared, loaded 2-core machine two OpenMP threads can make
@@ -23,7 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def test_tail_from_layer_zero_reproduces_the_model(tiny_model):

@@ -42,8 +42,14 @@ def test_stats_match_numpy_on_full_cache(tiny_model, batch_size):
         tol = stat_tolerances(act, logit_noise(act, padded[layer]), 0.01)
         a = act.numpy()
         rows = table[table.layer == layer].sort_values("neuron")
-        for column, expected in [("mean", a.mean(0)), ("mean_abs", np.abs(a).mean(0)), ("var", a.var(0)),
-                                 ("rms", np.sqrt((a**2).mean(0))), ("max", a.max(0)), ("frac_active", (np.abs(a) > 0.01).mean(0))]:
+        for column, expected in [
+            ("mean", a.mean(0)),
+            ("mean_abs", np.abs(a).mean(0)),
+            ("var", a.var(0)),
+            ("rms", np.sqrt((a**2).mean(0))),
+            ("max", a.max(0)),
+            ("frac_active", (np.abs(a) > 0.01).mean(0)),
+        ]:
             excess = np.abs(rows[column].to_numpy() - expected) - np.asarray(tol[column])
             assert excess.max() <= 0, (layer, column, excess.max())
     assert acc.n_tokens == len(single[0]) == sum(len(t) for t in tokenize(tiny_model, TEXTS))

@@ -20,7 +20,11 @@ P = "/api/pruning"
 SEED_IMPACT = {"layer_index": 0, "neuron_indices": [0, 1, 2], "input_text": ns.EXAMPLE_TEXTS[0]}
 SEED_IMPORTANCE = {"layer_index": 0, "input_texts": ns.EXAMPLE_TEXTS}
 SEED_BATCH = {
-    "pruning_candidates": [{"layer_index": 0, "neuron_index": 0}, {"layer_index": 1, "neuron_index": 1}, {"layer_index": 2, "neuron_index": 2}],
+    "pruning_candidates": [
+        {"layer_index": 0, "neuron_index": 0},
+        {"layer_index": 1, "neuron_index": 1},
+        {"layer_index": 2, "neuron_index": 2},
+    ],
     "input_texts": ns.EXAMPLE_TEXTS[:2],
     "batch_size": 10,
 }
@@ -229,7 +233,9 @@ def test_size_limits_413_at_limit_plus_one(model):
     assert model.to_tokens(longer).shape[1] > n_tok
     r = c2.post(f"{P}/impact-analysis", json={**SEED_IMPACT, "input_text": longer})
     assert r.status_code == 413
-    assert r.json() == {"detail": f"the texts have {model.to_tokens(longer).shape[1]} tokens; at most {n_tok} tokens per request."}
+    assert r.json() == {
+        "detail": f"the texts have {model.to_tokens(longer).shape[1]} tokens; at most {n_tok} tokens per request."
+    }
     r = c.post(f"{P}/impact-analysis", json={**SEED_IMPACT, "input_text": "x" * 3000})
     assert r.status_code == 413 and "body" in r.json()["detail"]
 
@@ -248,7 +254,9 @@ def test_export_before_impact_then_after(client, model):
     # a batch analysis becomes the last result
     client.post(f"{P}/batch-analysis", json=SEED_BATCH)
     r = client.post(f"{P}/export", json={"type": "impact"})
-    assert r.headers["content-disposition"] == 'attachment; filename="batch_analysis.json"' and r.json()["kind"] == "batch_analysis"
+    assert (
+        r.headers["content-disposition"] == 'attachment; filename="batch_analysis.json"' and r.json()["kind"] == "batch_analysis"
+    )
 
 
 def test_export_weight_is_the_python_export_document(client, model, tmp_path):

@@ -17,8 +17,12 @@ from neuronscope_tl.app import create_app
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
 ]
 P = "/api/pruning"
 
@@ -31,7 +35,11 @@ def test_seed_examples_on_default_model(default_model):
     assert r.status_code == 200 and r.json()["verdict"] in ("safe", "moderate", "high")
     r = c.post(f"{P}/neuron-importance", json={"layer_index": 0, "input_texts": ns.EXAMPLE_TEXTS})
     assert r.status_code == 200 and len(r.json()["neurons"]) == default_model.cfg.d_mlp
-    body = {"pruning_candidates": [{"layer_index": 0, "neuron_index": n} for n in range(3)], "input_texts": ns.EXAMPLE_TEXTS[:2], "batch_size": 10}
+    body = {
+        "pruning_candidates": [{"layer_index": 0, "neuron_index": n} for n in range(3)],
+        "input_texts": ns.EXAMPLE_TEXTS[:2],
+        "batch_size": 10,
+    }
     r = c.post(f"{P}/batch-analysis", json=body)
     assert r.status_code == 200 and set(r.json()["recommendations"]) >= {"safe_to_prune", "risky_to_prune"}
     assert c.post(f"{P}/export", json={"type": "impact"}).json()["kind"] == "batch_analysis"
@@ -47,7 +55,10 @@ def test_impact_tab_in_headless_chromium(default_model, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     with LiveServer(default_model) as srv, sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
             viewport={"width": 1280, "height": 1600},
         )
         try:
@@ -133,8 +144,16 @@ class Tabs:
         self.page.screenshot(path=str(path), full_page=True)
         self.shots.append(path)
 
-    def bad_input(self, name: str, run: Optional[str], expect: Optional[str], field: Optional[str] = None, value: str = "",
-                  enter: bool = False, check: Optional[Callable[[], None]] = None):
+    def bad_input(
+        self,
+        name: str,
+        run: Optional[str],
+        expect: Optional[str],
+        field: Optional[str] = None,
+        value: str = "",
+        enter: bool = False,
+        check: Optional[Callable[[], None]] = None,
+    ):
         """One bad input on the open tab: fill ``value`` into ``field`` (a selector, its first match; None when the
         bad choice is already made), press Enter if asked, click ``run``, wait for the error toast holding
         ``expect`` (or call ``check`` where a widget may refuse the value itself), check that no traceback shows,
@@ -168,7 +187,10 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
     with LiveServer(model, settings) as srv, sync_playwright() as pw:
         state = srv.state
         browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
             viewport={"width": 1280, "height": 1200},
         )
         try:
@@ -196,8 +218,14 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             page.locator("#weights-hist img, #weights-hist svg, #weights-hist canvas").first.wait_for(timeout=60_000)
             t.shot("weights")
             # a layer out of range typed into the slider's box: the slider's own check refuses it
-            t.bad_input("weights", None, f"Value {info.n_layers + 5} is greater than maximum value {info.n_layers - 1}",
-                        "#weights-layer input[type=number]", str(info.n_layers + 5), enter=True)
+            t.bad_input(
+                "weights",
+                None,
+                f"Value {info.n_layers + 5} is greater than maximum value {info.n_layers - 1}",
+                "#weights-layer input[type=number]",
+                str(info.n_layers + 5),
+                enter=True,
+            )
 
             # Neuron map: a click adds the neuron under the pointer; the default rule adds the library's choice
             t.open("Neuron map")
@@ -222,8 +250,13 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             page.locator("#map-rule-run").click()
             t.text("#basket-note", f"{len(expected)} neurons in the basket")
             t.shot("map")
-            t.bad_input("map", "#map-rule-run", "out of range", "#map-rule textarea, #map-rule input",
-                        f"lowest 5% of layer {info.n_layers + 90} by wanda")
+            t.bad_input(
+                "map",
+                "#map-rule-run",
+                "out of range",
+                "#map-rule textarea, #map-rule input",
+                f"lowest 5% of layer {info.n_layers + 90} by wanda",
+            )
 
             # the basket goes to Batch without typing an index; the batch's numbers are the library's
             page.locator("#basket-to-batch").click()
@@ -249,6 +282,7 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             t.text("#cand-note", f"{len(cands):,} candidates")
             assert f"{int(cands.is_pruning_candidate.sum()):,} flagged safe" in page.locator("#cand-note").inner_text()
             t.shot("candidates")
+
             def threshold_refused_or_kept():
                 # the slider either refuses it with its own message or keeps its value within (0, 100]
                 page.wait_for_timeout(3000)
@@ -259,8 +293,15 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
                     t.text("#cand-note", "candidates")
 
             # a threshold past 100
-            t.bad_input("candidates", "#cand-run", None, "#cand-threshold input[type=number]", "150", enter=True,
-                        check=threshold_refused_or_kept)
+            t.bad_input(
+                "candidates",
+                "#cand-run",
+                None,
+                "#cand-threshold input[type=number]",
+                "150",
+                enter=True,
+                check=threshold_refused_or_kept,
+            )
 
             # Impact (defaults: layer 0, neurons 0, 1, 2)
             t.open("Impact")
@@ -301,7 +342,9 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             window = min(ns.evaluation.DEFAULT_WINDOW, info.n_ctx)
             with state.model_work():
                 cal = state._calibrate(state.default_calib_tokens, methods)
-                expected_curve = curves.prune_curve(model, methods, [0.1, 0.2, 0.3], "per_layer", ablation0, calibration=cal, window=window)
+                expected_curve = curves.prune_curve(
+                    model, methods, [0.1, 0.2, 0.3], "per_layer", ablation0, calibration=cal, window=window
+                )
             assert f"Dense perplexity {expected_curve.dense_perplexity:.2f}" in page.locator("#curve-note").inner_text()
             curve_table = page.locator("#curve-table").inner_text()
             assert shown(expected_curve.table["perplexity"].iloc[0]) in curve_table
@@ -314,7 +357,9 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             note = t.text("#live-note", "neurons pruned", timeout=1_800_000)
             method0, ablation0 = curves.resolve_method(None, None)
             with state.model_work():
-                live = state.live_engine.run(method0, "per_layer", 0.2, ablation0, page.locator("#live-prompt textarea").input_value())
+                live = state.live_engine.run(
+                    method0, "per_layer", 0.2, ablation0, page.locator("#live-prompt textarea").input_value()
+                )
             assert f"x{live.geometric_mean:.4g} of dense" in note and f"{live.n_pruned:,} neurons pruned" in note
             table = page.locator("#live-table").inner_text()
             for row in live.table.itertuples():
@@ -330,22 +375,29 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             note = t.text("#compare-note", "dense perplexity", timeout=1_800_000)
             with state.model_work():
                 comp = compare.compare_models(
-                    [model], calib_tokens=min(compare.DEFAULT_COMPARE_CALIB_TOKENS, state.settings.max_calib_tokens),
+                    [model],
+                    calib_tokens=min(compare.DEFAULT_COMPARE_CALIB_TOKENS, state.settings.max_calib_tokens),
                     eval_tokens=min(compare.DEFAULT_EVAL_TOKENS, state.settings.max_tokens),
                 )
             r = comp.models[0]
             assert f"**{r.model}**" not in note and r.model in note  # markdown rendered
-            assert f"dense perplexity {r.dense_perplexity:.2f} on {r.n_eval_tokens} tokens; best method {r.winner['method']}" in note
+            assert (
+                f"dense perplexity {r.dense_perplexity:.2f} on {r.n_eval_tokens} tokens; best method {r.winner['method']}" in note
+            )
             row = compare.comparison_table(comp).iloc[0]
             table = page.locator("#compare-table").inner_text()
             for col in ("dense_ppl", "winner_x0.2", "random_x0.2", "most_sensitive_ratio", "importance_top1pct_share"):
                 assert shown(row[col]) in table, col
             page.locator("#compare-plot img").first.wait_for(timeout=60_000)
             t.shot("compare")
-            t.bad_input("compare", "#compare-run", "unknown model 'no-such-model'; choose from this model",
-                        "#compare-models textarea, #compare-models input", "no-such-model")
+            t.bad_input(
+                "compare",
+                "#compare-run",
+                "unknown model 'no-such-model'; choose from this model",
+                "#compare-models textarea, #compare-models input",
+                "no-such-model",
+            )
         finally:
             browser.close()
     # every screenshot taken above was written: eleven tabs, each with its defaults and with a bad input
     assert len(set(t.shots)) == 22 and all(p.stat().st_size > 0 for p in t.shots)
-

@@ -64,7 +64,13 @@ def assert_same_comparison(got: compare.Comparison, want: compare.Comparison):
     pd.testing.assert_frame_equal(compare.comparison_table(got), compare.comparison_table(want), check_exact=True)
     assert got.settings == want.settings
     for a, b in zip(got.models, want.models, strict=True):
-        assert (a.model, a.kind, a.n_eval_tokens, a.dense_perplexity, a.winner) == (b.model, b.kind, b.n_eval_tokens, b.dense_perplexity, b.winner)
+        assert (a.model, a.kind, a.n_eval_tokens, a.dense_perplexity, a.winner) == (
+            b.model,
+            b.kind,
+            b.n_eval_tokens,
+            b.dense_perplexity,
+            b.winner,
+        )
         for attr in ("curve", "sensitivity", "importance", "outliers", "peaks"):
             pd.testing.assert_frame_equal(getattr(a, attr), getattr(b, attr), check_exact=True, obj=f"{a.model} {attr}")
         assert a.importance_summary == b.importance_summary
@@ -164,8 +170,10 @@ def test_bad_input_is_refused_before_any_work(state, model, tiny_dirs, nothing_r
 
 
 def test_limits_are_refused_before_any_work(state, nothing_runs):
-    for kwargs, message in [(dict(calib_tokens=CALIB_LIMIT + 1), f"calibration tokens {CALIB_LIMIT + 1} is too large; at most {CALIB_LIMIT}."),
-                            (dict(eval_tokens=TOKEN_LIMIT + 1), f"evaluation tokens {TOKEN_LIMIT + 1} is too large; at most {TOKEN_LIMIT}.")]:
+    for kwargs, message in [
+        (dict(calib_tokens=CALIB_LIMIT + 1), f"calibration tokens {CALIB_LIMIT + 1} is too large; at most {CALIB_LIMIT}."),
+        (dict(eval_tokens=TOKEN_LIMIT + 1), f"evaluation tokens {TOKEN_LIMIT + 1} is too large; at most {TOKEN_LIMIT}."),
+    ]:
         with pytest.raises(LimitExceeded) as info:
             state.compare(THIS_MODEL, **RUN, **kwargs)
         assert str(info.value) == message
@@ -190,6 +198,11 @@ def test_rest_refusals(model, settings, state, tiny_dirs, nothing_runs):
         r = c.post(f"{P}/compare", json={"models": [THIS_MODEL], **RUN, field: limit + 1})
         assert r.status_code == 413 and r.json() == {"detail": f"{what} tokens {limit + 1} is too large; at most {limit}."}
     # malformed bodies: 422, never 500
-    for body in ({"models": [THIS_MODEL], "window": 8}, {"models": "this model"}, {"models": [THIS_MODEL], "sparsities": ["0.1"]},
-                 {"models": [THIS_MODEL], "calib_tokens": True}, {}):
+    for body in (
+        {"models": [THIS_MODEL], "window": 8},
+        {"models": "this model"},
+        {"models": [THIS_MODEL], "sparsities": ["0.1"]},
+        {"models": [THIS_MODEL], "calib_tokens": True},
+        {},
+    ):
         assert c.post(f"{P}/compare", json=body).status_code == 422, body

@@ -38,15 +38,19 @@ def test_rules_read_and_refuse():
     r = picker.parse_rule("Highest 3 neurons of layers 0-1 by activation", 3, 48, METHODS)
     assert (r.side, r.amount, r.percent, r.first, r.last) == ("highest", 3.0, False, 0, 1)
     assert picker.parse_rule("lowest 1% of all layers by magnitude", 3, 48, METHODS).last == 2
-    for bad, message in [("lowest 5% of layer 3 by wanda", "out of range"), ("lowest 5% of layer 1 by nope", "unknown score"),
-                         ("pick some", "cannot read"), ("lowest 0% of layer 1 by wanda", r"\(0, 100\]"),
-                         ("lowest 49 of layer 1 by wanda", "1..48")]:
+    for bad, message in [
+        ("lowest 5% of layer 3 by wanda", "out of range"),
+        ("lowest 5% of layer 1 by nope", "unknown score"),
+        ("pick some", "cannot read"),
+        ("lowest 0% of layer 1 by wanda", r"\(0, 100\]"),
+        ("lowest 49 of layer 1 by wanda", "1..48"),
+    ]:
         with pytest.raises(ValueError, match=message):
             picker.parse_rule(bad, 3, 48, METHODS)
 
 
 def test_rule_selection_equals_the_scores_computed_here(state):
-    """"lowest 10% of layer 1 by wanda": the 5 neurons of layer 1 with the smallest ||W_out row|| x RMS activation,
+    """ "lowest 10% of layer 1 by wanda": the 5 neurons of layer 1 with the smallest ||W_out row|| x RMS activation,
     both computed here from the calibration's activation statistics and the model's weights."""
     chosen = state.select("lowest 10% of layer 1 by wanda")
     cal = state._calibrate(state.default_calib_tokens, ["wanda"])
@@ -151,9 +155,13 @@ def test_continuation_with_hooks_equals_the_zeroed_model(state):
 
 
 def test_live_refuses_bad_input_and_keeps_its_caches(state):
-    for kwargs, message in [(dict(prompt="   "), "prompt is empty"), (dict(sparsity=1.0), r"\[0, 1\)"),
-                            (dict(method="random"), "random baseline"), (dict(method="nope"), "unknown method"),
-                            (dict(scope="all"), "unknown scope")]:
+    for kwargs, message in [
+        (dict(prompt="   "), "prompt is empty"),
+        (dict(sparsity=1.0), r"\[0, 1\)"),
+        (dict(method="random"), "random baseline"),
+        (dict(method="nope"), "unknown method"),
+        (dict(scope="all"), "unknown scope"),
+    ]:
         args = {"method": "wanda", "scope": "per_layer", "sparsity": 0.2, "ablation": "zero", "prompt": "Hi", **kwargs}
         with pytest.raises(ValueError, match=message):
             state.live(**args)

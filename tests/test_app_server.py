@@ -85,7 +85,9 @@ def test_gradio_weights_candidates_importance_batch_export(gclient, model):
     expected = ns.neuron_importance(model, ns.EXAMPLE_TEXTS, layer_index=0, top_k=5, progress=False)
     assert [row[1] for row in critical["data"]] == expected.critical["neuron"].tolist()
     table = {"headers": ["layer_index", "neuron_index"], "data": [[0, 1], [2, 3]]}
-    note, individual, _curve, rec, _basket_note, _basket = gclient.predict(table, "\n".join(ns.EXAMPLE_TEXTS[:2]), 1, "zero", api_name="/batch")
+    note, individual, _curve, rec, _basket_note, _basket = gclient.predict(
+        table, "\n".join(ns.EXAMPLE_TEXTS[:2]), 1, "zero", api_name="/batch"
+    )
     batch = impact.batch_analysis(model, [(0, 1), (2, 3)], ns.EXAMPLE_TEXTS[:2], progress=False)
     # same call, same floats, shown to 4 significant digits
     assert [row[1] for row in individual["data"]] == [round_significant(v) for v in batch.individual["impact_score"]]
@@ -170,12 +172,25 @@ def test_concurrent_mixed_requests_equal_sequential(live, model):
     texts = ns.EXAMPLE_TEXTS
     jobs = []
     for i in range(4):
-        jobs.append(("rest", "POST", "/impact-analysis", {"layer_index": i % 3, "neuron_indices": [i, i + 5], "input_text": texts[i % 3]}))
+        jobs.append(
+            ("rest", "POST", "/impact-analysis", {"layer_index": i % 3, "neuron_indices": [i, i + 5], "input_text": texts[i % 3]})
+        )
         jobs.append(("rest", "POST", "/neuron-importance", {"layer_index": i % 3, "input_texts": texts[: 1 + i % 3]}))
-        jobs.append(("rest", "POST", "/batch-analysis", {"pruning_candidates": [{"layer_index": i % 3, "neuron_index": i}, {"layer_index": 2, "neuron_index": 9}], "input_texts": texts[:2], "batch_size": 2}))
+        jobs.append(
+            (
+                "rest",
+                "POST",
+                "/batch-analysis",
+                {
+                    "pruning_candidates": [{"layer_index": i % 3, "neuron_index": i}, {"layer_index": 2, "neuron_index": 9}],
+                    "input_texts": texts[:2],
+                    "batch_size": 2,
+                },
+            )
+        )
         jobs.append(("rest", "GET", f"/candidates?threshold={5 + 5 * i}", None))
         jobs.append(("gradio", "/impact", (i % 3, f"{i}, {i + 7}", texts[(i + 1) % 3], "zero")))
-        jobs.append(("gradio", "/importance", (i % 3, "\n".join(texts[i % 2:]), 5)))
+        jobs.append(("gradio", "/importance", (i % 3, "\n".join(texts[i % 2 :]), 5)))
     assert len(jobs) >= 20
 
     def run(job):
@@ -201,7 +216,9 @@ def test_busy_model_answers_503(model):
 
     with LiveServer(model, AppSettings(lock_timeout_s=0.2)) as srv:
         with srv.state.lock:  # another analysis holds the model
-            status, body = rest(srv.url, "POST", "/impact-analysis", {"layer_index": 0, "neuron_indices": [0], "input_text": "a b"})
+            status, body = rest(
+                srv.url, "POST", "/impact-analysis", {"layer_index": 0, "neuron_indices": [0], "input_text": "a b"}
+            )
         assert status == 503 and "busy" in body["detail"]
         assert rest(srv.url, "GET", "/weight-analysis")[0] == 200
 
@@ -221,7 +238,10 @@ def test_serve_command_prints_bound_address_and_answers(tiny_dirs):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "neuronscope_tl.cli", "serve", "--model", tiny_dirs["llama"], "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     try:
         line = proc.stdout.readline()  # blocks until the banner; the socket is already bound then

@@ -35,7 +35,9 @@ def test_arch_for_picks_the_adapter_of_each_kind(tiny_model, fresh_hf, tiny_kind
 
 
 def test_encoder_is_refused_naming_the_supported_kinds():
-    bert = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     with pytest.raises(ValueError, match="BertForMaskedLM is not a supported model kind") as err:
         arch_for(bert)
     assert "Llama-style" in str(err.value) and "GPT-2-style" in str(err.value)

@@ -35,13 +35,19 @@ def cases(model):
         "seed: neuron out of range": (lambda: analyzer.simulate_neuron_pruning(0, [d_mlp + 5], OK), "out of range"),
         "seed: empty text": (lambda: analyzer.simulate_neuron_pruning(0, [0], "   "), "empty"),
         "batch: empty candidates": (lambda: ns.batch_analysis(model, [], [OK]), "at least one"),
-        "batch: candidate out of range": (lambda: ns.batch_analysis(model, [{"layer_index": 9, "neuron_index": 0}], [OK]), r"0\.\.2"),
+        "batch: candidate out of range": (
+            lambda: ns.batch_analysis(model, [{"layer_index": 9, "neuron_index": 0}], [OK]),
+            r"0\.\.2",
+        ),
         "batch: duplicate candidates": (lambda: ns.batch_analysis(model, [(0, 1), (0, 1)], [OK]), "duplicates"),
         "batch: missing keys": (lambda: ns.batch_analysis(model, [{"layer": 0}], [OK]), "layer_index and neuron_index"),
         "batch: long text among good": (lambda: ns.batch_analysis(model, [(0, 1)], [OK, LONG]), "context"),
         "importance: bad layer": (lambda: ns.neuron_importance(model, [OK], layer_index=7), r"0\.\.2"),
         "importance: empty texts": (lambda: ns.neuron_importance(model, []), "non-empty"),
-        "mean ablation: empty calibration": (lambda: ns.simulate_pruning(model, 0, [1], OK, ablation="mean", calib_texts=[""]), "empty"),
+        "mean ablation: empty calibration": (
+            lambda: ns.simulate_pruning(model, 0, [1], OK, ablation="mean", calib_texts=[""]),
+            "empty",
+        ),
         "export before analysis": (lambda: analyzer.export_impact_analysis("never.json"), "no impact analysis"),
     }
 

@@ -21,11 +21,20 @@ def test_analyze_on_tiny_model_writes_report(tiny_dirs, tmp_path):
     rc = cli.main(["analyze", "--model", tiny_dirs["llama"], "--texts", str(texts), "--out", str(out), "--n-candidates", "3"])
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([
-        "weight_analysis.json", "weight_analysis_neurons.csv", "candidates.csv",
-        "neuron_importance.csv", "neuron_importance.json", "batch_analysis.json", "batch_analysis_individual.csv",
-        "batch_analysis_cumulative.csv", "report.json", "report.html",
-    ])
+    assert names == sorted(
+        [
+            "weight_analysis.json",
+            "weight_analysis_neurons.csv",
+            "candidates.csv",
+            "neuron_importance.csv",
+            "neuron_importance.json",
+            "batch_analysis.json",
+            "batch_analysis_individual.csv",
+            "batch_analysis_cumulative.csv",
+            "report.json",
+            "report.html",
+        ]
+    )
     report = json.loads((out / "report.json").read_text())
     batch = json.loads((out / "batch_analysis.json").read_text())
     assert len(report["impacts"]) == 3 == len(batch["result"]["individual"])

@@ -19,8 +19,10 @@ from neuronscope_tl import cli, impact, scoring
 @pytest.fixture
 def texts_file(tmp_path):
     f = tmp_path / "texts.txt"
-    f.write_text("The council met on Tuesday to discuss the budget.\nRain is expected across the coast tonight.\n"
-                 "Shares fell sharply in early trading.\n")
+    f.write_text(
+        "The council met on Tuesday to discuss the budget.\nRain is expected across the coast tonight.\n"
+        "Shares fell sharply in early trading.\n"
+    )
     return f
 
 
@@ -31,7 +33,10 @@ def test_analyze_measures_each_impact_once_and_equals_simulate_pruning(tiny_dirs
     real = impact.measure_plans
     monkeypatch.setattr(impact, "measure_plans", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     out = tmp_path / "out"
-    assert cli.main(["analyze", "--model", tiny_dirs["llama"], "--texts", str(texts_file), "--out", str(out), "--n-candidates", "3"]) == 0
+    assert (
+        cli.main(["analyze", "--model", tiny_dirs["llama"], "--texts", str(texts_file), "--out", str(out), "--n-candidates", "3"])
+        == 0
+    )
     assert len(calls) == 1 and calls[0] == 3 + 2  # 3 alone, then the first 2 and 3 together
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -46,7 +51,10 @@ def test_analyze_measures_each_impact_once_and_equals_simulate_pruning(tiny_dirs
 
 def test_report_html_is_self_contained_and_shows_the_batch(tiny_dirs, texts_file, tmp_path):
     out = tmp_path / "out"
-    assert cli.main(["analyze", "--model", tiny_dirs["gpt2"], "--texts", str(texts_file), "--out", str(out), "--n-candidates", "2"]) == 0
+    assert (
+        cli.main(["analyze", "--model", tiny_dirs["gpt2"], "--texts", str(texts_file), "--out", str(out), "--n-candidates", "2"])
+        == 0
+    )
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") >= 3
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from the network
@@ -61,8 +69,24 @@ def test_score_writes_every_neurons_top_contexts_as_measured(tiny_dirs, texts_fi
     import pandas as pd
 
     out = tmp_path / "scores"
-    assert cli.main(["score", "--model", tiny_dirs["llama"], "--calib-texts", str(texts_file), "--out", str(out),
-                     "--top-k-contexts", "3", "--validate-n", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "score",
+                "--model",
+                tiny_dirs["llama"],
+                "--calib-texts",
+                str(texts_file),
+                "--out",
+                str(out),
+                "--top-k-contexts",
+                "3",
+                "--validate-n",
+                "0",
+            ]
+        )
+        == 0
+    )
     ctx = pd.read_csv(out / "top_contexts.csv", keep_default_na=False)
     model = ns.load_model(tiny_dirs["llama"])
     tokens = ns.texts.tokenize(model, ns.texts.read_text_file(str(texts_file)), max_tokens=2048)
@@ -159,8 +183,12 @@ def test_outputs_get_the_users_normal_permissions(tmp_path, capsys):
     old = os.umask(0o022)
     try:
         out = tmp_path / "pruned"
-        assert cli.main(["prune", "--model", model_dir, "--sparsity", "0.25", "--calib-tokens", "200",
-                         "--no-evaluate", "--out", str(out)]) == 0
+        assert (
+            cli.main(
+                ["prune", "--model", model_dir, "--sparsity", "0.25", "--calib-tokens", "200", "--no-evaluate", "--out", str(out)]
+            )
+            == 0
+        )
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
@@ -169,8 +197,11 @@ def test_outputs_get_the_users_normal_permissions(tmp_path, capsys):
     for f in out.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     printed = capsys.readouterr().out
-    m = re.search(r"latency, median of 5 forwards over \d+ tokens: dense (\d+) ms \(IQR (\d+)-(\d+) ms\), pruned (\d+) ms "
-                  r"\(IQR (\d+)-(\d+) ms\); .*load average", printed)
+    m = re.search(
+        r"latency, median of 5 forwards over \d+ tokens: dense (\d+) ms \(IQR (\d+)-(\d+) ms\), pruned (\d+) ms "
+        r"\(IQR (\d+)-(\d+) ms\); .*load average",
+        printed,
+    )
     assert m, printed
     rep = json.loads((out / "pruning_report.json").read_text())["model"]
     shown = [rep["latency_s_before"], *rep["latency_iqr_s_before"], rep["latency_s_after"], *rep["latency_iqr_s_after"]]

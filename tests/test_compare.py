@@ -24,8 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EVAL = ns.lee_articles()[200:203]
 CALIB = ns.lee_articles()[:2]
-KW = dict(calib_texts=CALIB, methods=["wanda", "random"], sparsities=[0.25], ablation="zero", layer_sparsity=0.5,
-          eval_tokens=120, calib_tokens=128, window=32)
+KW = dict(
+    calib_texts=CALIB,
+    methods=["wanda", "random"],
+    sparsities=[0.25],
+    ablation="zero",
+    layer_sparsity=0.5,
+    eval_tokens=120,
+    calib_tokens=128,
+    window=32,
+)
 
 
 def reference_log_ppl(km, ref, wins, eta):
@@ -67,7 +75,9 @@ def test_compare_numbers_equal_independent_computations(kind_model):
 
     # peak |activation| and the outlier rule
     peak = torch.stack([a[l].abs().amax(0) for l in range(info.n_layers)])
-    np.testing.assert_allclose(r.peaks.sort_values(["layer", "neuron"])["peak_abs"].to_numpy(), peak.reshape(-1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        r.peaks.sort_values(["layer", "neuron"])["peak_abs"].to_numpy(), peak.reshape(-1).numpy(), rtol=1e-6
+    )
     ratio = peak / peak.median()
     assert set(zip(r.outliers["layer"], r.outliers["neuron"])) == {tuple(x) for x in (ratio >= 100).nonzero().tolist()}
 
@@ -92,8 +102,14 @@ def test_table_files_and_plot(tiny_dirs, tmp_path):
         assert table.iloc[i]["winner_x0.25"] == at["wanda"] and table.iloc[i]["random_x0.25"] == at["random"]
         assert table.iloc[i]["most_sensitive_ratio"] == r.sensitivity["ratio"].max()
     paths = compare.write_comparison(comp, tmp_path / "cmp")
-    assert {p.name for p in paths} == {"compare_table.csv", "compare_curves.csv", "compare_sensitivity.csv",
-                                       "compare_outliers.csv", "compare_result.json", "compare.png"}
+    assert {p.name for p in paths} == {
+        "compare_table.csv",
+        "compare_curves.csv",
+        "compare_sensitivity.csv",
+        "compare_outliers.csv",
+        "compare_result.json",
+        "compare.png",
+    }
     back = pd.read_csv(tmp_path / "cmp" / "compare_table.csv")
     np.testing.assert_allclose(back["dense_ppl"], table["dense_ppl"], rtol=1e-12)
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
@@ -102,22 +118,43 @@ def test_table_files_and_plot(tiny_dirs, tmp_path):
 def test_compare_command(tiny_dirs, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(t[:600] for t in EVAL) + "\n")
-    rc = cli.main(["compare", "--models", f"{tiny_dirs['llama']},{tiny_dirs['gpt2']}", "--texts", str(texts),
-                   "--out", str(tmp_path / "out"), "--methods", "wanda,random", "--sparsities", "0.25",
-                   "--eval-tokens", "120", "--calib-tokens", "128", "--ablation", "zero"])
+    rc = cli.main(
+        [
+            "compare",
+            "--models",
+            f"{tiny_dirs['llama']},{tiny_dirs['gpt2']}",
+            "--texts",
+            str(texts),
+            "--out",
+            str(tmp_path / "out"),
+            "--methods",
+            "wanda,random",
+            "--sparsities",
+            "0.25",
+            "--eval-tokens",
+            "120",
+            "--calib-tokens",
+            "128",
+            "--ablation",
+            "zero",
+        ]
+    )
     assert rc == 0
     assert len(pd.read_csv(tmp_path / "out" / "compare_table.csv")) == 2
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(models=[]), "models must be a non-empty list"),
-    (dict(models="default"), "models must be a non-empty list"),
-    (dict(models=["x"], layer_sparsity=1.0), r"layer_sparsity must be a number in \(0, 1\)"),
-    (dict(models=["x"], layer_sparsity=0), r"layer_sparsity must be a number in \(0, 1\)"),
-    (dict(models=["x"], outlier_factor=0.5), "outlier_factor must be a finite number >= 1"),
-    (dict(models=["x"], outlier_factor=float("inf")), "outlier_factor must be a finite number >= 1"),
-    (dict(models=["x"], eval_tokens=0), "eval_tokens must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(models=[]), "models must be a non-empty list"),
+        (dict(models="default"), "models must be a non-empty list"),
+        (dict(models=["x"], layer_sparsity=1.0), r"layer_sparsity must be a number in \(0, 1\)"),
+        (dict(models=["x"], layer_sparsity=0), r"layer_sparsity must be a number in \(0, 1\)"),
+        (dict(models=["x"], outlier_factor=0.5), "outlier_factor must be a finite number >= 1"),
+        (dict(models=["x"], outlier_factor=float("inf")), "outlier_factor must be a finite number >= 1"),
+        (dict(models=["x"], eval_tokens=0), "eval_tokens must be an integer >= 1"),
+    ],
+)
 def test_bad_input_is_refused_before_loading(kwargs, match):
     with pytest.raises(ValueError, match=match):
         compare.compare_models(**kwargs)

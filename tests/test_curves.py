@@ -114,8 +114,15 @@ def test_curve_points_equal_independent_evaluation(model, tiny_dirs, kind, cal):
     each random seed against the model with that seed's neurons zeroed (min, mean and max of the spread too), and
     an obs point against the physically pruned model."""
     res = curves.prune_curve(
-        model, methods=["wanda", "random", "obs"], sparsities=[0.0, 0.25], ablation=["zero", "mean"],
-        eval_texts=EVAL, window=WINDOW, every=1, calibration=cal, precision="fp32",
+        model,
+        methods=["wanda", "random", "obs"],
+        sparsities=[0.0, 0.25],
+        ablation=["zero", "mean"],
+        eval_texts=EVAL,
+        window=WINDOW,
+        every=1,
+        calibration=cal,
+        precision="fp32",
     )
     t, runs = res.table, res.runs
     assert len(t) == 3 * 2 * 2 and (t.loc[t.method == "random", "n_seeds"] == 3).all() and len(runs) == 2 * 2 * (1 + 1 + 3)
@@ -163,21 +170,33 @@ def test_curve_points_equal_independent_evaluation(model, tiny_dirs, kind, cal):
 
 def table_of(points):
     """A curve table from {(method, ablation): [perplexity at each sparsity]}."""
-    rows = [{"method": m, "ablation": a, "sparsity": s, "scope": "per_layer", "perplexity": p}
-            for (m, a), ppl in points.items() for s, p in zip([0.1, 0.3, 0.5], ppl)]
+    rows = [
+        {"method": m, "ablation": a, "sparsity": s, "scope": "per_layer", "perplexity": p}
+        for (m, a), ppl in points.items()
+        for s, p in zip([0.1, 0.3, 0.5], ppl)
+    ]
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("points, expected", [
-    # obs best everywhere
-    ({("obs", "mean"): [11, 12, 14], ("wanda", "zero"): [12, 14, 20], ("random", "zero"): [9, 10, 11]}, ("obs", "mean")),
-    # obs best at two sparsities but far worse at the third: the mean of log-perplexity picks wanda, not obs
-    ({("obs", "mean"): [10, 11, 400], ("wanda", "mean"): [12, 13, 15], ("taylor", "zero"): [30, 40, 50]}, ("wanda", "mean")),
-    # the same method with two ablations is two candidates
-    ({("fluctuation", "zero"): [20, 30, 40], ("fluctuation", "mean"): [19, 29, 39], ("obs", "zero"): [25, 30, 35]}, ("fluctuation", "mean")),
-    # random is a baseline, never recommended, even when it is lowest
-    ({("random", "zero"): [1, 1, 1], ("magnitude", "zero"): [50, 60, 70], ("obs", "mean"): [40, 70, 90]}, ("magnitude", "zero")),
-])
+@pytest.mark.parametrize(
+    "points, expected",
+    [
+        # obs best everywhere
+        ({("obs", "mean"): [11, 12, 14], ("wanda", "zero"): [12, 14, 20], ("random", "zero"): [9, 10, 11]}, ("obs", "mean")),
+        # obs best at two sparsities but far worse at the third: the mean of log-perplexity picks wanda, not obs
+        ({("obs", "mean"): [10, 11, 400], ("wanda", "mean"): [12, 13, 15], ("taylor", "zero"): [30, 40, 50]}, ("wanda", "mean")),
+        # the same method with two ablations is two candidates
+        (
+            {("fluctuation", "zero"): [20, 30, 40], ("fluctuation", "mean"): [19, 29, 39], ("obs", "zero"): [25, 30, 35]},
+            ("fluctuation", "mean"),
+        ),
+        # random is a baseline, never recommended, even when it is lowest
+        (
+            {("random", "zero"): [1, 1, 1], ("magnitude", "zero"): [50, 60, 70], ("obs", "mean"): [40, 70, 90]},
+            ("magnitude", "zero"),
+        ),
+    ],
+)
 def test_recommend_picks_the_lowest_mean_log_perplexity(points, expected):
     assert curves.recommend(table_of(points)) == {"method": expected[0], "ablation": expected[1], "chosen_on": "evaluation_set"}
 
@@ -198,8 +217,17 @@ def test_search_accepts_and_returns_the_largest_accepted_step(model, tiny_dirs, 
     """A budget the first steps meet: the search accepts, and its answer is the largest accepted sparsity, whose
     perplexity a plain HF model with those neurons zeroed reproduces."""
     res = search.search_pruning(
-        model, loss_budget=0.5, method="wanda", ablation="zero", eval_texts=EVAL, window=WINDOW,
-        every=1, bf16=False, calibration=cal, step=0.1, min_step=0.05,
+        model,
+        loss_budget=0.5,
+        method="wanda",
+        ablation="zero",
+        eval_texts=EVAL,
+        window=WINDOW,
+        every=1,
+        bf16=False,
+        calibration=cal,
+        step=0.1,
+        min_step=0.05,
     )
     steps = res.steps
     accepted = steps[steps.accepted]
@@ -223,22 +251,45 @@ class FakeSpec:
         self.sparsity, self.neurons = sparsity, {0: [0]}
 
 
-@pytest.mark.parametrize("case", [
-    # budget 5%, perplexity = dense x (1 + s^2): accepted while s <= 0.2236. 0.3 fails -> step 0.05: 0.25 fails ->
-    # step 0.025 (= min_step, still tried): 0.225 fails -> step 0.0125 < min_step: stop at 0.2.
-    dict(ppl=lambda s: 10 * (1 + s * s), kwargs=dict(step=0.1, min_step=0.025, max_sparsity=0.9),
-         tried=[0.1, 0.2, 0.3, 0.25, 0.225], accepted=[True, True, False, False, False], chosen=0.2),
-    # every step within budget, max_sparsity 0.3: 0.4 is never evaluated; the step halves (0.35, 0.325 also over
-    # the maximum) until it is below min_step.
-    dict(ppl=lambda s: 10.0, kwargs=dict(step=0.1, min_step=0.025, max_sparsity=0.3),
-         tried=[0.1, 0.2, 0.3], accepted=[True, True, True], chosen=0.3),
-    # max_sparsity 0.27: 0.3 is over it, the step halves to 0.05 and 0.25 is tried; 0.3 and 0.275 are over it again.
-    dict(ppl=lambda s: 10.0, kwargs=dict(step=0.1, min_step=0.025, max_sparsity=0.27),
-         tried=[0.1, 0.2, 0.25], accepted=[True, True, True], chosen=0.25),
-    # a budget the first step already breaks: back off from 0.1 to 0.05 to 0.025, and 0.0125 is below min_step.
-    dict(ppl=lambda s: 10 * (1 + s), kwargs=dict(step=0.1, min_step=0.02, max_sparsity=0.9, loss_budget=0.01),
-         tried=[0.1, 0.05, 0.025], accepted=[False, False, False], chosen=0.0),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # budget 5%, perplexity = dense x (1 + s^2): accepted while s <= 0.2236. 0.3 fails -> step 0.05: 0.25 fails ->
+        # step 0.025 (= min_step, still tried): 0.225 fails -> step 0.0125 < min_step: stop at 0.2.
+        dict(
+            ppl=lambda s: 10 * (1 + s * s),
+            kwargs=dict(step=0.1, min_step=0.025, max_sparsity=0.9),
+            tried=[0.1, 0.2, 0.3, 0.25, 0.225],
+            accepted=[True, True, False, False, False],
+            chosen=0.2,
+        ),
+        # every step within budget, max_sparsity 0.3: 0.4 is never evaluated; the step halves (0.35, 0.325 also over
+        # the maximum) until it is below min_step.
+        dict(
+            ppl=lambda s: 10.0,
+            kwargs=dict(step=0.1, min_step=0.025, max_sparsity=0.3),
+            tried=[0.1, 0.2, 0.3],
+            accepted=[True, True, True],
+            chosen=0.3,
+        ),
+        # max_sparsity 0.27: 0.3 is over it, the step halves to 0.05 and 0.25 is tried; 0.3 and 0.275 are over it again.
+        dict(
+            ppl=lambda s: 10.0,
+            kwargs=dict(step=0.1, min_step=0.025, max_sparsity=0.27),
+            tried=[0.1, 0.2, 0.25],
+            accepted=[True, True, True],
+            chosen=0.25,
+        ),
+        # a budget the first step already breaks: back off from 0.1 to 0.05 to 0.025, and 0.0125 is below min_step.
+        dict(
+            ppl=lambda s: 10 * (1 + s),
+            kwargs=dict(step=0.1, min_step=0.02, max_sparsity=0.9, loss_budget=0.01),
+            tried=[0.1, 0.05, 0.025],
+            accepted=[False, False, False],
+            chosen=0.0,
+        ),
+    ],
+)
 def test_search_back_off_sequence(model, monkeypatch, case):
     """The search's step logic alone: perplexity is a fixed function of the sparsity tried, so the sequence of
     tried sparsities is known exactly."""
@@ -330,16 +381,49 @@ def test_curve_command_writes_the_measured_table(long_ctx_dir, tmp_path):
     out = tmp_path / "curve"
     mine = tmp_path / "mine.txt"
     mine.write_text("\n".join(ns.lee_articles()[250:252]))
-    argv = ["curve", "--model", long_ctx_dir, "--out", str(out), "--methods", "wanda,random", "--sparsities", "0.1,0.3",
-            "--ablations", "zero", "--calib-tokens", "300", "--precision", "fp32", "--no-domains", "--eval-texts", f"mine={mine}"]
+    argv = [
+        "curve",
+        "--model",
+        long_ctx_dir,
+        "--out",
+        str(out),
+        "--methods",
+        "wanda,random",
+        "--sparsities",
+        "0.1,0.3",
+        "--ablations",
+        "zero",
+        "--calib-tokens",
+        "300",
+        "--precision",
+        "fp32",
+        "--no-domains",
+        "--eval-texts",
+        f"mine={mine}",
+    ]
     assert cli.main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["curve.csv", "curve.png", "curve_domains.csv", "curve_runs.csv", "protocol.json", "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "curve.csv",
+        "curve.png",
+        "curve_domains.csv",
+        "curve_runs.csv",
+        "protocol.json",
+        "report.html",
+    ]
     model = ns.load_model(long_ctx_dir)
     calib, _ = pipelines.calibration_texts_for(None)
     sets = [user_set(f"mine={mine}")]
     sets[0].in_domain = False
-    expected = curves.prune_curve(model, ["wanda", "random"], [0.1, 0.3], ablation="zero", calib_texts=calib, calib_tokens=300,
-                                  precision="fp32", domains=sets)
+    expected = curves.prune_curve(
+        model,
+        ["wanda", "random"],
+        [0.1, 0.3],
+        ablation="zero",
+        calib_texts=calib,
+        calib_tokens=300,
+        precision="fp32",
+        domains=sets,
+    )
     table, runs = pd.read_csv(out / "curve.csv"), pd.read_csv(out / "curve_runs.csv")
     assert list(table.columns) == list(expected.table.columns) and list(runs.columns) == list(expected.runs.columns)
     assert len(table) == 4 and len(runs) == 2 + 2 * 3
@@ -361,10 +445,21 @@ def test_curve_over_domains_matches_hf_labels_loss(model, tiny_dirs, kind, cal):
     geometric means of those ratios."""
     from neuronscope_tl.domains import TextSet
 
-    sets = [TextSet("near", list(ns.lee_articles()[201:203]), "lee", "LGPL", "evaluation", True),
-            TextSet("far", [" ".join(ns.lee_articles()[5].split()[::-1])], "reversed lee", "LGPL", "user", False)]
-    res = curves.prune_curve(model, ["wanda"], [0.25], ablation="zero", domains=sets, window=WINDOW, calibration=cal,
-                             precision="fp32", domain_windows_max=3)
+    sets = [
+        TextSet("near", list(ns.lee_articles()[201:203]), "lee", "LGPL", "evaluation", True),
+        TextSet("far", [" ".join(ns.lee_articles()[5].split()[::-1])], "reversed lee", "LGPL", "user", False),
+    ]
+    res = curves.prune_curve(
+        model,
+        ["wanda"],
+        [0.25],
+        ablation="zero",
+        domains=sets,
+        window=WINDOW,
+        calibration=cal,
+        precision="fp32",
+        domain_windows_max=3,
+    )
     dws = evaluation.domain_windows(model, sets, WINDOW, 3)
     assert [len(d.wins.tokens) for d in dws] == [3, min(3, len(dws[1].wins.tokens))]
     neurons = selection.select_neurons(model, cal, "wanda", 0.25, "per_layer")
@@ -375,7 +470,10 @@ def test_curve_over_domains_matches_hf_labels_loss(model, tiny_dirs, kind, cal):
     ratios = {}
     for d in dws:
         row = res.domains[(res.domains.domain == d.name) & (res.domains.sparsity == 0.25)].iloc[0]
-        (dense, dense_logits), (pruned, pruned_logits) = hf_perplexity(dense_hf, d.wins.tokens), hf_perplexity(pruned_hf, d.wins.tokens)
+        (dense, dense_logits), (pruned, pruned_logits) = (
+            hf_perplexity(dense_hf, d.wins.tokens),
+            hf_perplexity(pruned_hf, d.wins.tokens),
+        )
         eta = 2 * fp32_forward_error(dense_hf, d.wins.tokens)
         assert abs(row.dense / dense - 1) <= perplexity_tolerance(dense_logits, d.wins.tokens, eta)
         assert abs(row.perplexity / pruned - 1) <= perplexity_tolerance(pruned_logits, d.wins.tokens, eta)

@@ -56,8 +56,14 @@ def free_port() -> int:
 
 
 def rank_env(rank: int, port: int, timeout_s: float = 60.0) -> dict:
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), distributed.TIMEOUT_ENV: str(timeout_s)}
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(WORLD),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        distributed.TIMEOUT_ENV: str(timeout_s),
+    }
 
 
 def _entry(rank: int, port: int, timeout_s: float, tmpdir: str, barrier, target, args) -> None:
@@ -109,7 +115,9 @@ def all_passes(model_dir: str) -> dict:
     ppl = evaluation.evaluate_perplexity(model, TEXTS, window=16)
     return {
         "stats": stats_state(activations.stream_activations(model, TEXTS, batch_size=3, progress=False)),
-        "importance": ns.neuron_importance(model, TEXTS, layers=[0, 2], batch_size=2, active_threshold=0.05, progress=False).table,
+        "importance": ns.neuron_importance(
+            model, TEXTS, layers=[0, 2], batch_size=2, active_threshold=0.05, progress=False
+        ).table,
         "score_table": score.table,
         "score_stats": stats_state(acc.stats),
         "score_sums": {k: getattr(acc, k).clone() for k in ("sum_grad", "sum_grad_act", "top_value", "top_text", "top_pos")},
@@ -184,7 +192,9 @@ def test_statistics_and_importance(two_and_one):
     two, _, one = two_and_one
     check_stats(two["stats"], one["stats"], n_batches=len(TEXTS))
     a, b = two["importance"], one["importance"]
-    assert a[["layer", "neuron", "label", "frac_active", "max", "w_out_norm"]].equals(b[["layer", "neuron", "label", "frac_active", "max", "w_out_norm"]])
+    assert a[["layer", "neuron", "label", "frac_active", "max", "w_out_norm"]].equals(
+        b[["layer", "neuron", "label", "frac_active", "max", "w_out_norm"]]
+    )
     for col in ("mean", "mean_abs", "var", "rms", "importance"):
         np.testing.assert_allclose(a[col], b[col], rtol=1e-12, atol=0, err_msg=col)
 
@@ -256,8 +266,25 @@ def test_ablate_each_and_validation(two_and_one):
 
 
 def score_args(model_dir: str, texts_file: str, out: str) -> list:
-    return ["score", "--model", model_dir, "--calib-texts", texts_file, "--out", out, "--max-tokens", "200",
-            "--validate-n", "3", "--validate-tokens", "48", "--scores", "wanda,rms", "--top-k-contexts", "3"]
+    return [
+        "score",
+        "--model",
+        model_dir,
+        "--calib-texts",
+        texts_file,
+        "--out",
+        out,
+        "--max-tokens",
+        "200",
+        "--validate-n",
+        "3",
+        "--validate-tokens",
+        "48",
+        "--scores",
+        "wanda,rms",
+        "--top-k-contexts",
+        "3",
+    ]
 
 
 @pytest.fixture
@@ -278,8 +305,17 @@ def test_torchrun_score_command_equals_one_process(tiny_dirs, texts_file, tmp_pa
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-           "-m", "neuronscope_tl", *score_args(tiny_dirs["llama"], texts_file, str(tmp_path / "two"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(WORLD),
+        "-m",
+        "neuronscope_tl",
+        *score_args(tiny_dirs["llama"], texts_file, str(tmp_path / "two")),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert cli.main(score_args(tiny_dirs["llama"], texts_file, str(tmp_path / "one"))) == 0
@@ -294,6 +330,7 @@ def fault_rank(rank: int, model_dir: str, texts_file: str, out: str, fault: str)
     """The score command on every rank; rank 1 raises, or is killed, in the middle of its scoring pass."""
     sys.stderr = open(Path(out).parent / f"stderr{rank}.txt", "w", buffering=1)
     if rank == 1:
+
         def faulty(self, batch):
             if fault == "raise":
                 raise RuntimeError("injected fault")
@@ -309,8 +346,9 @@ def test_a_failed_rank_stops_every_rank_and_nothing_is_written(tiny_dirs, texts_
     written, and nobody waits for the collective timeout (300 s here; a rank still running then fails the test)."""
     out = tmp_path / "out"
     t0 = time.monotonic()
-    codes = launch(fault_rank, tiny_dirs["llama"], texts_file, str(out), fault, tmpdir=tmp_path / "tmp", timeout_s=300,
-                   wait_s=290)
+    codes = launch(
+        fault_rank, tiny_dirs["llama"], texts_file, str(out), fault, tmpdir=tmp_path / "tmp", timeout_s=300, wait_s=290
+    )
     assert time.monotonic() - t0 < 290
     assert codes == [2, 2 if fault == "raise" else -signal.SIGKILL]
     if fault == "raise":  # rank 1 removed its scratch output directory (a killed rank cannot)
@@ -350,11 +388,14 @@ def test_a_hanging_rank_meets_the_collective_timeout(tmp_path):
     assert "rank 1 (stopped after collective 0" in err0 and "a pass: status" in err0, err0
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "0"], "batch_size"),
-    (["--device", "tpu"], "valid devices here are cpu"),
-    (["--max-tokens", "0"], "max_tokens must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "batch_size"),
+        (["--device", "tpu"], "valid devices here are cpu"),
+        (["--max-tokens", "0"], "max_tokens must be >= 1"),
+    ],
+)
 def test_bad_input_is_refused_by_every_rank_before_the_group_starts(monkeypatch, capsys, tmp_path, flags, message):
     """Each rank checks its input before any collective: both refuse with the same message, no process group is
     started (nothing waits for a peer), and no output directory appears."""

@@ -26,13 +26,16 @@ def files(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["prune", "curve", "search"])
-@pytest.mark.parametrize("case,message", [
-    ("empty calib", "holds no non-empty line"),
-    ("missing calib", "cannot read calibration text file"),
-    ("empty eval", "holds no non-empty line"),
-    ("duplicate eval", "mine given more than once"),
-    ("eval named like a domain", "news given more than once"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("empty calib", "holds no non-empty line"),
+        ("missing calib", "cannot read calibration text file"),
+        ("empty eval", "holds no non-empty line"),
+        ("duplicate eval", "mine given more than once"),
+        ("eval named like a domain", "news given more than once"),
+    ],
+)
 def test_bad_text_files_are_refused_before_any_work(command, case, message, files, tmp_path, capsys):
     out = tmp_path / "out"
     base = [command, "--out", str(out)] + (["--sparsity", "0.2"] if command == "prune" else [])
@@ -50,8 +53,20 @@ def test_bad_text_files_are_refused_before_any_work(command, case, message, file
 
 def test_too_few_calibration_tokens_says_how_many(tiny_dirs, files, tmp_path, capsys):
     out = tmp_path / "pruned"
-    argv = ["prune", "--model", tiny_dirs["llama"], "--sparsity", "0.2", "--out", str(out), "--calib-texts", files["small"],
-            "--calib-tokens", "500", "--no-evaluate"]
+    argv = [
+        "prune",
+        "--model",
+        tiny_dirs["llama"],
+        "--sparsity",
+        "0.2",
+        "--out",
+        str(out),
+        "--calib-texts",
+        files["small"],
+        "--calib-tokens",
+        "500",
+        "--no-evaluate",
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "the calibration texts hold" in err and "fewer than the 500 asked for" in err
@@ -62,11 +77,14 @@ def test_search_over_domains_budgets_the_out_of_domain_mean(tiny_dirs):
     model = ns.load_model(tiny_dirs["llama"])
     calib = [" ".join(a.split()[i : i + 20]) for a in ns.lee_articles()[:2] for i in range(0, len(a.split()), 20)]
     cal = selection.calibrate(model, calib, calib_tokens=500)
-    sets = [TextSet("near", list(ns.lee_articles()[201:203]), "lee", "LGPL", "evaluation", True),
-            TextSet("far1", list(ns.lee_articles()[290:291]), "lee", "LGPL", "user", False),
-            TextSet("far2", [" ".join(ns.lee_articles()[5].split()[::-1])], "reversed", "LGPL", "user", False)]
-    res = search.search_pruning(model, 0.3, "wanda", "zero", step=0.1, min_step=0.05, window=128, calibration=cal,
-                                domains=sets, bf16=False)
+    sets = [
+        TextSet("near", list(ns.lee_articles()[201:203]), "lee", "LGPL", "evaluation", True),
+        TextSet("far1", list(ns.lee_articles()[290:291]), "lee", "LGPL", "user", False),
+        TextSet("far2", [" ".join(ns.lee_articles()[5].split()[::-1])], "reversed", "LGPL", "user", False),
+    ]
+    res = search.search_pruning(
+        model, 0.3, "wanda", "zero", step=0.1, min_step=0.05, window=128, calibration=cal, domains=sets, bf16=False
+    )
     dws = evaluation.domain_windows(model, sets, 128)
     dense = evaluation.domain_perplexities(model, dws)
     for row in res.steps.itertuples():
@@ -83,8 +101,23 @@ def test_search_over_domains_budgets_the_out_of_domain_mean(tiny_dirs):
 
 def test_search_command_writes_its_steps(tiny_dirs, files, tmp_path):
     out = tmp_path / "s"
-    argv = ["search", "--model", tiny_dirs["gpt2"], "--out", str(out), "--loss-budget", "0.5", "--method", "wanda",
-            "--ablation", "zero", "--calib-texts", files["good"], "--calib-tokens", "300"]
+    argv = [
+        "search",
+        "--model",
+        tiny_dirs["gpt2"],
+        "--out",
+        str(out),
+        "--loss-budget",
+        "0.5",
+        "--method",
+        "wanda",
+        "--ablation",
+        "zero",
+        "--calib-texts",
+        files["good"],
+        "--calib-tokens",
+        "300",
+    ]
     assert cli.main(argv) == 0
     doc = json.loads((out / "search.json").read_text())
     # calibrated on the user's file: every default set is out-of-domain, so the budget applies to all of them

@@ -18,7 +18,9 @@ def test_weight_export_document_and_csv(tiny_model, tmp_path):
     assert doc["settings"] == {"near_zero_threshold": 0.01} and doc["created"].endswith("+00:00")
     assert doc["result"]["total_parameters"] == wa.total_parameters
     table = pd.read_csv(csv_path)
-    pd.testing.assert_frame_equal(table[["layer", "neuron", "w_out_norm"]], wa.neurons[["layer", "neuron", "w_out_norm"]], check_dtype=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(
+        table[["layer", "neuron", "w_out_norm"]], wa.neurons[["layer", "neuron", "w_out_norm"]], check_dtype=False, rtol=1e-6
+    )
     assert len(doc["result"]["neurons"]) == len(table)
 
 
@@ -178,8 +180,13 @@ def test_write_set_rename_failure_removes_files_that_were_new(tmp_path, monkeypa
 
     monkeypatch.setattr(export.os, "replace", replace)
     with pytest.raises(PermissionError):
-        export.write_set({tmp_path / "first.json": {"a": 1}, tmp_path / "old.json": {"keep": False},
-                          tmp_path / "third.csv": pd.DataFrame({"x": [1]})})
+        export.write_set(
+            {
+                tmp_path / "first.json": {"a": 1},
+                tmp_path / "old.json": {"keep": False},
+                tmp_path / "third.csv": pd.DataFrame({"x": [1]}),
+            }
+        )
     monkeypatch.undo()
     assert _snapshot(tmp_path) == before
 

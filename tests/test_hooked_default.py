@@ -76,8 +76,21 @@ def test_analysis_workflow_and_analyze_command_on_hooked_default(hooked_default,
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(t[:400] for t in ns.evaluation_texts()[:2]) + "\n")
     out = tmp_path / "report"
-    rc = cli.main(["analyze", "--model", "hooked:default", "--texts", str(texts), "--out", str(out),
-                   "--n-candidates", "2", "--max-texts", "2"])
+    rc = cli.main(
+        [
+            "analyze",
+            "--model",
+            "hooked:default",
+            "--texts",
+            str(texts),
+            "--out",
+            str(out),
+            "--n-candidates",
+            "2",
+            "--max-texts",
+            "2",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report

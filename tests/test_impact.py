@@ -31,11 +31,15 @@ def test_individual_impacts_equal_zeroed_weights_in_float64(tiny_model, tiny_dir
     a plain HF model with that neuron's output weights zeroed, metrics computed in float64."""
     model_dir = tiny_dirs[tiny_kind]
     pairs = [(0, 4), (2, 9), (1, 1)]
-    b = ns.batch_analysis(tiny_model, [{"layer_index": l, "neuron_index": n} for l, n in pairs], TEXTS, batch_size=2, progress=False)
+    b = ns.batch_analysis(
+        tiny_model, [{"layer_index": l, "neuron_index": n} for l, n in pairs], TEXTS, batch_size=2, progress=False
+    )
     tokens = tokenize(tiny_model, TEXTS)
     n_positions = sum(len(t) for t in tokens)
     for (layer, neuron), row in zip(pairs, b.individual.itertuples()):
-        impact, loss, top1, clean, pruned = impact_reference(model_dir, tokens, lambda hf: zero_output_weights(hf, layer, [neuron]))
+        impact, loss, top1, clean, pruned = impact_reference(
+            model_dir, tokens, lambda hf: zero_output_weights(hf, layer, [neuron])
+        )
         for batch_size, got in [(2, row), (1, ns.simulate_pruning(tiny_model, layer, [neuron], TEXTS, batch_size=1))]:
             eta = bridge_noise(tiny_model, model_dir, tokens, batch_size)
             kl_tol, loss_tol = impact_tolerances(clean, pruned, tokens, eta)
@@ -112,7 +116,9 @@ def test_mean_ablation_equals_bias_folded_weights(tiny_model, tiny_dirs, tiny_ki
     torch.testing.assert_close(values.double(), means64, rtol=0, atol=64 * FP32_EPS * float(means64.abs().max() + 1))
     r = ns.simulate_pruning(tiny_model, layer, neurons, TEXTS, ablation="mean", calib_texts=calib)
     tokens = tokenize(tiny_model, TEXTS)
-    impact, loss, _, clean, pruned = impact_reference(model_dir, tokens, lambda hf: fold_mean_into_bias(hf, layer, neurons, means64.float()))
+    impact, loss, _, clean, pruned = impact_reference(
+        model_dir, tokens, lambda hf: fold_mean_into_bias(hf, layer, neurons, means64.float())
+    )
     eta = bridge_noise(tiny_model, model_dir, tokens, 1)
     kl_tol, loss_tol = impact_tolerances(clean, pruned, tokens, eta)
     assert abs(r.impact_score - impact) <= kl_tol and abs(r.loss_change - loss) <= loss_tol
@@ -131,8 +137,10 @@ def test_residual_changes_equal_zeroed_weights(tiny_model, tiny_dirs, tiny_kind)
     def block_outputs(hf):
         blocks = hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
         out = {}
-        handles = [blk.register_forward_hook(lambda m, a, o, k=k: out.__setitem__(k, (o[0] if isinstance(o, tuple) else o)[0].double()))
-                   for k, blk in enumerate(blocks)]
+        handles = [
+            blk.register_forward_hook(lambda m, a, o, k=k: out.__setitem__(k, (o[0] if isinstance(o, tuple) else o)[0].double()))
+            for k, blk in enumerate(blocks)
+        ]
         hf_logits(hf, ids)
         for h in handles:
             h.remove()
@@ -164,7 +172,9 @@ def test_batching_does_not_change_results(tiny_model, tiny_dirs, tiny_kind):
     b = ns.simulate_pruning(tiny_model, 0, [1, 2], texts, batch_size=3)
     tokens = tokenize(tiny_model, texts)
     _, _, _, clean, pruned = impact_reference(tiny_dirs[tiny_kind], tokens, lambda hf: zero_output_weights(hf, 0, [1, 2]))
-    eta = max(bridge_noise(tiny_model, tiny_dirs[tiny_kind], tokens, 1), bridge_noise(tiny_model, tiny_dirs[tiny_kind], tokens, 3))
+    eta = max(
+        bridge_noise(tiny_model, tiny_dirs[tiny_kind], tokens, 1), bridge_noise(tiny_model, tiny_dirs[tiny_kind], tokens, 3)
+    )
     kl_tol, loss_tol = impact_tolerances(clean, pruned, tokens, eta, runs=2)
     assert abs(a.impact_score - b.impact_score) <= kl_tol
     assert abs(a.loss_change - b.loss_change) <= loss_tol

@@ -117,7 +117,10 @@ def test_tokens_per_text_at_context_and_one_past(model):
     longer = next(text + extra for extra in (" x", "x", ".", " ") if count(text + extra) == n_ctx + 1)
     r = c.post(f"{P}/impact-analysis", json={"layer_index": 0, "neuron_indices": [0], "input_text": longer})
     assert r.status_code == 400
-    assert r.json()["detail"] == f"texts[0] has {n_ctx + 1} tokens, more than the model's context of {n_ctx}; texts must have 1..{n_ctx} tokens (split long documents first)."
+    assert (
+        r.json()["detail"]
+        == f"texts[0] has {n_ctx + 1} tokens, more than the model's context of {n_ctx}; texts must have 1..{n_ctx} tokens (split long documents first)."
+    )
 
 
 def test_concurrent_analyses_queue_one_at_a_time(live, model, monkeypatch):
@@ -157,17 +160,42 @@ def test_lock_wait_within_and_past_the_timeout(model):
         assert httpx.post(srv.url + P + "/impact-analysis", json=body, timeout=60).status_code == 200
         with srv.state.lock:  # busy for longer than 1.5 s
             r = httpx.post(srv.url + P + "/impact-analysis", json=body, timeout=60)
-        assert r.status_code == 503 and r.json() == {"detail": "the model is busy with other analyses; waited 1.5 s, try again later."}
+        assert r.status_code == 503 and r.json() == {
+            "detail": "the model is busy with other analyses; waited 1.5 s, try again later."
+        }
         assert httpx.post(srv.url + P + "/impact-analysis", json=body, timeout=60).status_code == 200
 
 
 def test_every_limit_is_a_serve_flag():
     _, cfg = parse_args(
-        ["serve", "--max-texts", "3", "--max-tokens", "50", "--max-candidates", "4", "--max-batch-size", "2",
-         "--max-top-k", "7", "--max-body-bytes", "999", "--lock-timeout-s", "2.5"]
+        [
+            "serve",
+            "--max-texts",
+            "3",
+            "--max-tokens",
+            "50",
+            "--max-candidates",
+            "4",
+            "--max-batch-size",
+            "2",
+            "--max-top-k",
+            "7",
+            "--max-body-bytes",
+            "999",
+            "--lock-timeout-s",
+            "2.5",
+        ]
     )
     s = cfg.settings
-    assert (s.max_texts, s.max_tokens, s.max_candidates, s.max_batch_size, s.max_top_k, s.max_body_bytes, s.lock_timeout_s) == (3, 50, 4, 2, 7, 999, 2.5)
+    assert (s.max_texts, s.max_tokens, s.max_candidates, s.max_batch_size, s.max_top_k, s.max_body_bytes, s.lock_timeout_s) == (
+        3,
+        50,
+        4,
+        2,
+        7,
+        999,
+        2.5,
+    )
     defaults = parse_args(["serve"])[1].settings
     assert defaults == AppSettings()
     for flag in ("--max-texts", "--max-tokens", "--max-candidates", "--max-batch-size", "--max-top-k", "--max-body-bytes"):

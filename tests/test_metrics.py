@@ -45,7 +45,9 @@ def test_top1_agreement():
     assert metrics.top1_agree(a, b).tolist() == [[1.0, 0.0]]
 
 
-@pytest.mark.parametrize("impact,verdict", [(0.0, "safe"), (0.0999, "safe"), (0.1, "moderate"), (0.2999, "moderate"), (0.3, "high"), (5.0, "high")])
+@pytest.mark.parametrize(
+    "impact,verdict", [(0.0, "safe"), (0.0999, "safe"), (0.1, "moderate"), (0.2999, "moderate"), (0.3, "high"), (5.0, "high")]
+)
 def test_default_verdicts(impact, verdict):
     assert metrics.ImpactThresholds().verdict(impact) == verdict
 

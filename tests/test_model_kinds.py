@@ -22,15 +22,30 @@ from neuronscope_tl.activations import activation_grams
 from neuronscope_tl.hooks import ablation_hook, attached_hooks, hook_count, mlp_post_name
 
 from conftest import (
-    FP32_EPS, HAS_HOOKED, PROBE_TEXT, build_hooked, kl64, kl_tolerance, load_hf, logit_noise, nll64, nll_tolerance, stat_tolerances,
-    processed_copy, requires_hooked,
+    FP32_EPS,
+    HAS_HOOKED,
+    PROBE_TEXT,
+    build_hooked,
+    kl64,
+    kl_tolerance,
+    load_hf,
+    logit_noise,
+    nll64,
+    nll_tolerance,
+    stat_tolerances,
+    processed_copy,
+    requires_hooked,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CALIB = ns.lee_articles()[:2]
-EXPECTED = {"bridge-llama": arch.LlamaArch, "bridge-gpt2": arch.GPT2Arch, "hooked-llama": arch.HookedArch,
-            "hooked-gpt2": arch.HookedArch}
+EXPECTED = {
+    "bridge-llama": arch.LlamaArch,
+    "bridge-gpt2": arch.GPT2Arch,
+    "hooked-llama": arch.HookedArch,
+    "hooked-gpt2": arch.HookedArch,
+}
 
 
 def hooked_logits(model, tokens, hooks):
@@ -177,7 +192,10 @@ def test_wrong_hook_post_width_is_refused(tiny_dirs):
     """A TransformerLens model whose mlp.hook_post is not d_mlp wide (here: a config that disagrees with the MLP)."""
     model = ns.load_model(tiny_dirs["llama"])
     model.cfg.d_mlp = 40
-    with pytest.raises(ValueError, match=r"not a supported model kind \(mlp.hook_post is \[48\] wide, not d_mlp=40\); supported: .*HookedTransformer.*Gemma 3.*Llama-style.*GPT-2-style"):
+    with pytest.raises(
+        ValueError,
+        match=r"not a supported model kind \(mlp.hook_post is \[48\] wide, not d_mlp=40\); supported: .*HookedTransformer.*Gemma 3.*Llama-style.*GPT-2-style",
+    ):
         ns.analyze_weights(model)
 
 
@@ -187,8 +205,9 @@ def test_encoder_bridge_is_refused(tmp_path):
     from conftest import build_tokenizer
 
     tok = build_tokenizer()
-    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32)).save_pretrained(tmp_path)
+    BertForMaskedLM(
+        BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     try:
         model = ns.load_model(str(tmp_path))
@@ -226,8 +245,9 @@ def test_processed_weights_are_labelled_and_raw_statistics_refused(hooked_models
 def test_hooked_model_without_mlps_is_refused():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=1, d_model=16, d_head=4, n_heads=4, d_vocab=64, n_ctx=16, attn_only=True,
-                                  act_fn="relu")
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=16, d_head=4, n_heads=4, d_vocab=64, n_ctx=16, attn_only=True, act_fn="relu"
+    )
     with pytest.raises(ValueError, match="HookedTransformer is not a supported model kind .*supported: "):
         ns.mlp_info(HookedTransformer(cfg))
 
@@ -296,8 +316,20 @@ def test_search_and_candidates_on_every_kind(kind_model):
 
     km, model = kind_model, kind_model.model
     evalt = ns.lee_articles()[200:202]
-    res = ns.search_pruning(model, 0.5, "wanda", "zero", eval_texts=evalt, calib_texts=CALIB, calib_tokens=128,
-                            window=32, every=1, bf16=False, step=0.2, min_step=0.1)
+    res = ns.search_pruning(
+        model,
+        0.5,
+        "wanda",
+        "zero",
+        eval_texts=evalt,
+        calib_texts=CALIB,
+        calib_tokens=128,
+        window=32,
+        every=1,
+        bf16=False,
+        step=0.2,
+        min_step=0.1,
+    )
     assert res.perplexity <= res.budget_perplexity
     wins = eval_windows(model, evalt, 32, 1)
     ref, pruned = km.reference(), km.reference()

@@ -88,8 +88,11 @@ def test_neuron_map_pixels_are_layer_percentiles():
         for rank, neuron in enumerate(order):
             y, x = layer * 4 + 2, neuron
             assert plots.map_cell(x, y, (3, 10), row_px=4) == (layer, neuron)
-            expected = plots.SELECTED_RGB if (layer, neuron) == (2, 7) else tuple(
-                (np.array(colormaps["viridis"](rank / 9)[:3]) * 255).astype(np.uint8))
+            expected = (
+                plots.SELECTED_RGB
+                if (layer, neuron) == (2, 7)
+                else tuple((np.array(colormaps["viridis"](rank / 9)[:3]) * 255).astype(np.uint8))
+            )
             assert tuple(img[y, x]) == tuple(expected)
     assert plots.map_cell(10, 0, (3, 10), row_px=4) is None and plots.map_cell(0, 12, (3, 10), row_px=4) is None
 
@@ -98,8 +101,15 @@ def test_curve_figure_shows_ratio_to_dense_with_random_spread(tiny_dirs, tmp_pat
     from conftest import save_tiny
 
     model = ns.load_model(save_tiny(tmp_path / "m", "gpt2", n_positions=1024))
-    res = ns.curves.prune_curve(model, ["wanda", "random"], [0.1, 0.3], calib_tokens=200, precision="fp32",
-                                eval_texts=ns.evaluation_texts()[:2], seeds=(0, 1))
+    res = ns.curves.prune_curve(
+        model,
+        ["wanda", "random"],
+        [0.1, 0.3],
+        calib_tokens=200,
+        precision="fp32",
+        eval_texts=ns.evaluation_texts()[:2],
+        seeds=(0, 1),
+    )
     fig = plots.curve_figure(res)
     ax = fig.axes[0]
     assert "x dense" in ax.get_ylabel()

@@ -112,7 +112,9 @@ HUGE = [2**63, -(2**63) - 1, 2**64, 10**30, -(10**30), 10**400, -(10**400), 2**1
 numbers_st = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.floats(-2.0, 2.0),
-    st.sampled_from([0.0, -0.0, 1e-300, 0.5, 1.0, 0.9999999999, 100.0, 100.0000001, 1e308, -1e308, math.inf, -math.inf, math.nan]),
+    st.sampled_from(
+        [0.0, -0.0, 1e-300, 0.5, 1.0, 0.9999999999, 100.0, 100.0000001, 1e308, -1e308, math.inf, -math.inf, math.nan]
+    ),
     st.integers(-5, 300),
     st.integers(-(10**400), 10**400),
     st.sampled_from(HUGE),
@@ -132,7 +134,9 @@ def invalid(values, oracle):
 
 
 layer_ok = int_in(0, N_LAYERS - 1)
-layer_any = st.one_of(st.integers(-3, N_LAYERS + 2), st.sampled_from(HUGE), st.builds(np.int64, st.integers(-1, N_LAYERS)), weird, st.floats(0, 3))
+layer_any = st.one_of(
+    st.integers(-3, N_LAYERS + 2), st.sampled_from(HUGE), st.builds(np.int64, st.integers(-1, N_LAYERS)), weird, st.floats(0, 3)
+)
 valid_layer = st.one_of(st.integers(0, N_LAYERS - 1), st.builds(np.int64, st.integers(0, N_LAYERS - 1)))
 invalid_layer = invalid(layer_any, layer_ok)
 
@@ -151,14 +155,18 @@ invalid_neurons = st.one_of(
 # Valid texts fit the 128-token context: byte-level BPE makes at most one token per byte, <= 4 bytes per char.
 short_text = st.text(max_size=30).filter(lambda t: t.strip())
 valid_text = st.one_of(short_text, st.just(PROBE_TEXT), st.just("word " * 20))
-valid_texts = st.one_of(valid_text, st.lists(valid_text, min_size=1, max_size=3), st.lists(valid_text, min_size=1, max_size=2).map(tuple))
+valid_texts = st.one_of(
+    valid_text, st.lists(valid_text, min_size=1, max_size=3), st.lists(valid_text, min_size=1, max_size=2).map(tuple)
+)
 whitespace = st.text(alphabet=" \t\n\r\x0b\x0c\u00a0\u2003\u3000", max_size=8)
 too_long = st.just("word " * 200)  # > n_ctx tokens
 invalid_text = st.one_of(whitespace, too_long)
 invalid_texts = st.one_of(
     invalid_text,
     st.just([]),
-    st.lists(st.one_of(valid_text, invalid_text), min_size=1, max_size=3).filter(lambda ts: any(not t.strip() or len(t) > 100 for t in ts)),
+    st.lists(st.one_of(valid_text, invalid_text), min_size=1, max_size=3).filter(
+        lambda ts: any(not t.strip() or len(t) > 100 for t in ts)
+    ),
     st.lists(st.one_of(valid_text, st.sampled_from([None, 1.5, b"x", True, object()])), min_size=1, max_size=3).filter(
         lambda ts: any(not isinstance(t, str) for t in ts)
     ),
@@ -233,18 +241,34 @@ def n_texts_of(texts) -> int:
 
 # ---------------------------------------------------------------------------------------------- simulate_pruning
 
-SIM_GOOD = {"layer": valid_layer, "neurons": valid_neurons, "texts": valid_texts, "ablation": valid_ablation, "batch_size": valid_batch}
-SIM_BAD = {"layer": invalid_layer, "neurons": invalid_neurons, "texts": invalid_texts, "ablation": invalid_ablation, "batch_size": invalid_batch}
+SIM_GOOD = {
+    "layer": valid_layer,
+    "neurons": valid_neurons,
+    "texts": valid_texts,
+    "ablation": valid_ablation,
+    "batch_size": valid_batch,
+}
+SIM_BAD = {
+    "layer": invalid_layer,
+    "neurons": invalid_neurons,
+    "texts": invalid_texts,
+    "ablation": invalid_ablation,
+    "batch_size": invalid_batch,
+}
 
 
 def simulate(model, a):
-    return ns.simulate_pruning(model, a["layer"], a["neurons"], a["texts"], ablation=a["ablation"], batch_size=a["batch_size"], calib_texts=[PROBE_TEXT])
+    return ns.simulate_pruning(
+        model, a["layer"], a["neurons"], a["texts"], ablation=a["ablation"], batch_size=a["batch_size"], calib_texts=[PROBE_TEXT]
+    )
 
 
 @examples(60)
 @given(a=st.fixed_dictionaries(SIM_GOOD))
 def test_simulate_pruning_valid(model, baseline, a):
-    expect_ok(model, baseline, lambda: simulate(model, a), lambda r: impact_ok(r, a["layer"], a["neurons"], n_texts_of(a["texts"])))
+    expect_ok(
+        model, baseline, lambda: simulate(model, a), lambda r: impact_ok(r, a["layer"], a["neurons"], n_texts_of(a["texts"]))
+    )
 
 
 @examples(80)
@@ -279,19 +303,34 @@ def test_pruning_candidates_invalid(model, baseline, threshold):
 # ---------------------------------------------------------------------------------------------- neuron_importance
 
 IMP_GOOD = {
-    "texts": valid_texts, "layer": st.one_of(st.none(), valid_layer), "top_k": st.one_of(st.integers(1, 200), st.just(10**30)),
-    "batch_size": valid_batch, "active_threshold": st.one_of(st.floats(0, 10), st.just(0)), "max_tokens": st.one_of(st.none(), st.integers(1, 300)),
+    "texts": valid_texts,
+    "layer": st.one_of(st.none(), valid_layer),
+    "top_k": st.one_of(st.integers(1, 200), st.just(10**30)),
+    "batch_size": valid_batch,
+    "active_threshold": st.one_of(st.floats(0, 10), st.just(0)),
+    "max_tokens": st.one_of(st.none(), st.integers(1, 300)),
 }
 IMP_BAD = {
-    "texts": invalid_texts, "layer": invalid_layer.filter(lambda l: l is not None),  # None: every layer
-    "top_k": invalid(numbers_st, int_in(1)), "batch_size": invalid_batch,
-    "active_threshold": invalid(numbers_st, real_in(0, None)), "max_tokens": invalid(numbers_st, tokens_ok),
+    "texts": invalid_texts,
+    "layer": invalid_layer.filter(lambda l: l is not None),  # None: every layer
+    "top_k": invalid(numbers_st, int_in(1)),
+    "batch_size": invalid_batch,
+    "active_threshold": invalid(numbers_st, real_in(0, None)),
+    "max_tokens": invalid(numbers_st, tokens_ok),
 }
 
 
 def importance(model, a):
-    return ns.neuron_importance(model, a["texts"], layer_index=a["layer"], top_k=a["top_k"], batch_size=a["batch_size"],
-                                active_threshold=a["active_threshold"], max_tokens=a["max_tokens"], progress=False)
+    return ns.neuron_importance(
+        model,
+        a["texts"],
+        layer_index=a["layer"],
+        top_k=a["top_k"],
+        batch_size=a["batch_size"],
+        active_threshold=a["active_threshold"],
+        max_tokens=a["max_tokens"],
+        progress=False,
+    )
 
 
 @examples(40)
@@ -324,7 +363,9 @@ valid_layers = st.one_of(
 )
 invalid_layers = st.one_of(
     st.just([]),
-    st.lists(layer_any, min_size=1, max_size=4).filter(lambda ls: len(set(map(repr, ls))) < len(ls) or not all(layer_ok(l) for l in ls)),
+    st.lists(layer_any, min_size=1, max_size=4).filter(
+        lambda ls: len(set(map(repr, ls))) < len(ls) or not all(layer_ok(l) for l in ls)
+    ),
     # a bare value, not a list (None means every layer; a list such as [1] is a valid list of layers)
     invalid_layer.filter(lambda l: l is not None and not isinstance(l, list)),
 )
@@ -366,11 +407,17 @@ invalid_candidates = st.one_of(
 
 
 def batch(model, a):
-    return ns.batch_analysis(model, a["candidates"], a["texts"], a["batch_size"], a["ablation"], calib_texts=[PROBE_TEXT], progress=False)
+    return ns.batch_analysis(
+        model, a["candidates"], a["texts"], a["batch_size"], a["ablation"], calib_texts=[PROBE_TEXT], progress=False
+    )
 
 
 @examples(30)
-@given(a=st.fixed_dictionaries({"candidates": valid_candidates, "texts": valid_texts, "ablation": valid_ablation, "batch_size": valid_batch}))
+@given(
+    a=st.fixed_dictionaries(
+        {"candidates": valid_candidates, "texts": valid_texts, "ablation": valid_ablation, "batch_size": valid_batch}
+    )
+)
 def test_batch_analysis_valid(model, baseline, a):
     def ok(r):
         n = len(a["candidates"])
@@ -385,10 +432,12 @@ def test_batch_analysis_valid(model, baseline, a):
 
 
 @examples(60)
-@given(a=corrupted(
-    {"candidates": valid_candidates, "texts": valid_texts, "ablation": valid_ablation, "batch_size": valid_batch},
-    {"candidates": invalid_candidates, "texts": invalid_texts, "ablation": invalid_ablation, "batch_size": invalid_batch},
-))
+@given(
+    a=corrupted(
+        {"candidates": valid_candidates, "texts": valid_texts, "ablation": valid_ablation, "batch_size": valid_batch},
+        {"candidates": invalid_candidates, "texts": invalid_texts, "ablation": invalid_ablation, "batch_size": invalid_batch},
+    )
+)
 def test_batch_analysis_invalid(model, baseline, a):
     expect_refused(model, baseline, lambda: batch(model, a))
 
@@ -410,8 +459,12 @@ def test_analyze_weights_valid(model, baseline, near_zero, bins):
 
 
 @examples(60)
-@given(a=corrupted({"near_zero": valid(numbers_st, near_zero_ok), "bins": st.integers(1, 100)},
-                   {"near_zero": invalid(numbers_st, near_zero_ok), "bins": invalid(numbers_st, bins_ok)}))
+@given(
+    a=corrupted(
+        {"near_zero": valid(numbers_st, near_zero_ok), "bins": st.integers(1, 100)},
+        {"near_zero": invalid(numbers_st, near_zero_ok), "bins": invalid(numbers_st, bins_ok)},
+    )
+)
 def test_analyze_weights_invalid(model, baseline, a):
     expect_refused(model, baseline, lambda: ns.analyze_weights(model, a["near_zero"], a["bins"]))
 
@@ -498,7 +551,12 @@ def test_window_follows_its_oracle(model, baseline, window):
         wins = evaluation.eval_windows(model, [PROBE_TEXT], window)
         assert wins.window == window and all(2 <= t.numel() <= window for t in wins.tokens)
     else:
-        expect_refused(model, baseline, lambda: evaluation.evaluate_perplexity(model, [PROBE_TEXT], window=window), match=rf"window must be an integer in \[2, {N_CTX}\]")
+        expect_refused(
+            model,
+            baseline,
+            lambda: evaluation.evaluate_perplexity(model, [PROBE_TEXT], window=window),
+            match=rf"window must be an integer in \[2, {N_CTX}\]",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -514,43 +572,113 @@ def refusals(model, score_result, tmp_path_factory):
     return {
         "sparsity": (lambda v: curves.prune_curve(model, ["wanda"], [v]), r"sparsity must be a number in \[0, 1\)"),
         "select sparsity": (lambda v: selection.select_neurons(model, None, "wanda", v), r"\[0, 1\)"),
-        "max_sparsity": (lambda v: search.search_pruning(model, 0.05, "wanda", max_sparsity=v), r"max_sparsity must be a number in \[0, 1\)"),
+        "max_sparsity": (
+            lambda v: search.search_pruning(model, 0.05, "wanda", max_sparsity=v),
+            r"max_sparsity must be a number in \[0, 1\)",
+        ),
         "step": (lambda v: search.search_pruning(model, 0.05, "wanda", step=v), r"step must be a number in \(0, 1\)"),
         "min_step": (lambda v: search.search_pruning(model, 0.05, "wanda", min_step=v), r"min_step must be"),
         "loss_budget": (lambda v: search.search_pruning(model, v, "wanda"), "loss_budget"),
         "every": (lambda v: evaluation.evaluate_perplexity(model, [PROBE_TEXT], window=64, every=v), r"every .* >= 1"),
-        "seed": (lambda v: evaluation.evaluate_perplexity(model, [PROBE_TEXT], window=64, seed=v), r"seed must be an integer in \[0, "),
+        "seed": (
+            lambda v: evaluation.evaluate_perplexity(model, [PROBE_TEXT], window=64, seed=v),
+            r"seed must be an integer in \[0, ",
+        ),
         "seeds": (lambda v: curves.prune_curve(model, ["random"], [0.1], seeds=[v]), r"seed must be an integer in \[0, "),
-        "calib_tokens": (lambda v: selection.calibrate(model, [PROBE_TEXT], calib_tokens=v), r"calib_tokens must be None .* >= 1"),
-        "prune calib_tokens": (lambda v: surgery.prune_model(model, {0: [1]}, calib_tokens=v), r"calib_tokens must be None .* >= 1"),
-        "top_k_contexts": (lambda v: scoring.score_neurons(model, [PROBE_TEXT], top_k_contexts=v), r"top_k_contexts must be an integer in \[1, "),
-        "score max_tokens": (lambda v: scoring.score_neurons(model, [PROBE_TEXT], max_tokens=v), r"max_tokens must be None .* >= 1"),
-        "score batch_size": (lambda v: scoring.score_neurons(model, [PROBE_TEXT], batch_size=v), r"batch_size must be an integer >= 1"),
+        "calib_tokens": (
+            lambda v: selection.calibrate(model, [PROBE_TEXT], calib_tokens=v),
+            r"calib_tokens must be None .* >= 1",
+        ),
+        "prune calib_tokens": (
+            lambda v: surgery.prune_model(model, {0: [1]}, calib_tokens=v),
+            r"calib_tokens must be None .* >= 1",
+        ),
+        "top_k_contexts": (
+            lambda v: scoring.score_neurons(model, [PROBE_TEXT], top_k_contexts=v),
+            r"top_k_contexts must be an integer in \[1, ",
+        ),
+        "score max_tokens": (
+            lambda v: scoring.score_neurons(model, [PROBE_TEXT], max_tokens=v),
+            r"max_tokens must be None .* >= 1",
+        ),
+        "score batch_size": (
+            lambda v: scoring.score_neurons(model, [PROBE_TEXT], batch_size=v),
+            r"batch_size must be an integer >= 1",
+        ),
         "validate n": (lambda v: scoring.validate_scores(model, None, [PROBE_TEXT], n=v), r"n must be an integer in \[2, "),
-        "validate seed": (lambda v: scoring.validate_scores(model, None, [PROBE_TEXT], n=4, seed=v), r"seed must be an integer in \[0, "),
-        "validate max_tokens": (lambda v: scoring.validate_scores(model, None, [PROBE_TEXT], n=4, max_tokens=v), r"max_tokens must be None .* >= 1"),
-        "context window": (lambda v: scoring.top_contexts(score_result, 0, 1, window=v), r"window .* must be an integer in \[0, "),
-        "ablate stack": (lambda v: ablation.ablate_each(model, [(0, 1)], [PROBE_TEXT], stack=v), r"stack must be an integer >= 1"),
-        "ablate max_tokens": (lambda v: ablation.ablate_each(model, [(0, 1)], [PROBE_TEXT], max_tokens=v), r"max_tokens must be None .* >= 1"),
-        "importance top_k": (lambda v: ns.neuron_importance(model, [PROBE_TEXT], top_k=v, progress=False), r"top_k must be an integer >= 1"),
-        "importance max_tokens": (lambda v: ns.neuron_importance(model, [PROBE_TEXT], max_tokens=v, progress=False), r"max_tokens must be None .* >= 1"),
-        "active_threshold": (lambda v: ns.neuron_importance(model, [PROBE_TEXT], active_threshold=v, progress=False), r"active_threshold must be a finite number >= 0"),
-        "stream max_tokens": (lambda v: ns.stream_activations(model, [PROBE_TEXT], max_tokens=v, progress=False), r"max_tokens must be None .* >= 1"),
-        "latency_tokens": (lambda v: surgery.save_pruned(model, spec, out, latency_tokens=v), r"latency_tokens must be an integer >= 1"),
-        "latency_repeats": (lambda v: surgery.save_pruned(model, spec, out, latency_repeats=v), r"latency_repeats must be an integer in \[1, 1000\]"),
+        "validate seed": (
+            lambda v: scoring.validate_scores(model, None, [PROBE_TEXT], n=4, seed=v),
+            r"seed must be an integer in \[0, ",
+        ),
+        "validate max_tokens": (
+            lambda v: scoring.validate_scores(model, None, [PROBE_TEXT], n=4, max_tokens=v),
+            r"max_tokens must be None .* >= 1",
+        ),
+        "context window": (
+            lambda v: scoring.top_contexts(score_result, 0, 1, window=v),
+            r"window .* must be an integer in \[0, ",
+        ),
+        "ablate stack": (
+            lambda v: ablation.ablate_each(model, [(0, 1)], [PROBE_TEXT], stack=v),
+            r"stack must be an integer >= 1",
+        ),
+        "ablate max_tokens": (
+            lambda v: ablation.ablate_each(model, [(0, 1)], [PROBE_TEXT], max_tokens=v),
+            r"max_tokens must be None .* >= 1",
+        ),
+        "importance top_k": (
+            lambda v: ns.neuron_importance(model, [PROBE_TEXT], top_k=v, progress=False),
+            r"top_k must be an integer >= 1",
+        ),
+        "importance max_tokens": (
+            lambda v: ns.neuron_importance(model, [PROBE_TEXT], max_tokens=v, progress=False),
+            r"max_tokens must be None .* >= 1",
+        ),
+        "active_threshold": (
+            lambda v: ns.neuron_importance(model, [PROBE_TEXT], active_threshold=v, progress=False),
+            r"active_threshold must be a finite number >= 0",
+        ),
+        "stream max_tokens": (
+            lambda v: ns.stream_activations(model, [PROBE_TEXT], max_tokens=v, progress=False),
+            r"max_tokens must be None .* >= 1",
+        ),
+        "latency_tokens": (
+            lambda v: surgery.save_pruned(model, spec, out, latency_tokens=v),
+            r"latency_tokens must be an integer >= 1",
+        ),
+        "latency_repeats": (
+            lambda v: surgery.save_pruned(model, spec, out, latency_repeats=v),
+            r"latency_repeats must be an integer in \[1, 1000\]",
+        ),
     }
 
 
 ORACLES = {
-    "sparsity": real_in(0, 1, high_open=True), "select sparsity": real_in(0, 1, high_open=True),
-    "max_sparsity": real_in(0, 1, high_open=True), "step": real_in(0, 1, low_open=True, high_open=True),
-    "min_step": real_in(0, Fraction(0.05), low_open=True), "loss_budget": real_in(0, None, low_open=True),
-    "every": int_in(1), "seed": int_in(0, 2**63 - 1), "seeds": int_in(0, 2**63 - 1), "calib_tokens": tokens_ok,
-    "prune calib_tokens": tokens_ok, "top_k_contexts": int_in(1, scoring.MAX_TOP_K), "score max_tokens": tokens_ok,
-    "score batch_size": int_in(1), "validate n": int_in(2, N_LAYERS * D_MLP), "validate seed": int_in(0, 2**63 - 1),
-    "validate max_tokens": tokens_ok, "context window": int_in(0, scoring.MAX_CONTEXT), "ablate stack": int_in(1),
-    "ablate max_tokens": tokens_ok, "importance top_k": int_in(1), "importance max_tokens": tokens_ok,
-    "active_threshold": real_in(0, None), "stream max_tokens": tokens_ok, "latency_tokens": int_in(1),
+    "sparsity": real_in(0, 1, high_open=True),
+    "select sparsity": real_in(0, 1, high_open=True),
+    "max_sparsity": real_in(0, 1, high_open=True),
+    "step": real_in(0, 1, low_open=True, high_open=True),
+    "min_step": real_in(0, Fraction(0.05), low_open=True),
+    "loss_budget": real_in(0, None, low_open=True),
+    "every": int_in(1),
+    "seed": int_in(0, 2**63 - 1),
+    "seeds": int_in(0, 2**63 - 1),
+    "calib_tokens": tokens_ok,
+    "prune calib_tokens": tokens_ok,
+    "top_k_contexts": int_in(1, scoring.MAX_TOP_K),
+    "score max_tokens": tokens_ok,
+    "score batch_size": int_in(1),
+    "validate n": int_in(2, N_LAYERS * D_MLP),
+    "validate seed": int_in(0, 2**63 - 1),
+    "validate max_tokens": tokens_ok,
+    "context window": int_in(0, scoring.MAX_CONTEXT),
+    "ablate stack": int_in(1),
+    "ablate max_tokens": tokens_ok,
+    "importance top_k": int_in(1),
+    "importance max_tokens": tokens_ok,
+    "active_threshold": real_in(0, None),
+    "stream max_tokens": tokens_ok,
+    "latency_tokens": int_in(1),
     "latency_repeats": int_in(1, 1000),
 }
 

@@ -37,7 +37,7 @@ RUNS = [
 ]
 SPARSITY = 0.25
 
-RELOAD = textwrap.dedent('''
+RELOAD = textwrap.dedent("""
     import json, sys
     import numpy as np
     import torch
@@ -54,7 +54,7 @@ RELOAD = textwrap.dedent('''
                      "mlp_bias": bool(getattr(cfg, "mlp_bias", False))}
     assert not any(m == "neuronscope_tl" or m.startswith("neuronscope_tl.") for m in sys.modules), "imported neuronscope_tl"
     json.dump(out, open(sys.argv[2], "w"))
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,20 @@ def pruned(long_ctx_dirs, tmp_path_factory):
     for run in RUNS:
         kind, scope, ablation, method = run
         out = base / run_name(run)
-        argv = ["prune", "--model", long_ctx_dirs[kind], "--sparsity", str(SPARSITY), "--scope", scope,
-                "--calib-tokens", str(CALIB_TOKENS), "--no-evaluate", "--out", str(out)]
+        argv = [
+            "prune",
+            "--model",
+            long_ctx_dirs[kind],
+            "--sparsity",
+            str(SPARSITY),
+            "--scope",
+            scope,
+            "--calib-tokens",
+            str(CALIB_TOKENS),
+            "--no-evaluate",
+            "--out",
+            str(out),
+        ]
         argv += ["--ablation", ablation] if ablation else []
         argv += ["--method", method] if method else []
         assert cli.main(argv) == 0, argv
@@ -87,11 +99,19 @@ def pruned(long_ctx_dirs, tmp_path_factory):
         tokens = model.to_tokens(PROBE_TEXT)[0].tolist()
         jobs[run_name(run)] = {"dir": str(out), "tokens": tokens, "npy": str(base / f"{run_name(run)}.npy")}
     (base / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(base / "jobs.json"), str(base / "configs.json")],
-                          capture_output=True, text=True, timeout=300, cwd=str(base))
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(base / "jobs.json"), str(base / "configs.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(base),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     configs = json.loads((base / "configs.json").read_text())
-    return {run: (np.load(jobs[run_name(run)]["npy"]), configs[run_name(run)], reports[run], jobs[run_name(run)]["tokens"]) for run in RUNS}
+    return {
+        run: (np.load(jobs[run_name(run)]["npy"]), configs[run_name(run)], reports[run], jobs[run_name(run)]["tokens"])
+        for run in RUNS
+    }
 
 
 @pytest.mark.parametrize("run", RUNS, ids=run_name)

@@ -115,8 +115,15 @@ def test_unknown_or_bad_names_are_refused():
     with pytest.raises(ValueError, match="needs must be one of"):
         scores.register(Score("mine", "x", needs="tea", rank=lambda cal, ablation, seed: cal.column("rms")))
     with pytest.raises(ValueError, match="already defined"):
-        scores.register(Score("mine", "x", needs="activations", columns=(Column("wanda", lambda t, s: t["rms"]),),
-                              rank=lambda cal, ablation, seed: cal.column("rms")))
+        scores.register(
+            Score(
+                "mine",
+                "x",
+                needs="activations",
+                columns=(Column("wanda", lambda t, s: t["rms"]),),
+                rank=lambda cal, ablation, seed: cal.column("rms"),
+            )
+        )
     assert scores.METHODS == BUILT_IN
 
 
@@ -124,7 +131,9 @@ def test_a_registered_score_reaches_table_cli_and_curve(model, tmp_path, capsys)
     """One registration: its column joins the scoring pass and the validated cheap scores, its name the CLI's
     choices and defaults, and prune_curve ranks by it; removed again afterwards."""
     new = Score(
-        "w_in_rms", "||W_in row|| x RMS activation (an input-side Wanda, for this test)", needs="activations",
+        "w_in_rms",
+        "||W_in row|| x RMS activation (an input-side Wanda, for this test)",
+        needs="activations",
         columns=(Column("w_in_rms", lambda t, s: t["w_in_norm"] * t["rms"]),),
         rank=lambda cal, ablation, seed: cal.column("w_in_rms"),
     )
@@ -138,13 +147,17 @@ def test_a_registered_score_reaches_table_cli_and_curve(model, tmp_path, capsys)
         assert "w_in_rms" in cli.CurveConfig(out=str(tmp_path / "c")).methods
         _, cfg = cli.parse_args(["curve", "--out", str(tmp_path / "c"), "--methods", "w_in_rms,wanda"])
         assert cfg.methods == ["w_in_rms", "wanda"]
-        assert cli.parse_args(["prune", "--sparsity", "0.2", "--out", str(tmp_path / "p"), "--method", "w_in_rms"])[1].method == "w_in_rms"
+        assert (
+            cli.parse_args(["prune", "--sparsity", "0.2", "--out", str(tmp_path / "p"), "--method", "w_in_rms"])[1].method
+            == "w_in_rms"
+        )
         with pytest.raises(SystemExit):
             cli.parse_args(["curve", "--help"])
         assert f"one of {', '.join(BUILT_IN)}, w_in_rms;" in " ".join(capsys.readouterr().out.split())
 
-        res = curves.prune_curve(model, ["w_in_rms"], [0.25], eval_texts=EVAL, window=WINDOW, every=1,
-                                 calibration=cal, precision="fp32")
+        res = curves.prune_curve(
+            model, ["w_in_rms"], [0.25], eval_texts=EVAL, window=WINDOW, every=1, calibration=cal, precision="fp32"
+        )
         assert res.table.method.tolist() == ["w_in_rms"] and res.recommended["method"] == "w_in_rms"
         k = round(0.25 * cal.shape[1])
         assert res.runs.n_pruned.tolist() == [k * cal.shape[0]]

@@ -14,7 +14,14 @@ from neuronscope_tl.activations import DEFAULT_ACTIVE_THRESHOLD
 from neuronscope_tl.texts import tokenize
 
 from conftest import (
-    FP32_EPS, hf_logits, load_hf, logit_noise, nll64, single_and_padded_activations, stat_tolerances, zero_output_weights,
+    FP32_EPS,
+    hf_logits,
+    load_hf,
+    logit_noise,
+    nll64,
+    single_and_padded_activations,
+    stat_tolerances,
+    zero_output_weights,
 )
 
 TEXTS = [
@@ -24,6 +31,7 @@ TEXTS = [
     "Prices rose sharply.",
 ]
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads, and on a shared, loaded 2-core machine two OpenMP threads can make
@@ -32,7 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 def hf_weight_norms(model):
@@ -78,7 +85,9 @@ def test_columns_match_manual_numpy(tiny_model):
         assert_within(rows["var"], var, tol["var"], "var")
         assert_within(rows["rms"], rms, tol["rms"], "rms")
         assert_within(rows["max"], a.max(0), tol["max"], "max")
-        assert (np.abs(rows["frac_active"].to_numpy() - (np.abs(a) > DEFAULT_ACTIVE_THRESHOLD).mean(0)) <= tol["frac_active"]).all()
+        assert (
+            np.abs(rows["frac_active"].to_numpy() - (np.abs(a) > DEFAULT_ACTIVE_THRESHOLD).mean(0)) <= tol["frac_active"]
+        ).all()
         assert_within(rows["w_in_norm"], w_in[layer], rel_norm * w_in[layer], "w_in_norm")
         assert_within(rows["w_out_norm"], w_out[layer], rel_norm * w_out[layer], "w_out_norm")
         wo = w_out[layer]
@@ -100,7 +109,7 @@ def hf_taylor(hf, token_lists, layer, neuron, target):
         x = args[0].clone()
         a = x[..., neuron].detach().clone()
         col = x[..., neuron] + s * (target - x[..., neuron])
-        x = torch.cat([x[..., :neuron], col[..., None], x[..., neuron + 1:]], dim=-1)
+        x = torch.cat([x[..., :neuron], col[..., None], x[..., neuron + 1 :]], dim=-1)
         moved.append((col, a))
         return (x,)
 
@@ -166,7 +175,9 @@ def test_top_contexts_point_at_the_activations(tiny_model):
     ctx = scoring.top_contexts(result, layer, neuron, window=2)
     assert len(ctx) == 4
     assert ctx["activation"].is_monotonic_decreasing
-    assert ctx["activation"].iloc[0] == pytest.approx(result.table.iloc[layer * ns.mlp_info(tiny_model).d_mlp + neuron]["max"], rel=1e-6)
+    assert ctx["activation"].iloc[0] == pytest.approx(
+        result.table.iloc[layer * ns.mlp_info(tiny_model).d_mlp + neuron]["max"], rel=1e-6
+    )
     for row in ctx.itertuples():
         ids = tok[row.text_index]
         with torch.no_grad():
@@ -238,9 +249,13 @@ def test_validate_scores_against_simulate_pruning_and_scipy(tiny_model):
         cand = table.nsmallest(6, score, keep="first")["label"]
         sub = m[m["label"].isin(cand)]
         assert len(sub) == 6
-        assert v.spearman_candidates[score] == pytest.approx(scipy.stats.spearmanr(sub[score], sub["loss_change"]).statistic, abs=1e-9)
+        assert v.spearman_candidates[score] == pytest.approx(
+            scipy.stats.spearmanr(sub[score], sub["loss_change"]).statistic, abs=1e-9
+        )
         rnd = m[m["random"]]
-        assert v.spearman_random[score] == pytest.approx(scipy.stats.spearmanr(rnd[score], rnd["loss_change"]).statistic, abs=1e-9)
+        assert v.spearman_random[score] == pytest.approx(
+            scipy.stats.spearmanr(rnd[score], rnd["loss_change"]).statistic, abs=1e-9
+        )
     row = m.iloc[0]
     exact = ns.simulate_pruning(tiny_model, int(row["layer"]), [int(row["neuron"])], TEXTS[:2])
     assert row["loss_change"] == pytest.approx(exact.loss_change, abs=1e-6)
@@ -255,7 +270,9 @@ def test_validate_without_table_scores_the_ablated_tokens(tiny_model, tiny_dirs,
     Measured 0.98-0.99 on both tiny models; a score with the wrong sign gives about -0.98, and the magnitude scores
     (wanda, rms), which do not estimate the loss change, stay below 0.4 in absolute value here."""
     v = scoring.validate_scores(tiny_model, None, TEXTS[:2], n=24, scores=["taylor_zero"], max_tokens=None)
-    same = scoring.validate_scores(tiny_model, scoring.score_neurons(tiny_model, TEXTS[:2]), TEXTS[:2], n=24, scores=["taylor_zero"], max_tokens=None)
+    same = scoring.validate_scores(
+        tiny_model, scoring.score_neurons(tiny_model, TEXTS[:2]), TEXTS[:2], n=24, scores=["taylor_zero"], max_tokens=None
+    )
     assert v.spearman_random == pytest.approx(same.spearman_random, abs=1e-12)
     pd_cols = ["label", "taylor_zero", "loss_change"]
     assert v.measured[pd_cols].equals(same.measured[pd_cols])
@@ -270,7 +287,9 @@ def test_validate_without_table_scores_the_ablated_tokens(tiny_model, tiny_dirs,
         truth.append(float(torch.cat([nll64(hf_logits(hf, t), t) - c for t, c in zip(tokens, clean)]).mean()))
     rho = scipy.stats.spearmanr(rnd["taylor_zero"], truth).statistic
     assert rho >= 0.9, rho
-    assert v.spearman_random["taylor_zero"] == pytest.approx(scipy.stats.spearmanr(rnd["taylor_zero"], rnd["loss_change"]).statistic, abs=1e-9)
+    assert v.spearman_random["taylor_zero"] == pytest.approx(
+        scipy.stats.spearmanr(rnd["taylor_zero"], rnd["loss_change"]).statistic, abs=1e-9
+    )
 
 
 def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
@@ -283,7 +302,19 @@ def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS), encoding="utf-8")
     out = tmp_path / "out"
-    argv = ["score", "--model", tiny_dirs["llama"], "--calib-texts", str(texts), "--out", str(out), "--validate-n", "5", "--scores", "wanda,taylor_zero"]
+    argv = [
+        "score",
+        "--model",
+        tiny_dirs["llama"],
+        "--calib-texts",
+        str(texts),
+        "--out",
+        str(out),
+        "--validate-n",
+        "5",
+        "--scores",
+        "wanda,taylor_zero",
+    ]
     name, cfg = cli.parse_args(argv)
     assert name == "score" and cfg.validate_n == 5
     assert cli.main(argv) == 0
@@ -292,10 +323,15 @@ def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
     doc = json.loads((out / "validation.json").read_text())
     measured = pd.read_csv(out / "validation_measured.csv")
     rnd = measured[measured["random"]]
-    assert doc["result"]["spearman_random"]["wanda"] == pytest.approx(scipy.stats.spearmanr(rnd["wanda"], rnd["loss_change"]).statistic, abs=1e-9)
+    assert doc["result"]["spearman_random"]["wanda"] == pytest.approx(
+        scipy.stats.spearmanr(rnd["wanda"], rnd["loss_change"]).statistic, abs=1e-9
+    )
     printed = capsys.readouterr().out
     assert f"{doc['result']['spearman_candidates']['taylor_zero']:.3f}" in printed
-    assert cli.main(["score", "--out", str(out), "--scores", "bogus", "--model", tiny_dirs["llama"], "--calib-texts", str(texts)]) == 2
+    assert (
+        cli.main(["score", "--out", str(out), "--scores", "bogus", "--model", tiny_dirs["llama"], "--calib-texts", str(texts)])
+        == 2
+    )
     with pytest.raises(ValueError, match="batch_size"):
         cli.parse_args(["score", "--batch-size", "0"])
 
@@ -315,8 +351,21 @@ def test_score_cli_validates_on_each_eval_set(tiny_dirs, tmp_path):
     other_texts = ["Rain is expected across the north on Tuesday.", "She sold the house and moved to the coast."]
     other.write_text("\n".join(other_texts), encoding="utf-8")
     out = tmp_path / "out"
-    base = ["score", "--model", tiny_dirs["llama"], "--calib-texts", str(calib), "--out", str(out), "--validate-n", "4",
-            "--scores", "wanda,taylor_zero", "--top-k-contexts", "2"]
+    base = [
+        "score",
+        "--model",
+        tiny_dirs["llama"],
+        "--calib-texts",
+        str(calib),
+        "--out",
+        str(out),
+        "--validate-n",
+        "4",
+        "--scores",
+        "wanda,taylor_zero",
+        "--top-k-contexts",
+        "2",
+    ]
     assert cli.main(base + ["--eval-texts", f"other={other}"]) == 0
     table = pd.read_csv(out / "scores.csv")
     measured = pd.read_csv(out / "validation_measured.csv")
@@ -331,11 +380,14 @@ def test_score_cli_validates_on_each_eval_set(tiny_dirs, tmp_path):
     doc = json.loads((out / "validation.json").read_text())["result"]
     rnd = on_other[on_other["random"]]
     assert doc["sets"]["other"]["spearman_random"]["taylor_zero"] == pytest.approx(
-        scipy.stats.spearmanr(rnd["taylor_zero"], rnd["loss_change"]).statistic, abs=1e-9)
+        scipy.stats.spearmanr(rnd["taylor_zero"], rnd["loss_change"]).statistic, abs=1e-9
+    )
     assert [r["name"] for r in doc["sets_record"]] == ["other"]
-    for bad in (["--eval-texts", f"other={tmp_path / 'missing.txt'}"],
-                ["--eval-texts", f"other={other}", "--eval-texts", f"other={calib}"],
-                ["--eval-texts", f"other={other}", "--validate-n", "0"]):
+    for bad in (
+        ["--eval-texts", f"other={tmp_path / 'missing.txt'}"],
+        ["--eval-texts", f"other={other}", "--eval-texts", f"other={calib}"],
+        ["--eval-texts", f"other={other}", "--validate-n", "0"],
+    ):
         fresh = tmp_path / "never"
         assert cli.main(base[:-8] + ["--out", str(fresh)] + bad) == 2
         assert not fresh.exists()

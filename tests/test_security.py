@@ -61,15 +61,19 @@ def test_serve_binds_loopback_by_default_and_says_so(model, monkeypatch):
     cli.run_serve(cfg, log=lines.append)
     try:
         assert bound[0].getsockname()[0] == "127.0.0.1"
-        assert lines == [f"neuronscope-tl: serving on {app_server.address(bound[0])} (demo {app_server.address(bound[0])}/, "
-                         f"REST {app_server.address(bound[0])}{P}, docs {app_server.address(bound[0])}/docs)"]
+        assert lines == [
+            f"neuronscope-tl: serving on {app_server.address(bound[0])} (demo {app_server.address(bound[0])}/, "
+            f"REST {app_server.address(bound[0])}{P}, docs {app_server.address(bound[0])}/docs)"
+        ]
         assert lines[0].startswith("neuronscope-tl: serving on http://127.0.0.1:")
         assert loads == [{"trust_remote_code": False}]
     finally:
         bound[0].close()
 
 
-@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("::1", False), ("0.0.0.0", True), ("192.168.1.20", True), ("::", True)])
+@pytest.mark.parametrize(
+    "host, warned", [("127.0.0.1", False), ("::1", False), ("0.0.0.0", True), ("192.168.1.20", True), ("::", True)]
+)
 def test_start_up_warns_when_reachable_from_other_machines(model, monkeypatch, host, warned):
     # a fake socket: nothing is bound to a non-loopback interface by the tests
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
@@ -87,7 +91,11 @@ def test_load_model_never_trusts_remote_code_unless_asked(tiny_dirs, monkeypatch
     from transformer_lens.model_bridge import TransformerBridge
 
     seen = []
-    for owner, attr in [(transformers.AutoModelForCausalLM, "from_pretrained"), (transformers.AutoTokenizer, "from_pretrained"), (TransformerBridge, "boot_transformers")]:
+    for owner, attr in [
+        (transformers.AutoModelForCausalLM, "from_pretrained"),
+        (transformers.AutoTokenizer, "from_pretrained"),
+        (TransformerBridge, "boot_transformers"),
+    ]:
         real = getattr(owner, attr)
 
         def spy(*args, _real=real, _name=f"{owner.__name__}.{attr}", **kwargs):
@@ -98,7 +106,11 @@ def test_load_model_never_trusts_remote_code_unless_asked(tiny_dirs, monkeypatch
     ns.load_model(tiny_dirs["llama"])
     # our three calls pass False explicitly; TransformerLens may load the tokenizer once more without the keyword,
     # which is transformers' default: False
-    assert set(seen) >= {("AutoModelForCausalLM.from_pretrained", False), ("AutoTokenizer.from_pretrained", False), ("TransformerBridge.boot_transformers", False)}
+    assert set(seen) >= {
+        ("AutoModelForCausalLM.from_pretrained", False),
+        ("AutoTokenizer.from_pretrained", False),
+        ("TransformerBridge.boot_transformers", False),
+    }
     assert {flag for _, flag in seen} <= {False, "absent"}
     seen.clear()
     ns.load_model(tiny_dirs["llama"], trust_remote_code=True)
@@ -107,8 +119,12 @@ def test_load_model_never_trusts_remote_code_unless_asked(tiny_dirs, monkeypatch
 
 @pytest.mark.parametrize("command", ["serve", "analyze", "score", "curve", "prune"])
 def test_cli_trust_remote_code_flag_is_off_by_default(command, monkeypatch, tmp_path):
-    extra = {"analyze": ["--out", str(tmp_path / "r")], "score": ["--out", str(tmp_path / "s")],
-             "curve": ["--out", str(tmp_path / "c")], "prune": ["--sparsity", "0.2", "--out", str(tmp_path / "p")]}.get(command, [])
+    extra = {
+        "analyze": ["--out", str(tmp_path / "r")],
+        "score": ["--out", str(tmp_path / "s")],
+        "curve": ["--out", str(tmp_path / "c")],
+        "prune": ["--sparsity", "0.2", "--out", str(tmp_path / "p")],
+    }.get(command, [])
     assert cli.parse_args([command] + extra)[1].trust_remote_code is False
     assert cli.parse_args([command, "--trust-remote-code"] + extra)[1].trust_remote_code is True
     loads = []
@@ -149,8 +165,24 @@ def test_rest_inputs_are_a_fixed_set_without_paths(model, tmp_path, monkeypatch)
         if schema["title"].endswith("Request") or schema["title"] == "Candidate":
             names |= set(schema["properties"])
             assert schema.get("additionalProperties") is False, schema["title"]
-    assert names == {"threshold", "layer_index", "neuron_indices", "input_text", "ablation", "input_texts", "top_k", "pruning_candidates",
-                     "batch_size", "type", "neuron_index", "models", "methods", "sparsities", "calib_tokens", "eval_tokens"}
+    assert names == {
+        "threshold",
+        "layer_index",
+        "neuron_indices",
+        "input_text",
+        "ablation",
+        "input_texts",
+        "top_k",
+        "pruning_candidates",
+        "batch_size",
+        "type",
+        "neuron_index",
+        "models",
+        "methods",
+        "sparsities",
+        "calib_tokens",
+        "eval_tokens",
+    }
     good = {
         "/impact-analysis": {"layer_index": 0, "neuron_indices": [0], "input_text": "a b"},
         "/neuron-importance": {"layer_index": 0, "input_texts": ["a b"]},
@@ -195,8 +227,14 @@ def test_gradio_serves_no_file_outside_its_download_folder(model, tiny_dirs):
         (downloads / "served.txt").write_text("the app's own download")
         r = httpx.get(f"{srv.url}/gradio_api/file={downloads / 'served.txt'}", timeout=30)
         assert (r.status_code, r.text) == (200, "the app's own download")
-        outside = ["/etc/passwd", str(secret), str(Path(ns.__file__)), "/no/such/file",
-                   str(downloads / ".." / "outside.txt"), str(downloads) + "/../" + secret.name]
+        outside = [
+            "/etc/passwd",
+            str(secret),
+            str(Path(ns.__file__)),
+            "/no/such/file",
+            str(downloads / ".." / "outside.txt"),
+            str(downloads) + "/../" + secret.name,
+        ]
         for target in outside:
             r = httpx.get(f"{srv.url}/gradio_api/file={target}", timeout=30)
             assert r.status_code == 403, (target, r.status_code, r.text)

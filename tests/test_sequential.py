@@ -23,8 +23,15 @@ def _windows(model, n_tokens=1024, window=32):
 def _prefix(spec: surgery.PruneSpec, upto: int) -> surgery.PruneSpec:
     """The spec restricted to layers < upto."""
     keep = lambda d: {l: v for l, v in d.items() if l < upto}  # noqa: E731
-    return surgery.PruneSpec(keep(spec.neurons), spec.d_mlp, spec.ablation, keep(spec.bias), keep(spec.delta_out),
-                             keep(spec.replacement), keep(spec.out_hooks))
+    return surgery.PruneSpec(
+        keep(spec.neurons),
+        spec.d_mlp,
+        spec.ablation,
+        keep(spec.bias),
+        keep(spec.delta_out),
+        keep(spec.replacement),
+        keep(spec.out_hooks),
+    )
 
 
 def _gram_with(model, spec, layer, tokens):
@@ -96,7 +103,10 @@ def test_choose_damp_is_the_grid_value_with_least_held_out_error():
     """Leave-one-fold-out by brute force on activations (least squares with the same damping, solved from the
     activations of the other folds) picks the same damping and errors."""
     g = torch.Generator().manual_seed(1)
-    folds = [torch.randn(n, 10, generator=g, dtype=torch.float64) * s + m for n, s, m in ((300, 1.0, 0.0), (200, 2.0, 1.0), (250, 0.5, -1.0))]
+    folds = [
+        torch.randn(n, 10, generator=g, dtype=torch.float64) * s + m
+        for n, s, m in ((300, 1.0, 0.0), (200, 2.0, 1.0), (250, 0.5, -1.0))
+    ]
     w_out = torch.randn(10, 4, generator=g)
     pruned = [0, 3, 5, 8]
     aug = [torch.cat([f, torch.ones(len(f), 1, dtype=torch.float64)], 1) for f in folds]
@@ -148,8 +158,11 @@ def test_calibration_windows_balance_and_folds(tiny_model):
 def test_bad_input_changes_nothing(tiny_model):
     w = _windows(tiny_model)
     before = surgery.output_matrix(tiny_model).clone()
-    for kwargs, match in (({"method": "taylor"}, "needs gradients"), ({"refit": -1.0}, "refit must be"),
-                          ({"refit": "auto", "method": "wanda", "sparsity": 1.5}, "sparsity")):
+    for kwargs, match in (
+        ({"method": "taylor"}, "needs gradients"),
+        ({"refit": -1.0}, "refit must be"),
+        ({"refit": "auto", "method": "wanda", "sparsity": 1.5}, "sparsity"),
+    ):
         args = {"method": "obs", "sparsity": 0.25, "refit": 0.01, **kwargs}
         with pytest.raises(ValueError, match=match):
             sequential.sequential_spec(tiny_model, w, args["method"], args["sparsity"], "mean", args["refit"])
@@ -167,9 +180,30 @@ def test_curve_command_with_sequential_calibration(tiny_dirs, tmp_path):
     from neuronscope_tl import cli, evaluation
 
     out = tmp_path / "curve"
-    argv = ["curve", "--model", tiny_dirs["llama"], "--methods", "obs", "--sparsities", "0.25", "--ablations", "mean",
-            "--calibration", "sequential", "--refit", "0.05", "--calib-tokens", "1024", "--no-domains", "--every", "1",
-            "--precision", "fp32", "--out", str(out)]
+    argv = [
+        "curve",
+        "--model",
+        tiny_dirs["llama"],
+        "--methods",
+        "obs",
+        "--sparsities",
+        "0.25",
+        "--ablations",
+        "mean",
+        "--calibration",
+        "sequential",
+        "--refit",
+        "0.05",
+        "--calib-tokens",
+        "1024",
+        "--no-domains",
+        "--every",
+        "1",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     row = json.loads((out / "protocol.json").read_text())
     curve = __import__("pandas").read_csv(out / "curve.csv")

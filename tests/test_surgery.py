@@ -193,7 +193,26 @@ def test_obs_error_equals_refit_error(block):
         # exact at block ends in exact arithmetic; float64 rounding of a 17x17 solve and of 3000-term sums
         assert err[n - 1] == pytest.approx(float(true), rel=1e-9)
     if block == 1:  # the first pick is the single neuron with the least refit error
-        singles = [((lambda d_, b_: ((a[:, [j for j in range(16) if j != i]] @ (w[[j for j in range(16) if j != i]] + d_[[j for j in range(16) if j != i]].double()) + b_.double()) - a @ w).square().sum(1).mean())(*obs.refit_output(gram, w, [i], True, 0.0))) for i in range(16)]
+        singles = [
+            (
+                (
+                    lambda d_, b_: (
+                        (
+                            (
+                                a[:, [j for j in range(16) if j != i]]
+                                @ (w[[j for j in range(16) if j != i]] + d_[[j for j in range(16) if j != i]].double())
+                                + b_.double()
+                            )
+                            - a @ w
+                        )
+                        .square()
+                        .sum(1)
+                        .mean()
+                    )
+                )(*obs.refit_output(gram, w, [i], True, 0.0))
+            )
+            for i in range(16)
+        ]
         assert order[0] == int(torch.tensor(singles).argmin())
 
 

@@ -77,7 +77,9 @@ def test_neuron_table_matches_numpy(tiny_model, fresh_hf, tiny_kind):
     assert list(rows.label[:2]) == [f"L{layer}N0", f"L{layer}N1"]
 
 
-@pytest.mark.parametrize("value,band", [(0.0, "very_low"), (0.0099, "very_low"), (0.01, "low"), (0.049, "low"), (0.05, "normal"), (3.0, "normal")])
+@pytest.mark.parametrize(
+    "value,band", [(0.0, "very_low"), (0.0099, "very_low"), (0.01, "low"), (0.049, "low"), (0.05, "normal"), (3.0, "normal")]
+)
 def test_bands(value, band):
     assert weights.band_of(value) == band
 

@@ -47,9 +47,7 @@ class ImportanceRequest(_Body):
     input_texts: List[StrictStr]
     top_k: StrictInt = Field(10, description="critical neurons returned")
 
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"layer_index": 0, "input_texts": EXAMPLE_TEXTS}]}
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"layer_index": 0, "input_texts": EXAMPLE_TEXTS}]})
 
 
 class Candidate(_Body):
@@ -84,16 +82,27 @@ class ExportRequest(_Body):
 
 
 class CompareRequest(_Body):
-    models: List[StrictStr] = Field(description=f"models to compare, in order: {THIS_MODEL!r} (the app's model), its name, or a "
-                                    "model the app may load (a 400 lists them)")
-    methods: List[StrictStr] = Field(default_factory=lambda: list(compare.DEFAULT_METHODS), description="pruning methods of the curves")
-    sparsities: List[Union[StrictFloat, StrictInt]] = Field(default_factory=lambda: list(compare.DEFAULT_SPARSITIES), description="per-layer sparsities in [0, 1)")
+    models: List[StrictStr] = Field(
+        description=f"models to compare, in order: {THIS_MODEL!r} (the app's model), its name, or a "
+        "model the app may load (a 400 lists them)"
+    )
+    methods: List[StrictStr] = Field(
+        default_factory=lambda: list(compare.DEFAULT_METHODS), description="pruning methods of the curves"
+    )
+    sparsities: List[Union[StrictFloat, StrictInt]] = Field(
+        default_factory=lambda: list(compare.DEFAULT_SPARSITIES), description="per-layer sparsities in [0, 1)"
+    )
     ablation: Literal["zero", "mean"] = compare.DEFAULT_ABLATION
-    calib_tokens: Optional[StrictInt] = Field(None, description="calibration tokens per model; null: the library's default within the app's limit")
-    eval_tokens: Optional[StrictInt] = Field(None, description="evaluation tokens per model; null: the library's default within the app's limit")
+    calib_tokens: Optional[StrictInt] = Field(
+        None, description="calibration tokens per model; null: the library's default within the app's limit"
+    )
+    eval_tokens: Optional[StrictInt] = Field(
+        None, description="evaluation tokens per model; null: the library's default within the app's limit"
+    )
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"models": [THIS_MODEL], "methods": ["wanda", "random"], "sparsities": [0.2]}]}
+        extra="forbid",
+        json_schema_extra={"examples": [{"models": [THIS_MODEL], "methods": ["wanda", "random"], "sparsities": [0.2]}]},
     )
 
 
@@ -212,7 +221,10 @@ def weight_analysis(state: AppState = Depends(get_state)):
 
 
 @router.get("/candidates", responses={200: {"model": CandidatesResponse}, **errors(400, 413, 503)})
-def candidates(threshold: float = Query(10.0, description="percentile of mean |w| within each layer, in (0, 100]"), state: AppState = Depends(get_state)):
+def candidates(
+    threshold: float = Query(10.0, description="percentile of mean |w| within each layer, in (0, 100]"),
+    state: AppState = Depends(get_state),
+):
     """Neurons at or below the layer's ``threshold`` percentile of mean |w|, with ``total_candidates``; each carries
     its activation evidence, and ``is_pruning_candidate`` only where that evidence shows a small output (``limits``
     states the rule)."""

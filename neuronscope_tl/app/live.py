@@ -69,8 +69,14 @@ class LivePruning:
     """The live tab's engine over one model. ``calibration(methods)`` returns a calibration that serves those
     methods (the app passes its kept one); nothing here runs under a lock of its own, the caller holds the model."""
 
-    def __init__(self, model, calibration: Callable[[List[str]], selection.Calibration], window: int = LIVE_WINDOW,
-                 windows_per_domain: int = LIVE_WINDOWS_PER_DOMAIN, new_tokens: int = LIVE_NEW_TOKENS):
+    def __init__(
+        self,
+        model,
+        calibration: Callable[[List[str]], selection.Calibration],
+        window: int = LIVE_WINDOW,
+        windows_per_domain: int = LIVE_WINDOWS_PER_DOMAIN,
+        new_tokens: int = LIVE_NEW_TOKENS,
+    ):
         self.model = model
         self.calibration = calibration
         self.window = min(window, int(model.cfg.n_ctx))
@@ -84,8 +90,9 @@ class LivePruning:
     def sets(self) -> List[evaluation.DomainWindows]:
         """The fixed subset: the first windows of each default evaluation domain (computed once)."""
         if self._sets is None:
-            self._sets = evaluation.domain_windows(self.model, pipelines.evaluation_sets_for(), self.window,
-                                                   self.windows_per_domain)
+            self._sets = evaluation.domain_windows(
+                self.model, pipelines.evaluation_sets_for(), self.window, self.windows_per_domain
+            )
         return self._sets
 
     def dense(self) -> Dict[str, float]:
@@ -119,8 +126,9 @@ class LivePruning:
             self._dense_text[prompt] = greedy_continuation(self.model, prompt, self.new_tokens)
         return self._dense_text[prompt]
 
-    def run(self, method: str, scope: str, sparsity: float, ablation: Optional[str] = None,
-            prompt: str = DEFAULT_PROMPT) -> LiveResult:
+    def run(
+        self, method: str, scope: str, sparsity: float, ablation: Optional[str] = None, prompt: str = DEFAULT_PROMPT
+    ) -> LiveResult:
         """Simulate the pruning and measure it on the subset; continue the prompt dense and pruned."""
         scores.check_method(method)
         if scores.is_random(method):
@@ -139,19 +147,37 @@ class LivePruning:
         dense_text = self.dense_text(prompt)
         pruned_text = greedy_continuation(self.model, prompt, self.new_tokens, hooks) if hooks else dense_text
         t3 = time.perf_counter()
-        rows = [{"domain": d.name, "in_domain": bool(d.in_domain), "tokens": d.wins.n_scored, "dense": dense[d.name],
-                 "pruned": pruned[d.name], "x_dense": pruned[d.name] / dense[d.name]} for d in self.sets()]
+        rows = [
+            {
+                "domain": d.name,
+                "in_domain": bool(d.in_domain),
+                "tokens": d.wins.n_scored,
+                "dense": dense[d.name],
+                "pruned": pruned[d.name],
+                "x_dense": pruned[d.name] / dense[d.name],
+            }
+            for d in self.sets()
+        ]
         table = pd.DataFrame(rows)
         return LiveResult(
-            method=method, ablation=ablation, scope=scope, sparsity=sparsity, n_pruned=spec.n_pruned if spec else 0,
-            table=table, geometric_mean=evaluation.geometric_mean(table["x_dense"]), prompt=prompt,
-            dense_text=dense_text, pruned_text=pruned_text,
+            method=method,
+            ablation=ablation,
+            scope=scope,
+            sparsity=sparsity,
+            n_pruned=spec.n_pruned if spec else 0,
+            table=table,
+            geometric_mean=evaluation.geometric_mean(table["x_dense"]),
+            prompt=prompt,
+            dense_text=dense_text,
+            pruned_text=pruned_text,
             timings={"select_s": t1 - t0, "perplexity_s": t2 - t1, "generate_s": t3 - t2, "total_s": t3 - t0},
         )
 
 
 def describe(result: LiveResult) -> str:
     """One line: what was pruned and its geometric-mean cost."""
-    return (f"{result.n_pruned:,} neurons pruned ({result.method}, {result.ablation} ablation, {result.scope}, "
-            f"sparsity {result.sparsity:g}): perplexity x{result.geometric_mean:.4g} of dense (geometric mean over "
-            f"{len(result.table)} domains, {int(result.table['tokens'].sum())} tokens), in {result.timings['total_s']:.2f} s.")
+    return (
+        f"{result.n_pruned:,} neurons pruned ({result.method}, {result.ablation} ablation, {result.scope}, "
+        f"sparsity {result.sparsity:g}): perplexity x{result.geometric_mean:.4g} of dense (geometric mean over "
+        f"{len(result.table)} domains, {int(result.table['tokens'].sum())} tokens), in {result.timings['total_s']:.2f} s."
+    )

@@ -50,8 +50,10 @@ def parse_rule(text: str, n_layers: int, d_mlp: int, methods: Sequence[str]) -> 
     ``lowest 1% of all layers by magnitude``; a ValueError says what is wrong."""
     m = _RULE.match(str(text or ""))
     if not m:
-        raise ValueError(f"cannot read the rule {text!r}; write it like '{RULE_EXAMPLE}', 'highest 10 of layers 3-5 "
-                         f"by activation' or 'lowest 1% of all layers by magnitude'.")
+        raise ValueError(
+            f"cannot read the rule {text!r}; write it like '{RULE_EXAMPLE}', 'highest 10 of layers 3-5 "
+            f"by activation' or 'lowest 1% of all layers by magnitude'."
+        )
     method = m["method"].lower()
     if method not in methods:
         raise ValueError(f"unknown score {m['method']!r} in the rule; choose one of {', '.join(methods)}.")
@@ -93,8 +95,11 @@ def as_pairs(table) -> List[Pair]:
     """The (layer, neuron) pairs of a basket table (a DataFrame or rows), skipping empty rows."""
     if table is None:
         return []
-    rows = table[BASKET_COLUMNS].values.tolist() if isinstance(table, pd.DataFrame) and len(table) else (
-        [] if isinstance(table, pd.DataFrame) else list(table))
+    rows = (
+        table[BASKET_COLUMNS].values.tolist()
+        if isinstance(table, pd.DataFrame) and len(table)
+        else ([] if isinstance(table, pd.DataFrame) else list(table))
+    )
     out = []
     for row in rows:
         if len(row) < 2 or any(v is None or str(v).strip() == "" or (isinstance(v, float) and math.isnan(v)) for v in row[:2]):
@@ -111,13 +116,19 @@ def add(basket: Iterable[Pair], new: Iterable[Pair], limit: int) -> List[Pair]:
             seen.add(pair)
             out.append(pair)
     if len(out) > limit:
-        raise ValueError(f"the basket would hold {len(out):,} neurons; at most {limit:,}. Select fewer (a smaller "
-                         f"percentage or rectangle), or clear the basket first.")
+        raise ValueError(
+            f"the basket would hold {len(out):,} neurons; at most {limit:,}. Select fewer (a smaller "
+            f"percentage or rectangle), or clear the basket first."
+        )
     return out
 
 
-def basket_table(basket: Sequence[Pair], scores: Optional[pd.DataFrame] = None, columns: Sequence[str] = (),
-                 impacts: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+def basket_table(
+    basket: Sequence[Pair],
+    scores: Optional[pd.DataFrame] = None,
+    columns: Sequence[str] = (),
+    impacts: Optional[pd.DataFrame] = None,
+) -> pd.DataFrame:
     """One row per basket neuron: layer, neuron, the calibration's score ``columns`` (``scores`` has one row per
     (layer, neuron)), and, when ``impacts`` (a batch analysis's ``individual`` table) covers it, its measured
     impact and verdict."""

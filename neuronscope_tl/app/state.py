@@ -22,7 +22,23 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from .. import activations, candidates, compare, curves, evaluation, impact, models, pipelines, recipes, scores, scoring, selection, surgery, texts, weights
+from .. import (
+    activations,
+    candidates,
+    compare,
+    curves,
+    evaluation,
+    impact,
+    models,
+    pipelines,
+    recipes,
+    scores,
+    scoring,
+    selection,
+    surgery,
+    texts,
+    weights,
+)
 from ..impact import BatchAnalysis, ImpactResult
 from ..metrics import ImpactThresholds
 from ..models import mlp_info, model_name
@@ -70,7 +86,17 @@ class AppSettings:
     thresholds: ImpactThresholds = field(default_factory=ImpactThresholds)
 
     def __post_init__(self):
-        for name in ("max_texts", "max_tokens", "max_candidates", "max_batch_size", "max_top_k", "max_body_bytes", "max_calib_tokens", "max_basket", "ui_concurrency"):
+        for name in (
+            "max_texts",
+            "max_tokens",
+            "max_candidates",
+            "max_batch_size",
+            "max_top_k",
+            "max_body_bytes",
+            "max_calib_tokens",
+            "max_basket",
+            "ui_concurrency",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
@@ -175,24 +201,36 @@ class AppState:
         with self.model_work():
             return candidates.assess_candidates(self.model, threshold, weight_table=table)
 
-    def impact(self, layer_index: int, neuron_indices: Sequence[int], input_text: str, ablation: str = "zero", progress: bool = False) -> ImpactResult:
+    def impact(
+        self, layer_index: int, neuron_indices: Sequence[int], input_text: str, ablation: str = "zero", progress: bool = False
+    ) -> ImpactResult:
         with self.model_work():
             text = self.check_texts([input_text])
             result = impact.simulate_pruning(
-                self.model, layer_index, neuron_indices, text, ablation, thresholds=self.settings.thresholds,
-                token_detail=True, progress=progress,
+                self.model,
+                layer_index,
+                neuron_indices,
+                text,
+                ablation,
+                thresholds=self.settings.thresholds,
+                token_detail=True,
+                progress=progress,
             )
             self.last_impact = result
             return result
 
-    def importance(self, layer_index: int, input_texts: Sequence[str], top_k: int = 10, progress: bool = False) -> activations.NeuronImportance:
+    def importance(
+        self, layer_index: int, input_texts: Sequence[str], top_k: int = 10, progress: bool = False
+    ) -> activations.NeuronImportance:
         if isinstance(top_k, int) and top_k > self.settings.max_top_k:
             raise LimitExceeded(f"top_k {top_k} is too large; at most {self.settings.max_top_k}.")
         with self.model_work():
             checked = self.check_texts(input_texts)
             return activations.neuron_importance(self.model, checked, layer_index=layer_index, top_k=top_k, progress=progress)
 
-    def batch(self, candidates: Any, input_texts: Sequence[str], batch_size: int = 1, ablation: str = "zero", progress: bool = False) -> BatchAnalysis:
+    def batch(
+        self, candidates: Any, input_texts: Sequence[str], batch_size: int = 1, ablation: str = "zero", progress: bool = False
+    ) -> BatchAnalysis:
         if candidates is not None and len(candidates) > self.settings.max_candidates:
             raise LimitExceeded(f"{len(candidates)} candidates given; at most {self.settings.max_candidates} per batch analysis.")
         batch_size = self.check_batch_size(batch_size)
@@ -204,7 +242,9 @@ class AppState:
             self.last_impact = result
             return result
 
-    def top_contexts(self, layer_index: int, neuron_index: int, input_texts: Sequence[str], window: int = scoring.DEFAULT_CONTEXT) -> pd.DataFrame:
+    def top_contexts(
+        self, layer_index: int, neuron_index: int, input_texts: Sequence[str], window: int = scoring.DEFAULT_CONTEXT
+    ) -> pd.DataFrame:
         """A neuron's top-activating token contexts over the texts, from one scoring pass (kept for the same texts)."""
         impact.check_layer(self.model, layer_index)
         impact.check_neurons(self.model, [neuron_index], layer_index)
@@ -222,8 +262,14 @@ class AppState:
     def _calibrate(self, calib_tokens: int, methods: Sequence[str]) -> "selection.Calibration":
         """A calibration that serves ``methods`` on the default calibration texts (as the CLI's), kept per token
         budget; one computed with more (Gram matrices, gradients) serves a request for less. Call under the lock."""
-        if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or not 1 <= calib_tokens <= self.settings.max_calib_tokens:
-            raise LimitExceeded(f"calibration tokens must be an integer in [1, {self.settings.max_calib_tokens}], got {calib_tokens!r}.")
+        if (
+            isinstance(calib_tokens, bool)
+            or not isinstance(calib_tokens, int)
+            or not 1 <= calib_tokens <= self.settings.max_calib_tokens
+        ):
+            raise LimitExceeded(
+                f"calibration tokens must be an integer in [1, {self.settings.max_calib_tokens}], got {calib_tokens!r}."
+            )
         grams, grads = scores.needs_grams(methods), scores.needs_gradients(methods)
         for (t, g, d), cal in self._calibration.items():
             if t == calib_tokens and (g or not grams) and (d or not grads):
@@ -292,8 +338,16 @@ class AppState:
         except Busy:
             pass
 
-    def curve(self, methods: Sequence[str], sparsities: Sequence[float], scope: str, ablation: str, calib_tokens: int,
-              every: int = evaluation.DEFAULT_EVERY, progress: bool = False) -> "curves.CurveResult":
+    def curve(
+        self,
+        methods: Sequence[str],
+        sparsities: Sequence[float],
+        scope: str,
+        ablation: str,
+        calib_tokens: int,
+        every: int = evaluation.DEFAULT_EVERY,
+        progress: bool = False,
+    ) -> "curves.CurveResult":
         """A pruning curve on the default evaluation protocol (one calibration pass kept per token budget)."""
         methods = [scores.check_method(m) for m in methods]
         if not methods:
@@ -324,11 +378,22 @@ class AppState:
         with self.model_work():
             cal = self._calibrate(calib_tokens, [method]) if method is not None else None
             if cal is None and not (isinstance(calib_tokens, int) and 1 <= calib_tokens <= self.settings.max_calib_tokens):
-                raise LimitExceeded(f"calibration tokens must be an integer in [1, {self.settings.max_calib_tokens}], got {calib_tokens!r}.")
+                raise LimitExceeded(
+                    f"calibration tokens must be an integer in [1, {self.settings.max_calib_tokens}], got {calib_tokens!r}."
+                )
             work = Path(tempfile.mkdtemp(prefix="pruned_", dir=self.downloads_dir()))
             out = work / f"pruned-{method or 'recommended'}-{ablation or 'recommended'}-{scope}-{sparsity:g}"
-            pipelines.prune_and_save(self.model, sparsity, out, method, scope, None if method is None else ablation,
-                                     calib_tokens=calib_tokens, calibration=cal, measure_latency=False)
+            pipelines.prune_and_save(
+                self.model,
+                sparsity,
+                out,
+                method,
+                scope,
+                None if method is None else ablation,
+                calib_tokens=calib_tokens,
+                calibration=cal,
+                measure_latency=False,
+            )
             return Path(shutil.make_archive(str(out), "zip", root_dir=out))
 
     # ------------------------------------------------------------------------------------------- comparing models
@@ -373,9 +438,16 @@ class AppState:
             raise LimitExceeded(f"{what} {value} is too large; at most {limit}.")
         return value
 
-    def compare(self, model_names: Union[str, Sequence[str]], methods: Sequence[str] = compare.DEFAULT_METHODS,
-                sparsities: Sequence[float] = compare.DEFAULT_SPARSITIES, ablation: str = compare.DEFAULT_ABLATION,
-                calib_tokens: Optional[int] = None, eval_tokens: Optional[int] = None, progress: bool = False) -> "compare.Comparison":
+    def compare(
+        self,
+        model_names: Union[str, Sequence[str]],
+        methods: Sequence[str] = compare.DEFAULT_METHODS,
+        sparsities: Sequence[float] = compare.DEFAULT_SPARSITIES,
+        ablation: str = compare.DEFAULT_ABLATION,
+        calib_tokens: Optional[int] = None,
+        eval_tokens: Optional[int] = None,
+        progress: bool = False,
+    ) -> "compare.Comparison":
         """Compare models side by side on the default texts (:func:`~neuronscope_tl.compare.compare_models`).
 
         ``model_names`` is a comma-separated list (or a list) of :meth:`compare_choices`; models other than the
@@ -390,11 +462,20 @@ class AppState:
         methods = [scores.check_method(m) for m in methods]
         sparsities = selection.check_sparsities(sparsities)
         impact.check_ablation(ablation)
-        calib_tokens = self._token_budget(calib_tokens, compare.DEFAULT_COMPARE_CALIB_TOKENS, self.settings.max_calib_tokens, "calibration tokens")
+        calib_tokens = self._token_budget(
+            calib_tokens, compare.DEFAULT_COMPARE_CALIB_TOKENS, self.settings.max_calib_tokens, "calibration tokens"
+        )
         eval_tokens = self._token_budget(eval_tokens, compare.DEFAULT_EVAL_TOKENS, self.settings.max_tokens, "evaluation tokens")
         with self.model_work():
-            return compare.compare_models(entries, methods=methods, sparsities=sparsities, ablation=ablation,
-                                          calib_tokens=calib_tokens, eval_tokens=eval_tokens, progress=progress)
+            return compare.compare_models(
+                entries,
+                methods=methods,
+                sparsities=sparsities,
+                ablation=ablation,
+                calib_tokens=calib_tokens,
+                eval_tokens=eval_tokens,
+                progress=progress,
+            )
 
     def export_document(self, export_type: str) -> Tuple[str, dict]:
         """(file name, JSON document) of the weight analysis or of the last impact or batch analysis."""

@@ -43,6 +43,7 @@ def map_scale(n_layers: int, d_mlp: int):
     small model."""
     return max(8, 160 // n_layers), max(1, MAP_WIDTH_PX // d_mlp)
 
+
 BATCH_COLUMNS = ["layer_index", "neuron_index"]
 
 
@@ -165,8 +166,13 @@ def build_ui(state: AppState) -> gr.Blocks:
         if mode.startswith("rectangle"):
             if corner is None:
                 note, table = basket_view(basket, impacts)
-                return (gr.update(), f"First corner: layer {cell[0]}, neuron {cell[1]}; click the opposite corner.",
-                        table, cell, basket)
+                return (
+                    gr.update(),
+                    f"First corner: layer {cell[0]}, neuron {cell[1]}; click the opposite corner.",
+                    table,
+                    cell,
+                    basket,
+                )
             basket = picker.add(basket, picker.rectangle(tuple(corner), cell), state.settings.max_basket)
             corner = None
         else:
@@ -189,8 +195,10 @@ def build_ui(state: AppState) -> gr.Blocks:
     @ui_errors
     def basket_to_impact(basket):
         layer, neurons, left_out = picker.single_layer(list(basket or []))
-        gr.Info(f"Impact ablates one layer: layer {layer}'s {len(neurons)} basket neurons"
-                + (f"; {left_out} of other layers left out." if left_out else "."))
+        gr.Info(
+            f"Impact ablates one layer: layer {layer}'s {len(neurons)} basket neurons"
+            + (f"; {left_out} of other layers left out." if left_out else ".")
+        )
         return layer, ", ".join(str(n) for n in neurons), gr.Tabs(selected="impact")
 
     @ui_errors
@@ -199,8 +207,10 @@ def build_ui(state: AppState) -> gr.Blocks:
         if not basket:
             raise ValueError("the basket is empty; pick neurons on the Neuron map tab first.")
         if len(basket) > state.settings.max_candidates:
-            raise ValueError(f"the basket holds {len(basket)} neurons; a batch analysis takes at most "
-                             f"{state.settings.max_candidates}. Clear it and pick fewer.")
+            raise ValueError(
+                f"the basket holds {len(basket)} neurons; a batch analysis takes at most "
+                f"{state.settings.max_candidates}. Clear it and pick fewer."
+            )
         rows = pd.DataFrame(basket, columns=BATCH_COLUMNS)
         return rows, gr.Tabs(selected="batch")
 
@@ -236,7 +246,9 @@ def build_ui(state: AppState) -> gr.Blocks:
     def candidates_to_basket(threshold, how_many, basket, impacts):
         n = as_int(how_many, "how many")
         table = first_candidates(state.candidates(threshold), n)
-        basket = picker.add(list(basket or []), [(int(r.layer), int(r.neuron)) for r in table.itertuples()], state.settings.max_basket)
+        basket = picker.add(
+            list(basket or []), [(int(r.layer), int(r.neuron)) for r in table.itertuples()], state.settings.max_basket
+        )
         note, shown = basket_view(basket, impacts)
         return basket, note, shown
 
@@ -271,7 +283,14 @@ def build_ui(state: AppState) -> gr.Blocks:
     @ui_errors
     def run_curve(methods, sparsities, scope, ablation, calib_tokens, progress=gr.Progress(track_tqdm=True)):
         progress(0, desc="calibrating (once per token budget), then measuring")
-        result = state.curve(list(methods or []), parse_floats(sparsities, "sparsities"), scope, ablation, as_int(calib_tokens, "calibration tokens"), progress=True)
+        result = state.curve(
+            list(methods or []),
+            parse_floats(sparsities, "sparsities"),
+            scope,
+            ablation,
+            as_int(calib_tokens, "calibration tokens"),
+            progress=True,
+        )
         png = plot_curve(result, Path(tempfile.mkdtemp(dir=downloads)) / "curve.png")
         rec = result.recommended
         note = (
@@ -320,8 +339,15 @@ def build_ui(state: AppState) -> gr.Blocks:
         individual = r.individual[["label", "impact_score", "verdict", "loss_change", "top1_agreement"]]
         basket = list(basket or [])
         basket_note, basket_shown = basket_view(basket, r.individual) if basket else (gr.update(), gr.update())
-        return (note, display_table(individual), plots.cumulative_impact_figure(r), report.recommendations_html(r), r.individual,
-                basket_note, basket_shown)
+        return (
+            note,
+            display_table(individual),
+            plots.cumulative_impact_figure(r),
+            report.recommendations_html(r),
+            r.individual,
+            basket_note,
+            basket_shown,
+        )
 
     # ---- compare models
 
@@ -334,8 +360,11 @@ def build_ui(state: AppState) -> gr.Blocks:
         note = (
             f"{len(comp.models)} model{'s' if len(comp.models) > 1 else ''} on the same {st['n_texts']} evaluation texts ({st['ablation']} ablation, "
             f"{st['calib_tokens']} calibration tokens each); perplexities are multiples of each model's own dense.  \n"
-            + "  \n".join(f"**{r.model}**: dense perplexity {r.dense_perplexity:.2f} on {r.n_eval_tokens} tokens; "
-                          f"best method {r.winner.get('method', 'none (random only)')}" for r in comp.models)
+            + "  \n".join(
+                f"**{r.model}**: dense perplexity {r.dense_perplexity:.2f} on {r.n_eval_tokens} tokens; "
+                f"best method {r.winner.get('method', 'none (random only)')}"
+                for r in comp.models
+            )
         )
         return note, str(png), display_table(compare.comparison_table(comp))
 
@@ -379,15 +408,27 @@ def build_ui(state: AppState) -> gr.Blocks:
                     n_ablation = gr.Radio(["zero", "mean"], value="zero", label="Ablation (for scores that depend on it)")
                     n_mode = gr.Radio(["add one neuron", "rectangle: two clicks"], value="add one neuron", label="Click mode")
                 n_btn = gr.Button("Show map", variant="primary", elem_id="map-run")
-                n_image = gr.Image(label=f"Layer x neuron map ({info.n_layers} x {info.d_mlp})", interactive=False,
-                                   elem_id="map-image", height=max(200, info.n_layers * row_px + 40))
+                n_image = gr.Image(
+                    label=f"Layer x neuron map ({info.n_layers} x {info.d_mlp})",
+                    interactive=False,
+                    elem_id="map-image",
+                    height=max(200, info.n_layers * row_px + 40),
+                )
                 with gr.Row():
-                    n_rule = gr.Textbox(value=f"lowest 5% of layer {info.n_layers // 2} by {default_map_method(state)}",
-                                        label="Rule", elem_id="map-rule", scale=4)
+                    n_rule = gr.Textbox(
+                        value=f"lowest 5% of layer {info.n_layers // 2} by {default_map_method(state)}",
+                        label="Rule",
+                        elem_id="map-rule",
+                        scale=4,
+                    )
                     n_rule_btn = gr.Button("Add by rule", elem_id="map-rule-run", scale=1)
                 n_note = gr.Markdown(elem_id="basket-note")
-                n_basket = gr.Dataframe(label="Candidate basket (scores from the calibration; impact after a batch run)",
-                                        interactive=False, max_height=300, elem_id="basket-table")
+                n_basket = gr.Dataframe(
+                    label="Candidate basket (scores from the calibration; impact after a batch run)",
+                    interactive=False,
+                    max_height=300,
+                    elem_id="basket-table",
+                )
                 with gr.Row():
                     n_to_impact = gr.Button("Basket -> Impact")
                     n_to_batch = gr.Button("Basket -> Batch", elem_id="basket-to-batch")
@@ -397,16 +438,36 @@ def build_ui(state: AppState) -> gr.Blocks:
                     n_prune = gr.Button("Prune the basket's neurons and download")
                 n_file = gr.File(label="Pruned model (zip)")
                 n_btn.click(run_map, [n_method, n_ablation, basket, impacts], [n_image, n_note, n_basket], api_name="neuron_map")
-                n_image.select(map_click, [n_method, n_ablation, n_mode, corner, basket, impacts], [n_image, n_note, n_basket, corner, basket])
-                n_rule_btn.click(add_rule, [n_rule, n_method, n_ablation, basket, impacts], [n_image, n_note, n_basket, basket], api_name="select_rule")
+                n_image.select(
+                    map_click,
+                    [n_method, n_ablation, n_mode, corner, basket, impacts],
+                    [n_image, n_note, n_basket, corner, basket],
+                )
+                n_rule_btn.click(
+                    add_rule,
+                    [n_rule, n_method, n_ablation, basket, impacts],
+                    [n_image, n_note, n_basket, basket],
+                    api_name="select_rule",
+                )
                 n_clear.click(clear_basket, [n_method, n_ablation], [n_image, n_note, n_basket, basket, corner])
                 n_prune.click(prune_basket, [basket, n_prune_ablation], [n_file], api_name="prune_basket")
 
             with gr.Tab("Candidates", id="candidates"):
-                c_threshold = gr.Slider(0.1, 100, value=10.0, step=0.1, label="Threshold percentile of mean |w| within each layer", elem_id="cand-threshold")
+                c_threshold = gr.Slider(
+                    0.1,
+                    100,
+                    value=10.0,
+                    step=0.1,
+                    label="Threshold percentile of mean |w| within each layer",
+                    elem_id="cand-threshold",
+                )
                 c_btn = gr.Button("Find candidates", variant="primary", elem_id="cand-run")
                 c_note = gr.Markdown(elem_id="cand-note")
-                c_table = gr.Dataframe(label="Candidates (click a header to sort; 4 significant digits, downloads in full)", interactive=False, max_height=400)
+                c_table = gr.Dataframe(
+                    label="Candidates (click a header to sort; 4 significant digits, downloads in full)",
+                    interactive=False,
+                    max_height=400,
+                )
                 with gr.Row():
                     c_csv = gr.File(label="CSV")
                     c_json = gr.File(label="JSON")
@@ -415,7 +476,12 @@ def build_ui(state: AppState) -> gr.Blocks:
                     c_send = gr.Button("Send to batch")
                     c_basket = gr.Button("Add to basket")
                 c_btn.click(run_candidates, [c_threshold], [c_note, c_table, c_csv, c_json], api_name="candidates")
-                c_basket.click(candidates_to_basket, [c_threshold, c_n, basket, impacts], [basket, n_note, n_basket], api_name="candidates_to_basket")
+                c_basket.click(
+                    candidates_to_basket,
+                    [c_threshold, c_n, basket, impacts],
+                    [basket, n_note, n_basket],
+                    api_name="candidates_to_basket",
+                )
 
             with gr.Tab("Impact", id="impact"):
                 with gr.Row():
@@ -426,10 +492,20 @@ def build_ui(state: AppState) -> gr.Blocks:
                 i_text = gr.Textbox(value=EXAMPLE_TEXTS[0], lines=3, label="Text")
                 i_btn = gr.Button("Simulate pruning", variant="primary", elem_id="impact-run")
                 i_score = gr.Markdown(elem_id="impact-score")
-                i_plot = gr.LinePlot(x="layer", y="relative_change", label="Relative change of the residual stream after each block")
-                i_tokens = gr.HighlightedText(label="Each token shaded by its KL (relative to the text's largest)", show_legend=False, elem_id="impact-tokens")
-                i_table = gr.Dataframe(label="Per-token KL (position t = prediction after token t)", interactive=False, max_height=300)
-                i_btn.click(run_impact, [i_layer, i_neurons, i_text, i_ablation], [i_score, i_plot, i_tokens, i_table], api_name="impact")
+                i_plot = gr.LinePlot(
+                    x="layer", y="relative_change", label="Relative change of the residual stream after each block"
+                )
+                i_tokens = gr.HighlightedText(
+                    label="Each token shaded by its KL (relative to the text's largest)",
+                    show_legend=False,
+                    elem_id="impact-tokens",
+                )
+                i_table = gr.Dataframe(
+                    label="Per-token KL (position t = prediction after token t)", interactive=False, max_height=300
+                )
+                i_btn.click(
+                    run_impact, [i_layer, i_neurons, i_text, i_ablation], [i_score, i_plot, i_tokens, i_table], api_name="impact"
+                )
                 n_to_impact.click(basket_to_impact, [basket], [i_layer, i_neurons, tabs])
                 i_from_basket.click(basket_to_impact, [basket], [i_layer, i_neurons, tabs])
 
@@ -457,10 +533,15 @@ def build_ui(state: AppState) -> gr.Blocks:
             with gr.Tab("Batch", id="batch"):
                 b_table = gr.Dataframe(
                     value=pd.DataFrame({"layer_index": [0, 0, 0], "neuron_index": [0, 1, 2]}),
-                    headers=BATCH_COLUMNS, datatype=["number", "number"], interactive=True, label="Candidates (editable)",
+                    headers=BATCH_COLUMNS,
+                    datatype=["number", "number"],
+                    interactive=True,
+                    label="Candidates (editable)",
                 )
                 b_from_basket = gr.Button("Take the basket's neurons")
-                b_texts = gr.Textbox(value="\n".join(EXAMPLE_TEXTS[:2]), lines=4, label="Texts, one per line", elem_id="batch-texts")
+                b_texts = gr.Textbox(
+                    value="\n".join(EXAMPLE_TEXTS[:2]), lines=4, label="Texts, one per line", elem_id="batch-texts"
+                )
                 with gr.Row():
                     b_size = gr.Number(value=1, precision=0, label="Texts per forward pass")
                     b_ablation = gr.Radio(["zero", "mean"], value="zero", label="Ablation")
@@ -469,8 +550,12 @@ def build_ui(state: AppState) -> gr.Blocks:
                 b_individual = gr.Dataframe(label="Each candidate alone", interactive=False, elem_id="batch-individual")
                 b_curve = gr.Plot(label="Cumulative impact (first k pruned together)")
                 b_rec = gr.HTML(label="Recommendations", elem_id="batch-recommendations")
-                b_btn.click(run_batch, [b_table, b_texts, b_size, b_ablation, basket],
-                            [b_note, b_individual, b_curve, b_rec, impacts, n_note, n_basket], api_name="batch")
+                b_btn.click(
+                    run_batch,
+                    [b_table, b_texts, b_size, b_ablation, basket],
+                    [b_note, b_individual, b_curve, b_rec, impacts, n_note, n_basket],
+                    api_name="batch",
+                )
                 c_send.click(send_to_batch, [c_threshold, c_n], [b_table, tabs], api_name="send_to_batch")
                 n_to_batch.click(basket_to_batch, [basket], [b_table, tabs])
                 b_from_basket.click(basket_to_batch, [basket], [b_table, tabs])
@@ -478,21 +563,39 @@ def build_ui(state: AppState) -> gr.Blocks:
             with gr.Tab("Pruning curve", id="curve"):
                 with gr.Row():
                     p_methods = gr.CheckboxGroup(list(scores.method_names()), value=list(scores.method_names()), label="Methods")
-                    p_sparsities = gr.Textbox(value="0.1, 0.2, 0.3", label="Sparsities in [0, 1), comma separated", elem_id="curve-sparsities")
+                    p_sparsities = gr.Textbox(
+                        value="0.1, 0.2, 0.3", label="Sparsities in [0, 1), comma separated", elem_id="curve-sparsities"
+                    )
                 with gr.Row():
                     p_scope = gr.Radio(list(SCOPES), value="per_layer", label="Scope")
                     p_ablation = gr.Radio(["zero", "mean"], value=ablation0, label="Ablation")
-                    p_calib = gr.Number(value=state.default_calib_tokens, precision=0, label=f"Calibration tokens (1..{state.settings.max_calib_tokens})")
+                    p_calib = gr.Number(
+                        value=state.default_calib_tokens,
+                        precision=0,
+                        label=f"Calibration tokens (1..{state.settings.max_calib_tokens})",
+                    )
                 p_btn = gr.Button("Measure pruning curve", variant="primary", elem_id="curve-run")
                 p_note = gr.Markdown(elem_id="curve-note")
-                p_plot = gr.Image(label="Perplexity x dense against sparsity, per evaluation domain (random's spread shaded)", type="filepath")
+                p_plot = gr.Image(
+                    label="Perplexity x dense against sparsity, per evaluation domain (random's spread shaded)", type="filepath"
+                )
                 p_table = gr.Dataframe(label="Curve", interactive=False, elem_id="curve-table")
-                p_btn.click(run_curve, [p_methods, p_sparsities, p_scope, p_ablation, p_calib], [p_note, p_plot, p_table], api_name="curve")
-                gr.Markdown("### Prune and download\nA physically smaller Hugging Face directory (zip) that plain transformers loads. "
-                            "The defaults are the CLI's recommendation.")
+                p_btn.click(
+                    run_curve,
+                    [p_methods, p_sparsities, p_scope, p_ablation, p_calib],
+                    [p_note, p_plot, p_table],
+                    api_name="curve",
+                )
+                gr.Markdown(
+                    "### Prune and download\nA physically smaller Hugging Face directory (zip) that plain transformers loads. "
+                    "The defaults are the CLI's recommendation."
+                )
                 with gr.Row():
-                    d_method = gr.Dropdown([RECOMMENDED_CHOICE] + list(scores.method_names()), value=RECOMMENDED_CHOICE,
-                                           label=f"Method ({RECOMMENDED_CHOICE}: {recipes.RECOMMENDED.describe()}, as `neuronscope-tl prune`)")
+                    d_method = gr.Dropdown(
+                        [RECOMMENDED_CHOICE] + list(scores.method_names()),
+                        value=RECOMMENDED_CHOICE,
+                        label=f"Method ({RECOMMENDED_CHOICE}: {recipes.RECOMMENDED.describe()}, as `neuronscope-tl prune`)",
+                    )
                     d_sparsity = gr.Number(value=0.2, label="Sparsity")
                 d_btn = gr.Button("Prune and download")
                 d_file = gr.File(label="Pruned model (zip)")
@@ -510,11 +613,15 @@ def build_ui(state: AppState) -> gr.Blocks:
                     l_method = gr.Dropdown(live_methods(), value=method0, label="Method")
                     l_scope = gr.Radio(list(SCOPES), value="per_layer", label="Scope")
                     l_ablation = gr.Radio(["zero", "mean"], value=ablation0, label="Ablation")
-                l_sparsity = gr.Slider(0.0, 0.9, value=0.2, step=0.05, label="Sparsity (fraction of MLP neurons removed)", elem_id="live-sparsity")
+                l_sparsity = gr.Slider(
+                    0.0, 0.9, value=0.2, step=0.05, label="Sparsity (fraction of MLP neurons removed)", elem_id="live-sparsity"
+                )
                 l_prompt = gr.Textbox(value=DEFAULT_PROMPT, label="Prompt", elem_id="live-prompt")
                 l_btn = gr.Button("Measure", variant="primary", elem_id="live-run")
                 l_note = gr.Markdown(elem_id="live-note")
-                l_table = gr.Dataframe(label="Perplexity per evaluation domain: dense, pruned, x dense", interactive=False, elem_id="live-table")
+                l_table = gr.Dataframe(
+                    label="Perplexity per evaluation domain: dense, pruned, x dense", interactive=False, elem_id="live-table"
+                )
                 with gr.Row():
                     l_dense = gr.Textbox(label="Dense continuation", interactive=False, elem_id="live-dense")
                     l_pruned = gr.Textbox(label="Pruned continuation", interactive=False, elem_id="live-pruned")
@@ -530,15 +637,25 @@ def build_ui(state: AppState) -> gr.Blocks:
                     "distribution of neuron importance and outlier neurons. Other models are loaded one at a time."
                 )
                 with gr.Row():
-                    k_models = gr.Textbox(value=state.model_name, elem_id="compare-models", scale=2,
-                                          label=f"Models, comma separated (any of: {', '.join(state.compare_choices())})")
-                    k_sparsities = gr.Textbox(value=", ".join(f"{x:g}" for x in compare.DEFAULT_SPARSITIES),
-                                              label="Sparsities in [0, 1), comma separated", elem_id="compare-sparsities")
+                    k_models = gr.Textbox(
+                        value=state.model_name,
+                        elem_id="compare-models",
+                        scale=2,
+                        label=f"Models, comma separated (any of: {', '.join(state.compare_choices())})",
+                    )
+                    k_sparsities = gr.Textbox(
+                        value=", ".join(f"{x:g}" for x in compare.DEFAULT_SPARSITIES),
+                        label="Sparsities in [0, 1), comma separated",
+                        elem_id="compare-sparsities",
+                    )
                 k_methods = gr.CheckboxGroup(list(scores.method_names()), value=list(compare.DEFAULT_METHODS), label="Methods")
                 k_btn = gr.Button("Compare models", variant="primary", elem_id="compare-run")
                 k_note = gr.Markdown(elem_id="compare-note")
-                k_plot = gr.Image(label="Pruning curves, layer sensitivity, importance distribution, outlier neurons",
-                                  type="filepath", elem_id="compare-plot")
+                k_plot = gr.Image(
+                    label="Pruning curves, layer sensitivity, importance distribution, outlier neurons",
+                    type="filepath",
+                    elem_id="compare-plot",
+                )
                 k_table = gr.Dataframe(label="One row per model", interactive=False, elem_id="compare-table")
                 k_btn.click(run_compare, [k_models, k_methods, k_sparsities], [k_note, k_plot, k_table], api_name="compare")
 

@@ -515,6 +515,9 @@ def run_serve(cfg: ServeConfig, log=print) -> None:
     serve(create_app(model, cfg.settings), sock, log=log)
 
 
+CALIBRATION_SET = "calibration"  # the name of score's validation on its own calibration tokens
+
+
 @dataclass
 class ScoreConfig:
     """Settings of ``neuronscope-tl score``.
@@ -570,7 +573,9 @@ class ScoreConfig:
             raise ValueError("--eval-texts and --domains choose where the scores are validated; they need --validate-n >= 2.")
         check_paths(self.out)
         _, calibration_domains = pipelines.calibration_texts_for(self.calib_texts)  # bad files fail before any work
-        pipelines.evaluation_sets_for(self.eval_texts, calibration_domains, defaults=self.domains)
+        sets = pipelines.evaluation_sets_for(self.eval_texts, calibration_domains, defaults=self.domains)
+        if any(s.name == CALIBRATION_SET for s in sets):
+            raise ValueError(f"the name {CALIBRATION_SET!r} is the calibration texts' own validation; name the set otherwise.")
 
     def score_list(self) -> List[str]:
         return [s.strip() for s in self.scores.split(",") if s.strip()]
@@ -605,7 +610,7 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
     if cfg.validate_n:
         t = time.perf_counter()
         validations = {}
-        for set_name, set_texts, table in [("calibration", calib, None)] + [(s.name, s.texts, result.table) for s in sets]:
+        for set_name, set_texts, table in [(CALIBRATION_SET, calib, None)] + [(s.name, s.texts, result.table) for s in sets]:
             log(
                 f"validating {', '.join(scores)} on {set_name}: exact {cfg.ablation} ablation of up to "
                 f"{cfg.validate_n * (len(scores) + 1)} neurons, one at a time, over {cfg.validate_tokens} tokens"
@@ -626,20 +631,20 @@ def run_score(cfg: ScoreConfig, log=print) -> dict:
         files[out / "validation_measured.csv"] = pd.concat(
             [v.measured.assign(set=k) for k, v in validations.items()], ignore_index=True
         )
-        doc = {k: val for k, val in validations["calibration"].to_dict().items() if k != "measured"}
+        doc = {k: val for k, val in validations[CALIBRATION_SET].to_dict().items() if k != "measured"}
         doc["sets"] = {
             k: {"spearman_candidates": v.spearman_candidates, "spearman_random": v.spearman_random, "n_tokens": v.n_tokens}
             for k, v in validations.items()
         }
         doc["sets_record"] = [s.record() for s in sets]
         files[out / "validation.json"] = report_document(
-            "score_validation", name, settings, {"n_tokens": validations["calibration"].n_tokens}, doc
+            "score_validation", name, settings, {"n_tokens": validations[CALIBRATION_SET].n_tokens}, doc
         )
-        summary["spearman_candidates"] = validations["calibration"].spearman_candidates
-        summary["spearman_random"] = validations["calibration"].spearman_random
+        summary["spearman_candidates"] = validations[CALIBRATION_SET].spearman_candidates
+        summary["spearman_random"] = validations[CALIBRATION_SET].spearman_random
         summary["validation_sets"] = doc["sets"]
         for set_name, v in validations.items():
-            where = "the calibration tokens" if set_name == "calibration" else f"set {set_name} (scores from calibration)"
+            where = "the calibration tokens" if set_name == CALIBRATION_SET else f"set {set_name} (scores from calibration)"
             log(f"Spearman rho with the exact loss change on {where} ({cfg.ablation} ablation, {v.n_tokens} tokens):")
             log(f"  {'score':<14}{'lowest ' + str(v.n):>12}{'random ' + str(v.n):>12}")
             for s in scores:
@@ -933,8 +938,8 @@ def run_prune(cfg: PruneConfig, log=print) -> dict:
     if result.latency_s_before is not None:
         log(
             f"latency, median of {LATENCY_REPEATS} forwards over {result.latency_tokens} tokens: dense "
-            f"{result.latency_s_before * 1e3:.0f} ms (IQR {fmt_iqr(result.latency_iqr_s_before)}), pruned "
-            f"{result.latency_s_after * 1e3:.0f} ms (IQR {fmt_iqr(result.latency_iqr_s_after)}); {machine_load_note()}"
+            f"{result.latency_s_before * 1e3:.0f} ms (IQR {fmt_iqr(result.latency_quartiles_s_before)}), pruned "
+            f"{result.latency_s_after * 1e3:.0f} ms (IQR {fmt_iqr(result.latency_quartiles_s_after)}); {machine_load_note()}"
         )
     if pruned.evaluation is not None:
         log_domains(pruned.evaluation, log)

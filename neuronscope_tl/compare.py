@@ -42,7 +42,7 @@ from .export import Result, to_jsonable
 from .hooks import attached_hooks, mlp_post_name
 from .metrics import perplexity
 from .models import load_model, mlp_info, model_name
-from .selection import calibrate
+from .selection import calibrate_for
 from .surgery import make_spec, simulation_hooks
 from .texts import calibration_texts, calibration_tokens, check_int, check_max_tokens, evaluation_texts, show
 
@@ -161,7 +161,7 @@ def compare_one(
     window = min(window, info.n_ctx)
     n_windows = len(eval_windows(model, texts, window, 1).tokens)
     every = max(1, n_windows // max(1, -(-eval_tokens // (window - 1))))  # about eval_tokens, spread over the texts
-    cal = calibrate(model, calib_texts, calib_tokens, with_grams=False)
+    cal = calibrate_for(model, methods, calib_texts, calib_tokens)
     curve = prune_curve(
         model,
         list(methods),

@@ -165,10 +165,9 @@ def gemma_model_dir() -> Path:
 
 def _resolve(name: Optional[str]) -> Tuple[str, str]:
     """Map a user-facing name to (display name, path or hub id to load from)."""
-    if name in _DEFAULT_ALIASES:
-        return DEFAULT_MODEL_NAME, str(default_model_dir())
-    if name in _GEMMA_ALIASES:
-        return GEMMA_MODEL_NAME, str(gemma_model_dir())
+    if name in _DEFAULT_ALIASES or name in _GEMMA_ALIASES:
+        canonical = canonical_name(name)
+        return canonical, str(default_model_dir() if canonical == DEFAULT_MODEL_NAME else gemma_model_dir())
     assert name is not None
     local = Path(name).expanduser()
     if local.is_dir():

@@ -80,10 +80,6 @@ class Recipe:
                 "calibration keeps; use calibration 'sequential' or a damping such as 0.01."
             )
 
-    @property
-    def needs_grams(self) -> bool:
-        return registry.get(self.method).needs_grams or self.refit is not None
-
     def describe(self) -> str:
         refit = {
             None: "no refit" if not registry.get(self.method).refit else f"refit (damping {DEFAULT_DAMP})",

@@ -186,12 +186,13 @@ def owl_layer_counts(
     A layer's outlier ratio is the fraction of its neurons whose score exceeds ``factor`` times the layer's mean.
     Keep ratios grow linearly with it over a range of ``2 * spread`` centred on ``1 - sparsity`` (so the mean
     sparsity is kept), are clipped so every layer keeps at least one neuron, and are rounded to counts that sum to
-    ``round(sparsity * n_layers * d_mlp)`` (largest remainders; at most ``d_mlp - 1`` per layer). Equal outlier ratios give uniform counts.
+    ``round(sparsity * n_layers * d_mlp)`` (largest remainders; at most ``d_mlp - 1`` per layer). Equal outlier
+    ratios give equal fractions: counts that differ by at most one.
     """
     sparsity = check_sparsity(sparsity)
-    if not (isinstance(factor, (int, float)) and factor > 0 and math.isfinite(factor)):
+    if isinstance(factor, bool) or not (isinstance(factor, (int, float)) and factor > 0 and math.isfinite(factor)):
         raise ValueError(f"factor must be a finite number > 0, got {show(factor)}.")
-    if not (isinstance(spread, (int, float)) and 0 <= spread < 0.5):
+    if isinstance(spread, bool) or not (isinstance(spread, (int, float)) and 0 <= spread < 0.5):
         raise ValueError(f"spread must be a number in [0, 0.5), got {show(spread)}.")
     score = outlier_scores.double()
     n_layers, d = score.shape

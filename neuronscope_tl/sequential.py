@@ -171,10 +171,7 @@ def check_sequential_scope(scope: str) -> str:
     """Sequential calibration selects layer by layer, so its scope is ``per_layer`` or ``owl`` (per-layer counts
     fixed before the first layer); ``global`` is refused."""
     if scope not in SEQUENTIAL_SCOPES:
-        raise ValueError(
-            f"sequential calibration selects layer by layer: use scope 'per_layer' or 'owl' "
-            f"(--scope per_layer|owl), got {scope!r}."
-        )
+        raise ValueError(f"sequential calibration selects layer by layer: use scope 'per_layer' or 'owl', got {scope!r}.")
     return scope
 
 
@@ -268,12 +265,12 @@ def sequential_spec(
                 else:
                     model(tokens, return_type=None)
         for layer, col in cols.items():
-            col.reduce()
+            col.reduce()  # on every rank, also for a layer that loses nothing
+            if counts[layer] == 0:
+                continue
             gram = col.gram()
             means = {layer: gram[d, :d].float()}
             cal = Calibration(score_table(col.stats.table(), weights), mag, means, {layer: gram.float()})
-            if counts[layer] == 0:
-                continue
             pruned = registry.get(method).select_layer(model, cal, layer, counts[layer], ablation, seed)
             grams, damp = None, DEFAULT_DAMP
             if refit is not None:

@@ -89,11 +89,6 @@ class PruneSpec:
     def n_pruned(self) -> int:
         return sum(len(v) for v in self.neurons.values())
 
-    @property
-    def uniform(self) -> bool:
-        """True when every layer loses the same number of neurons (a standard config can express it)."""
-        return len({len(v) for v in self.neurons.values()}) <= 1
-
     def kept(self, layer: int) -> List[int]:
         gone = set(self.neurons.get(layer, ()))
         return [n for n in range(self.d_mlp) if n not in gone]
@@ -134,6 +129,12 @@ def stored_neurons(spec: PruneSpec, n_layers: int) -> Tuple[int, Dict[int, List[
         kept = spec.kept(layer)
         stored[layer] = sorted(kept + sorted(spec.neurons.get(layer, ()))[: width - len(kept)])
     return width, stored
+
+
+def padded(spec: PruneSpec, n_layers: int) -> bool:
+    """Whether a checkpoint of ``spec`` stores zeroed padding neurons: the layers lost different numbers of neurons
+    (a layer the spec does not name lost none)."""
+    return len({len(spec.neurons.get(l, ())) for l in range(n_layers)}) > 1
 
 
 def pruned_output_weights(spec: PruneSpec, layer: int, w_out: Tensor) -> Tensor:
@@ -282,7 +283,7 @@ def save_pruned_hooked(
         out=str(out),
         ablation=spec.ablation,
         compensated=bool(spec.delta_out),
-        masked=not spec.uniform,
+        masked=padded(spec, int(model.cfg.n_layers)),
         n_pruned=spec.n_pruned,
         d_mlp_before=spec.d_mlp,
         d_mlp_after=int(pruned.cfg.d_mlp),
@@ -343,8 +344,8 @@ def latency_fields(before: Optional[Tuple[float, float, float]], after: Optional
     return {
         "latency_s_before": before[0],
         "latency_s_after": after[0],
-        "latency_iqr_s_before": before[1:],
-        "latency_iqr_s_after": after[1:],
+        "latency_quartiles_s_before": before[1:],
+        "latency_quartiles_s_after": after[1:],
     }
 
 
@@ -365,7 +366,7 @@ class PrunedModel(Result):
         parameters_before / parameters_after, mlp_parameters_before / mlp_parameters_after: unique counts.
         file_bytes_before / file_bytes_after: size of the weight files of the dense and pruned checkpoints.
         latency_s_before / latency_s_after: median CPU forward time over ``latency_tokens`` tokens, and
-            latency_iqr_s_before / latency_iqr_s_after its spread: the 25th and 75th percentiles.
+            latency_quartiles_s_before / latency_quartiles_s_after: the 25th and 75th percentiles (the spread).
         format: ``hf`` (a ``save_pretrained`` directory) or ``hooked`` (a HookedTransformer checkpoint:
             ``tl_config.json`` + ``model.safetensors`` + tokenizer, see :func:`load_hooked`).
         hf_out: for ``hooked``, the HF copy's directory (``out/hf``) when one was written, else None.
@@ -387,8 +388,8 @@ class PrunedModel(Result):
     latency_tokens: int
     latency_s_before: Optional[float]
     latency_s_after: Optional[float]
-    latency_iqr_s_before: Optional[Tuple[float, float]] = None
-    latency_iqr_s_after: Optional[Tuple[float, float]] = None
+    latency_quartiles_s_before: Optional[Tuple[float, float]] = None
+    latency_quartiles_s_after: Optional[Tuple[float, float]] = None
     format: str = "hf"
     hf_out: Optional[str] = None
 
@@ -444,7 +445,7 @@ def save_pruned(
         out=str(out),
         ablation=spec.ablation,
         compensated=bool(spec.delta_out),
-        masked=not spec.uniform,
+        masked=padded(spec, len(arch_for(pruned).decoder_layers(pruned))),
         n_pruned=spec.n_pruned,
         d_mlp_before=spec.d_mlp,
         d_mlp_after=width,

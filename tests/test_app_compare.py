@@ -155,8 +155,8 @@ def bad_inputs(tiny_dirs_gpt2: str, own_name: str):
         (dict(model_names="this model", sparsities=[-0.1]), r"sparsity must be a number in [0, 1), got -0.1."),
         (dict(model_names="this model", sparsities=[]), r"sparsities must be a non-empty list of numbers in [0, 1)."),
         (dict(model_names="this model", ablation="half"), "unknown ablation mode 'half'; valid modes are zero, mean."),
-        (dict(model_names="this model", calib_tokens=0), "calibration tokens must be an integer >= 1, got 0."),
-        (dict(model_names="this model", eval_tokens=0), "evaluation tokens must be an integer >= 1, got 0."),
+        (dict(model_names="this model", calib_tokens=0), f"calibration tokens must be an integer in [1, {CALIB_LIMIT}], got 0."),
+        (dict(model_names="this model", eval_tokens=0), f"evaluation tokens must be an integer in [1, {TOKEN_LIMIT}], got 0."),
     ]
 
 

@@ -204,7 +204,12 @@ def test_outputs_get_the_users_normal_permissions(tmp_path, capsys):
     )
     assert m, printed
     rep = json.loads((out / "pruning_report.json").read_text())["model"]
-    shown = [rep["latency_s_before"], *rep["latency_iqr_s_before"], rep["latency_s_after"], *rep["latency_iqr_s_after"]]
+    shown = [
+        rep["latency_s_before"],
+        *rep["latency_quartiles_s_before"],
+        rep["latency_s_after"],
+        *rep["latency_quartiles_s_after"],
+    ]
     assert [int(g) for g in m.groups()] == [round(x * 1e3) for x in shown]
     assert str(out / "model.safetensors") in printed
 

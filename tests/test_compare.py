@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import cli, compare
+from neuronscope_tl import cli, compare, selection, surgery
 from neuronscope_tl.arch import output_matrix
-from neuronscope_tl.evaluation import eval_windows
+from neuronscope_tl.evaluation import eval_windows, window_nll
+from neuronscope_tl.metrics import perplexity
 from neuronscope_tl.texts import calibration_tokens
 
 from conftest import nll64, nll_tolerance, logit_noise
@@ -163,3 +164,17 @@ def test_bad_input_is_refused_before_loading(kwargs, match):
 def test_relative_depth():
     assert [compare.relative_depth(l, 5) for l in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert compare.relative_depth(0, 1) == 0.0
+
+
+def test_a_method_that_needs_gram_matrices_compares(tiny_dirs):
+    """obs selects from the calibration Gram matrices, so the comparison's calibration collects them; its curve
+    point equals the same selection evaluated directly."""
+    model = ns.load_model(tiny_dirs["llama"])
+    comp = compare.compare_models([model], EVAL, **{**KW, "methods": ["obs"]})
+    point = comp.models[0].curve.set_index("method").loc["obs"]
+    cal = selection.calibrate(model, CALIB, KW["calib_tokens"], with_grams=True, with_gradients=False)
+    spec = selection.build_spec(model, cal, "obs", 0.25, "per_layer", KW["ablation"])
+    r = comp.models[0]
+    wins = eval_windows(model, EVAL, r.window, r.every)
+    expected = perplexity(*window_nll(model, wins, surgery.simulation_hooks(spec)))
+    assert point["perplexity"] == pytest.approx(expected, rel=1e-9)

@@ -41,10 +41,13 @@ def test_counts_follow_the_owl_rule(sparsity):
 def test_equal_outlier_ratios_give_uniform_counts_and_bad_input_is_refused():
     assert selection.owl_layer_counts(torch.ones(4, 10), 0.3) == [3, 3, 3, 3]
     assert selection.owl_layer_counts(torch.ones(4, 10), 0.0) == [0, 0, 0, 0]
-    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
-        selection.owl_layer_counts(torch.ones(4, 10), 0.3, spread=0.5)
-    with pytest.raises(ValueError, match="factor"):
-        selection.owl_layer_counts(torch.ones(4, 10), 0.3, factor=0)
+    assert sorted(selection.owl_layer_counts(torch.ones(4, 10), 0.25)) == [2, 2, 3, 3]  # 2.5 each: 10 in all
+    for spread in (0.5, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+            selection.owl_layer_counts(torch.ones(4, 10), 0.3, spread=spread)
+    for factor in (0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="factor"):
+            selection.owl_layer_counts(torch.ones(4, 10), 0.3, factor=factor)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         selection.owl_layer_counts(torch.ones(4, 10), 1.0)
 

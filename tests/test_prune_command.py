@@ -1,7 +1,7 @@
 """``neuronscope-tl prune`` end to end: the written directory reloads in plain transformers, in a separate Python
 process that never imports neuronscope_tl, and its logits equal the hook simulation of the same pruning.
 
-Per-layer scope (a smaller intermediate size) and global scope (a masked checkpoint of the original shapes), zero
+Per-layer scope (a smaller intermediate size), global and owl scopes (stored at the widest layer's width), zero
 and mean ablation (the means, or the least-squares refit, carried as an output bias), both MLP kinds. The tiny
 models get a 1024-token context so that the default calibration articles fit.
 """
@@ -146,13 +146,14 @@ def test_prune_output_reloads_in_plain_transformers_and_equals_the_simulation(pr
     d_mlp = ns.mlp_info(model).d_mlp
     k = round(SPARSITY * d_mlp)
     widest = d_mlp - min(len(spec.neurons.get(l, ())) for l in range(ns.mlp_info(model).n_layers))
-    assert config["width"] == widest and report["model"]["masked"] == (not spec.uniform)
+    padded = surgery.padded(spec, ns.mlp_info(model).n_layers)
+    assert config["width"] == widest and report["model"]["masked"] == padded
     if scope == "per_layer":
         assert widest == d_mlp - k and all(len(v) == k for v in spec.neurons.values())
     else:
         assert spec.n_pruned == round(SPARSITY * d_mlp * ns.mlp_info(model).n_layers)
     if scope == "global":
-        assert not spec.uniform
+        assert padded
     assert report["model"]["n_pruned"] == spec.n_pruned
     if kind == "llama":  # an output bias (mean ablation or refit) needs mlp_bias in the config
         assert config["mlp_bias"] == bool(spec.bias)

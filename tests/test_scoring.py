@@ -3,13 +3,16 @@ gradients only on activations, fault safety, validation and bad input."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import engine, hooks, scoring
+from neuronscope_tl import cli, engine, hooks, models, scoring
 from neuronscope_tl.activations import DEFAULT_ACTIVE_THRESHOLD
 from neuronscope_tl.texts import tokenize
 
@@ -293,12 +296,6 @@ def test_validate_without_table_scores_the_ablated_tokens(tiny_model, tiny_dirs,
 
 
 def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
-    import json
-
-    import pandas as pd
-
-    from neuronscope_tl import cli
-
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS), encoding="utf-8")
     out = tmp_path / "out"
@@ -336,16 +333,10 @@ def test_score_cli_writes_table_and_validation(tiny_dirs, tmp_path, capsys):
         cli.parse_args(["score", "--batch-size", "0"])
 
 
-def test_score_cli_validates_on_each_eval_set(tiny_dirs, tmp_path):
+def test_score_cli_validates_on_each_eval_set(tiny_dirs, tmp_path, capsys):
     """--eval-texts NAME=FILE: the calibration's lowest-scored neurons are measured on the set's own texts (equal to
     the hook simulation run there), the set's Spearman correlations are those of its rows, and bad sets fail
     before anything is written."""
-    import json
-
-    import pandas as pd
-
-    from neuronscope_tl import cli, models
-
     calib, other = tmp_path / "calib.txt", tmp_path / "other.txt"
     calib.write_text("\n".join(TEXTS[:2]), encoding="utf-8")
     other_texts = ["Rain is expected across the north on Tuesday.", "She sold the house and moved to the coast."]
@@ -383,11 +374,14 @@ def test_score_cli_validates_on_each_eval_set(tiny_dirs, tmp_path):
         scipy.stats.spearmanr(rnd["taylor_zero"], rnd["loss_change"]).statistic, abs=1e-9
     )
     assert [r["name"] for r in doc["sets_record"]] == ["other"]
-    for bad in (
-        ["--eval-texts", f"other={tmp_path / 'missing.txt'}"],
-        ["--eval-texts", f"other={other}", "--eval-texts", f"other={calib}"],
-        ["--eval-texts", f"other={other}", "--validate-n", "0"],
+    capsys.readouterr()
+    for bad, message in (
+        (["--eval-texts", f"other={tmp_path / 'missing.txt'}"], "cannot read text file"),
+        (["--eval-texts", f"other={other}", "--eval-texts", f"other={calib}"], "other given more than once"),
+        (["--eval-texts", f"other={other}", "--validate-n", "0"], "need --validate-n >= 2"),
+        (["--eval-texts", f"calibration={other}"], "'calibration' is the calibration texts' own validation"),
     ):
         fresh = tmp_path / "never"
         assert cli.main(base[:-8] + ["--out", str(fresh)] + bad) == 2
+        assert message in capsys.readouterr().err, bad
         assert not fresh.exists()

@@ -224,4 +224,4 @@ def test_forward_latency_reports_median_and_quartiles_of_the_timed_forwards(tiny
     med, q25, q75 = surgery.forward_latency(tiny_model, n_tokens=8, repeats=5)
     assert (med, q25, q75) == pytest.approx(tuple(np.percentile(durations, [50, 25, 75])), abs=1e-9)
     fields = surgery.latency_fields((med, q25, q75), (0.1, 0.05, 0.2))
-    assert fields["latency_iqr_s_before"] == (q25, q75) and fields["latency_s_after"] == 0.1
+    assert fields["latency_quartiles_s_before"] == (q25, q75) and fields["latency_s_after"] == 0.1

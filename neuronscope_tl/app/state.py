@@ -433,7 +433,8 @@ class AppState:
         """A token budget of a comparison: ``default`` capped at ``limit`` when None; otherwise within [1, limit]."""
         if value is None:
             return min(default, limit)
-        value = texts.check_int(value, what, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be an integer in [1, {limit}], got {value!r}.")
         if value > limit:
             raise LimitExceeded(f"{what} {value} is too large; at most {limit}.")
         return value

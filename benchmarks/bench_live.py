@@ -60,7 +60,7 @@ def main() -> None:
         ablation = rec_ablation if method == recommended else "zero"
         t = time.perf_counter()
         with state.model_work():
-            state.live_engine.warm(method, DEFAULT_PROMPT)
+            state.live_engine.warm(method, DEFAULT_PROMPT, "per_layer", ablation)
         warm_s = time.perf_counter() - t
         moves = []
         for s in sparsities + sparsities[:1]:  # each new sparsity, then one revisit

@@ -168,3 +168,21 @@ def test_live_refuses_bad_input_and_keeps_its_caches(state):
     engine = LivePruning(state.model, lambda methods: state._calibrate(state.default_calib_tokens, methods))
     engine.warm("wanda", "Hi")
     assert engine._dense is not None and "Hi" in engine._dense_text
+
+
+@pytest.mark.parametrize("scope", ["per_layer", "global"])
+def test_live_selection_after_the_deepest_one_equals_a_fresh_selection(state, scope):
+    """The live tab first selects at the slider's end (obs keeps its whole greedy order), then reads a prefix; the
+    result equals obs selected directly at that sparsity on a calibration of its own."""
+    from neuronscope_tl.app.live import LIVE_MAX_SPARSITY
+
+    kept = selection.calibrate_for(state.model, ["obs"], calib_tokens=512)  # kept, as the app keeps its calibration
+    engine = LivePruning(state.model, lambda methods: kept)
+    live = engine.spec("obs", scope, "mean", 0.25)
+    assert ("obs", scope, "mean", LIVE_MAX_SPARSITY) in engine._specs
+    assert len(kept.obs[("mean", 0)][0]) >= round(0.5 * ns.mlp_info(state.model).d_mlp)  # the order was kept deep
+    fresh_cal = selection.calibrate_for(state.model, ["obs"], calib_tokens=512)
+    fresh = selection.build_spec(state.model, fresh_cal, "obs", 0.25, scope, "mean")
+    assert live.neurons == fresh.neurons
+    for layer, delta in fresh.delta_out.items():
+        torch.testing.assert_close(live.delta_out[layer], delta, rtol=0, atol=0)

@@ -25,6 +25,7 @@ from ..surgery import PruneSpec, simulation_hooks
 LIVE_WINDOW = 64  # tokens per window of the fixed subset
 LIVE_WINDOWS_PER_DOMAIN = 1
 LIVE_NEW_TOKENS = 8  # tokens of each continuation
+LIVE_MAX_SPARSITY = 0.9  # the slider's end; each selection is first made there, so later moves only take a prefix
 DEFAULT_PROMPT = "The city council said on Monday that"
 MAX_PROMPT_TOKENS = 64
 
@@ -109,17 +110,26 @@ class LivePruning:
         return prompt
 
     def spec(self, method: str, scope: str, ablation: str, sparsity: float) -> Optional[PruneSpec]:
+        """The selection's spec (kept). The first one of a (method, scope, ablation) is made at
+        :data:`LIVE_MAX_SPARSITY` first: a method with a greedy order (``obs``) then keeps the whole order in the
+        calibration, and every later slider position reads a prefix of it instead of growing it."""
         key = (method, scope, ablation, sparsity)
         if key not in self._specs:
             cal = self.calibration([method])
-            self._specs[key] = selection.build_spec(self.model, cal, method, sparsity, scope, ablation)
+            deepest = (method, scope, ablation, LIVE_MAX_SPARSITY)
+            if deepest not in self._specs:
+                self._specs[deepest] = selection.build_spec(self.model, cal, method, LIVE_MAX_SPARSITY, scope, ablation)
+            if key not in self._specs:
+                self._specs[key] = selection.build_spec(self.model, cal, method, sparsity, scope, ablation)
         return self._specs[key]
 
-    def warm(self, method: str, prompt: str = DEFAULT_PROMPT) -> None:
-        """Compute everything a first slider move would wait for: calibration, windows, dense numbers and text."""
+    def warm(self, method: str, prompt: str = DEFAULT_PROMPT, scope: str = "per_layer", ablation: str = "zero") -> None:
+        """Compute everything a first slider move would wait for: calibration, windows, dense numbers and text, and
+        the method's deepest selection (:meth:`spec`)."""
         self.calibration([method])
         self.dense()
         self.dense_text(prompt)
+        self.spec(method, scope, ablation, LIVE_MAX_SPARSITY)
 
     def dense_text(self, prompt: str) -> str:
         if prompt not in self._dense_text:

@@ -31,7 +31,7 @@ from ..plots import display_table, plot_curve
 from ..selection import SCOPES
 from ..texts import EXAMPLE_TEXTS
 from . import picker
-from .live import DEFAULT_PROMPT, describe
+from .live import DEFAULT_PROMPT, LIVE_MAX_SPARSITY, describe
 from .state import AppState, Busy
 
 RECOMMENDED_CHOICE = "recommended"  # the prune box's entry for the CLI's recommended recipe
@@ -614,7 +614,12 @@ def build_ui(state: AppState) -> gr.Blocks:
                     l_scope = gr.Radio(list(SCOPES), value="per_layer", label="Scope")
                     l_ablation = gr.Radio(["zero", "mean"], value=ablation0, label="Ablation")
                 l_sparsity = gr.Slider(
-                    0.0, 0.9, value=0.2, step=0.05, label="Sparsity (fraction of MLP neurons removed)", elem_id="live-sparsity"
+                    0.0,
+                    LIVE_MAX_SPARSITY,
+                    value=0.2,
+                    step=0.05,
+                    label="Sparsity (fraction of MLP neurons removed)",
+                    elem_id="live-sparsity",
                 )
                 l_prompt = gr.Textbox(value=DEFAULT_PROMPT, label="Prompt", elem_id="live-prompt")
                 l_btn = gr.Button("Measure", variant="primary", elem_id="live-run")

@@ -279,22 +279,14 @@ def save_pruned_hooked(
             hf = AutoModelForCausalLM.from_pretrained(source, dtype=next(model.parameters()).dtype).eval()
             apply_spec(hf, spec).save_pretrained(tmp / "hf")
             AutoTokenizer.from_pretrained(source).save_pretrained(tmp / "hf")
-    return PrunedModel(
-        out=str(out),
-        ablation=spec.ablation,
-        compensated=bool(spec.delta_out),
-        masked=padded(spec, int(model.cfg.n_layers)),
-        n_pruned=spec.n_pruned,
-        d_mlp_before=spec.d_mlp,
-        d_mlp_after=int(pruned.cfg.d_mlp),
-        parameters_before=total0,
-        parameters_after=total1,
-        mlp_parameters_before=mlp0,
-        mlp_parameters_after=mlp1,
-        file_bytes_before=bytes0,
-        file_bytes_after=bytes1,
-        latency_tokens=latency_tokens,
-        **latency_fields(lat0, lat1),
+    return pruned_result(
+        spec,
+        out,
+        int(model.cfg.n_layers),
+        int(pruned.cfg.d_mlp),
+        (total0, mlp0, bytes0, lat0),
+        (total1, mlp1, bytes1, lat1),
+        latency_tokens,
         format="hooked",
         hf_out=str(out / "hf") if with_hf else None,
     )
@@ -335,6 +327,31 @@ def forward_latency(hf, n_tokens: int = 512, repeats: int = 5, vocab: Optional[i
             times.append(time.perf_counter() - t)
     q25, med, q75 = np.percentile(times, [25, 50, 75])
     return float(med), float(q25), float(q75)
+
+
+def pruned_result(
+    spec: PruneSpec, out: Path, n_layers: int, width: int, before: tuple, after: tuple, latency_tokens: int, **extra
+) -> "PrunedModel":
+    """The :class:`PrunedModel` of a saved spec; ``before`` / ``after``: (parameters, MLP parameters, weight-file
+    bytes, :func:`forward_latency` or None) of the dense and the pruned model."""
+    return PrunedModel(
+        out=str(out),
+        ablation=spec.ablation,
+        compensated=bool(spec.delta_out),
+        masked=padded(spec, n_layers),
+        n_pruned=spec.n_pruned,
+        d_mlp_before=spec.d_mlp,
+        d_mlp_after=width,
+        parameters_before=before[0],
+        parameters_after=after[0],
+        mlp_parameters_before=before[1],
+        mlp_parameters_after=after[1],
+        file_bytes_before=before[2],
+        file_bytes_after=after[2],
+        latency_tokens=latency_tokens,
+        **latency_fields(before[3], after[3]),
+        **extra,
+    )
 
 
 def latency_fields(before: Optional[Tuple[float, float, float]], after: Optional[Tuple[float, float, float]]) -> dict:
@@ -440,23 +457,15 @@ def save_pruned(
         if notice:  # a licence that requires a notice beside modified copies (Gemma Terms of Use, 3.1)
             (tmp / "NOTICE").write_text(notice)
         bytes1 = dir_size(tmp)
-    width = arch_for(pruned).width(pruned.config)
-    return PrunedModel(
-        out=str(out),
-        ablation=spec.ablation,
-        compensated=bool(spec.delta_out),
-        masked=padded(spec, len(arch_for(pruned).decoder_layers(pruned))),
-        n_pruned=spec.n_pruned,
-        d_mlp_before=spec.d_mlp,
-        d_mlp_after=width,
-        parameters_before=total0,
-        parameters_after=total1,
-        mlp_parameters_before=mlp0,
-        mlp_parameters_after=mlp1,
-        file_bytes_before=bytes0,
-        file_bytes_after=bytes1,
-        latency_tokens=latency_tokens,
-        **latency_fields(lat0, lat1),
+    arch = arch_for(pruned)
+    return pruned_result(
+        spec,
+        out,
+        len(arch.decoder_layers(pruned)),
+        arch.width(pruned.config),
+        (total0, mlp0, bytes0, lat0),
+        (total1, mlp1, bytes1, lat1),
+        latency_tokens,
     )
 
 

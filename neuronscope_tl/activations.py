@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,6 +50,13 @@ def check_active_threshold(active_threshold) -> float:
 DEFAULT_CALIB_TOKENS = 8192
 
 
+def check_index(index: Any, n: int, what: str = "layer", valid: str = "layers", where: str = "") -> int:
+    """An integer index in [0, n) (``what`` and ``where`` name it in the error, ``valid`` the range)."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        raise ValueError(f"{what} index {index!r}{where} is out of range; valid {valid} are 0..{n - 1}.")
+    return int(index)
+
+
 def check_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
     """Validate layer indices; ``None`` means every layer."""
     n = mlp_info(model).n_layers
@@ -61,8 +68,7 @@ def check_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
     if not layers:
         raise ValueError(f"layers must name at least one layer in [0, {n - 1}].")
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n:
-            raise ValueError(f"layer index {layer!r} is out of range; valid layers are 0..{n - 1}.")
+        check_index(layer, n)
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers contains duplicates: {layers}.")
     return sorted(int(l) for l in layers)

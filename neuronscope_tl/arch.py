@@ -150,11 +150,13 @@ class Arch:
         name: short name of the kind.
         description: what the kind's models look like, for error messages.
         width_key: the config field holding the MLP width (HF families).
+        gated_mlp: whether the family's MLPs are gated; None when only the weights can tell.
     """
 
     name: str = ""
     description: str = ""
     width_key: str = ""
+    gated_mlp: Optional[bool] = None
     # A NOTICE file the model's licence requires beside every copy of a modified model, or None.
     notice: Optional[str] = None
 
@@ -256,9 +258,10 @@ class Arch:
         return None if any(b is None for b in biases) else torch.stack(biases)
 
     def gated(self, model: Module) -> bool:
-        """True for gated MLPs (a ``W_gate``)."""
-        hf = hf_model(model)
-        return "gate" in self.input_weights(hf, 0)
+        """True for gated MLPs (a ``W_gate``): the family's ``gated_mlp`` when it says, else read from the weights."""
+        if self.gated_mlp is not None:
+            return self.gated_mlp
+        return "gate" in self.input_weights(hf_model(model), 0)
 
     def parameters(self, model: Module) -> List[Tensor]:
         """The model's parameters, each storage once: for a bridge, its wrapped HF model's parameters under the
@@ -292,6 +295,8 @@ class Arch:
 
 class LlamaArch(Arch):
     """Gated MLPs (``gate_proj``/``up_proj``/``down_proj``) under ``model.layers``: Llama, Mistral, Qwen, SmolLM2."""
+
+    gated_mlp = True
 
     name = "llama"
     description = "Llama-style decoders (model.layers with gate_proj/up_proj/down_proj MLPs: Llama, Mistral, Qwen, SmolLM2)"
@@ -402,6 +407,8 @@ class Gemma3Arch(LlamaArch):
 
 class GPT2Arch(Arch):
     """``Conv1D`` MLPs (``c_fc``/``c_proj``, weights stored [in, out]) under ``transformer.h``: GPT-2."""
+
+    gated_mlp = False
 
     name = "gpt2"
     description = "GPT-2-style decoders (transformer.h with Conv1D c_fc/c_proj MLPs)"

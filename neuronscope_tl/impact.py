@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .activations import DEFAULT_CALIB_TOKENS, calibration_stats, check_layers
+from .activations import DEFAULT_CALIB_TOKENS, calibration_stats, check_index, check_layers
 from .export import Result, report_document, write_set
 from .hooks import ablation_hooks, attached_hooks, capture_hook, resid_post_name
 from .metrics import (
@@ -65,11 +66,7 @@ def check_neurons(model, neuron_indices: Any, layer_index: Optional[int] = None)
         raise ValueError(f"neuron_indices must be a list of integers in [0, {d_mlp - 1}], got {type(neuron_indices).__name__}.")
     if neuron_indices is None or len(neuron_indices) == 0:
         raise ValueError(f"neuron_indices must list at least one neuron in [0, {d_mlp - 1}].")
-    out = []
-    for n in neuron_indices:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n < d_mlp:
-            raise ValueError(f"neuron index {n!r}{where} is out of range; valid neurons are 0..{d_mlp - 1}.")
-        out.append(int(n))
+    out = [check_index(n, d_mlp, "neuron", "neurons", where) for n in neuron_indices]
     if len(set(out)) != len(out):
         dup = sorted({n for n in out if out.count(n) > 1})
         raise ValueError(f"neuron_indices contains duplicates {dup}; each neuron may be listed once.")
@@ -87,6 +84,7 @@ def check_candidates(model, candidates: Any) -> List[Tuple[int, int]]:
         )
     if candidates is None or len(candidates) == 0:
         raise ValueError("pruning_candidates must list at least one {layer_index, neuron_index}.")
+    info = mlp_info(model)
     pairs = []
     for i, c in enumerate(candidates):
         if isinstance(c, dict):
@@ -100,11 +98,10 @@ def check_candidates(model, candidates: Any) -> List[Tuple[int, int]]:
                 raise ValueError(
                     f"candidate {i} must be a {{layer_index, neuron_index}} dict or a (layer, neuron) pair."
                 ) from None
-        layer = check_layer(model, layer)
-        neuron = check_neurons(model, [neuron], layer)[0]
-        pairs.append((layer, neuron))
+        layer = check_index(layer, info.n_layers)
+        pairs.append((layer, check_index(neuron, info.d_mlp, "neuron", "neurons", f" of layer {layer}")))
     if len(set(pairs)) != len(pairs):
-        dup = sorted({p for p in pairs if pairs.count(p) > 1})
+        dup = sorted(p for p, count in Counter(pairs).items() if count > 1)
         raise ValueError(f"pruning_candidates contains duplicates {dup}; each neuron may be listed once.")
     return pairs
 

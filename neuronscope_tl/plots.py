@@ -234,6 +234,15 @@ def chart_top(data: pd.DataFrame, ycol: str, random_methods: Iterable[str]) -> f
     return max(2.0, 2.5 * worst_of_best)
 
 
+def short_name(name: str, width: int = 40) -> str:
+    """A model name for a title: a local directory by its last part, anything longer than ``width`` cut at the
+    front."""
+    name = str(name)
+    if "/" in name and Path(name).exists():
+        name = Path(name).name
+    return name if len(name) <= width else "..." + name[-(width - 3) :]
+
+
 def curve_figure(result: CurveResult):
     """Perplexity as a multiple of dense against sparsity: one panel per evaluation domain (the out-of-domain and
     in-domain geometric means first), one line per (method, ablation) with its own colour, marker and dash, the
@@ -247,6 +256,7 @@ def curve_figure(result: CurveResult):
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
     randoms = [m for m in result.table["method"].unique() if registry.is_random(m)]
+    sparsities = sorted(float(x) for x in result.table["sparsity"].unique())
     styles = {}
     for ax, (title, data, ycol) in zip(axes.flat, panels):
         top = chart_top(data, ycol, randoms)
@@ -275,6 +285,7 @@ def curve_figure(result: CurveResult):
         if off:
             ax.text(0.02, 0.97, "off the chart: " + "; ".join(off), transform=ax.transAxes, fontsize=6, va="top", wrap=True)
         ax.set_title(title, fontsize=9)
+        ax.set_xticks(sparsities, [f"{x:g}" for x in sparsities], fontsize=7)
         ax.set_xlabel(f"fraction of MLP neurons removed ({result.table['scope'].iloc[0]})", fontsize=8)
         ax.set_ylabel("perplexity x dense" + (" (log scale)" if top > 4 else ""), fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
@@ -283,7 +294,7 @@ def curve_figure(result: CurveResult):
     fig.legend(handles, labels, fontsize=7, ncol=min(4, len(labels)), loc="lower center")
     p = result.protocol
     fig.suptitle(
-        f"{p['model']}: {p['n_tokens_scored']} tokens scored, window {p['window']}, {p['precision']}; "
+        f"{short_name(p['model'])}: {p['n_tokens_scored']} tokens scored, window {p['window']}, {p['precision']}; "
         f"dense perplexity {result.dense_perplexity:.2f}",
         fontsize=9,
     )

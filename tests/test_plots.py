@@ -116,6 +116,7 @@ def test_curve_figure_shows_ratio_to_dense_with_random_spread(tiny_dirs, tmp_pat
     wanda = next(line for line in ax.lines if line.get_label() == "wanda (zero)")
     expected = res.table[res.table.method == "wanda"].sort_values("sparsity")["ratio"]
     assert list(wanda.get_ydata()) == pytest.approx(expected.tolist())
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.1", "0.3"]  # ticks at the measured sparsities
     assert len(ax.collections) == 1  # random's min-max band over its seeds
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
     r = res.table[res.table.method == "random"]

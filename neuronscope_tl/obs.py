@@ -50,7 +50,12 @@ def refit_output(
     g_kp = g[k][:, p]
     # Dampening (a fraction of the mean diagonal, as in SparseGPT) keeps the solve stable for dead neurons.
     g_kk = g_kk + damp * g.diagonal()[:d].mean().clamp_min(1e-12) * torch.eye(len(k), dtype=g.dtype)
-    update = torch.linalg.solve(g_kk, g_kp @ w_out.double()[p])  # [|K|(+1), d_model]
+    w_p = w_out.double()[p]
+    # [|K|(+1), d_model]; the solve's right-hand side is the narrower of G_KP (|P| columns) and G_KP W_P (d_model).
+    if len(p) < w_p.shape[1]:
+        update = torch.linalg.solve(g_kk, g_kp) @ w_p
+    else:
+        update = torch.linalg.solve(g_kk, g_kp @ w_p)
     delta = torch.zeros_like(w_out, dtype=torch.float64)
     n_kept = int(mask.sum())
     delta[mask] = update[:n_kept]

@@ -113,16 +113,22 @@ class ScoreAccumulator:
 
         The order is total, so the kept set does not depend on how texts were batched or sharded.
         """
-        d = self.d_mlp
+        d, k = self.d_mlp, self.top_k
         val = torch.cat([self.top_value[layer], val])
         text = torch.cat([self.top_text[layer], text[:, None].expand(-1, d) if text.dim() == 1 else text])
         pos = torch.cat([self.top_pos[layer], pos[:, None].expand(-1, d) if pos.dim() == 1 else pos])
+        top = val.topk(k, dim=0)  # sorted, largest first
+        if bool(((val >= top.values[-1]).sum(0) == k).all()):
+            # no tie at any neuron's k-th value: its k largest are exactly the kept rows, only they need ordering
+            val, text, pos = top.values, text.gather(0, top.indices), pos.gather(0, top.indices)
+            if not bool((val[1:] == val[:-1]).any()):  # distinct values: already in order
+                self.top_value[layer], self.top_text[layer], self.top_pos[layer] = val, text, pos
+                return
         # lexicographic sort by (-value, text, pos): stable sorts from the last key to the first
         for key in ("pos", "text", "val"):
             current = {"pos": pos, "text": text, "val": val}[key]
             order = current.sort(dim=0, stable=True, descending=key == "val").indices
             val, text, pos = val.gather(0, order), text.gather(0, order), pos.gather(0, order)
-        k = self.top_k
         self.top_value[layer], self.top_text[layer], self.top_pos[layer] = val[:k], text[:k], pos[:k]
 
     def merge(self, other: "ScoreAccumulator", later_texts: bool = True) -> "ScoreAccumulator":

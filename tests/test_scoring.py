@@ -385,3 +385,25 @@ def test_score_cli_validates_on_each_eval_set(tiny_dirs, tmp_path, capsys):
         assert cli.main(base[:-8] + ["--out", str(fresh)] + bad) == 2
         assert message in capsys.readouterr().err, bad
         assert not fresh.exists()
+
+
+@pytest.mark.parametrize("values", ["continuous", "tied"])
+def test_top_contexts_are_the_k_largest_by_value_then_text_then_position(values):
+    """The kept top-k equal a plain Python sort by (-value, text, position) over everything streamed, whatever the
+    batches' order; with values drawn from 4 levels most neurons tie at their k-th value (the full-sort path)."""
+    gen = torch.Generator().manual_seed(0)
+    d, k = 6, 3
+    acc = scoring.ScoreAccumulator(1, d, top_k=k)
+    rows = []
+    for text in torch.randperm(7, generator=gen).tolist():
+        n = int(torch.randint(1, 5, (1,), generator=gen))
+        val = torch.randn(n, d, generator=gen)
+        if values == "tied":
+            val = val.round().clamp(-1, 2)
+        pos = torch.arange(n)
+        acc.update(0, val, torch.zeros(n, d), torch.full((n,), text), pos)
+        rows += [(val[i], text, i) for i in range(n)]
+    for j in range(d):
+        expected = sorted(((-float(v[j]), t, p) for v, t, p in rows))[:k]
+        got = [(-float(acc.top_value[0, r, j]), int(acc.top_text[0, r, j]), int(acc.top_pos[0, r, j])) for r in range(k)]
+        assert got == expected, j

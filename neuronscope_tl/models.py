@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -91,6 +92,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     The conversion writes into a temporary sibling directory and renames it into place, so an interrupted
     conversion never leaves a half-written cache behind.
     """
+    # transformers costs about 0.5 s to import; imported when a model is first converted, not with the package.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -218,7 +220,6 @@ def check_kind(kind: str) -> str:
 
 
 def transformer_lens_version() -> str:
-    from importlib.metadata import version
 
     return version("transformer-lens")
 
@@ -259,6 +260,7 @@ def load_model(
     if kind == "hooked":
         # Checked before any weights load: TransformerLens 4 removed HookedTransformer.
         hooked_api()
+    # transformers and TransformerLens's bridge take seconds to import; imported when a model is first loaded.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     display, source = _resolve(name)
@@ -284,7 +286,7 @@ def load_model(
             device=device,
             trust_remote_code=trust_remote_code,
         )
-    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge import TransformerBridge  # (see the transformers import above)
 
     bridge = TransformerBridge.boot_transformers(
         source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code

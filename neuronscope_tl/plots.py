@@ -23,6 +23,7 @@ from typing import Iterable, List, Optional, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from . import scores as registry
 from .curves import CurveResult
 from .export import current_umask
 
@@ -150,7 +151,7 @@ def weight_histogram_figure(analysis, layer: int):
     """The layer's |w| histogram per matrix on a log count axis (most weights sit in the first bins), with a few
     readable tick labels."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional heavy dependency, as in _pyplot
 
     t = weight_histogram_table(analysis, layer)
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
@@ -174,7 +175,7 @@ def weight_histogram_figure(analysis, layer: int):
 def cumulative_impact_figure(batch):
     """Impact of the first k candidates pruned together against k (an integer axis), with the verdict thresholds."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional heavy dependency, as in _pyplot
 
     c = batch.cumulative
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
@@ -248,8 +249,6 @@ def curve_figure(result: CurveResult):
     in-domain geometric means first), one line per (method, ablation) with its own colour, marker and dash, the
     min-max spread over random seeds shaded. The y-axis ends at :func:`chart_top`; a linear axis up to x4, log
     beyond. Methods off the chart are named in the panel."""
-    from . import scores as registry
-
     plt = _pyplot()
     panels = _panels(result)
     cols = min(3, len(panels))
@@ -324,7 +323,7 @@ def neuron_map_rgb(values: np.ndarray, selected: Iterable[Tuple[int, int]] = (),
     """The layer x neuron map as an RGB image, ``row_px`` pixels per layer and ``col_px`` per neuron: colour =
     the neuron's percentile within its layer (viridis: dark = lowest score = pruned first); selected neurons red.
     Pixel (x, y) is neuron ``x // col_px`` of layer ``y // row_px``."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # optional heavy dependency, as in _pyplot
 
     pct = layer_percentiles(values)
     rgb = (colormaps["viridis"](pct)[..., :3] * 255).astype(np.uint8)

@@ -60,22 +60,23 @@ def ui_errors(fn):
     return wrapper
 
 
-def parse_ints(text, what: str) -> List[int]:
-    """``"0, 1, 2"`` -> [0, 1, 2]; anything else that is not an integer is refused with a message."""
+def parse_list(text, what: str, convert=float, kind: str = "numbers") -> list:
+    """``"0.1, 0.2"`` -> [0.1, 0.2] (items converted by ``convert``); anything else is refused with a message."""
     parts = [p for p in re.split(r"[\s,;]+", str(text or "").strip()) if p]
     try:
-        return [int(p) for p in parts]
+        return [convert(p) for p in parts]
     except ValueError:
-        raise ValueError(f"{what} must be integers separated by commas, got {text!r}.") from None
+        raise ValueError(f"{what} must be {kind} separated by commas, got {text!r}.") from None
+
+
+def parse_ints(text, what: str) -> List[int]:
+    """``"0, 1, 2"`` -> [0, 1, 2]."""
+    return parse_list(text, what, int, "integers")
 
 
 def parse_floats(text, what: str) -> List[float]:
-    """``"0.1, 0.2"`` -> [0.1, 0.2]; anything else is refused with a message."""
-    parts = [p for p in re.split(r"[\s,;]+", str(text or "").strip()) if p]
-    try:
-        return [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"{what} must be numbers separated by commas, got {text!r}.") from None
+    """``"0.1, 0.2"`` -> [0.1, 0.2]."""
+    return parse_list(text, what, float, "numbers")
 
 
 def split_texts(text) -> List[str]:

@@ -61,7 +61,7 @@ from __future__ import annotations
 import copy
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -151,28 +151,41 @@ class Arch:
         description: what the kind's models look like, for error messages.
         width_key: the config field holding the MLP width (HF families).
         gated_mlp: whether the family's MLPs are gated; None when only the weights can tell.
+        tree: for HF families, (body, decoder layers, final norm) attribute names: the layers are
+            ``hf.<body>.<layers>`` and the norm ``hf.<body>.<norm>``.
+        mlp_parts: for HF families, the projections every MLP has.
     """
 
     name: str = ""
     description: str = ""
     width_key: str = ""
     gated_mlp: Optional[bool] = None
+    tree: Tuple[str, str, str] = ("", "", "")
+    mlp_parts: Tuple[str, ...] = ()
     # A NOTICE file the model's licence requires beside every copy of a modified model, or None.
     notice: Optional[str] = None
 
     def matches(self, model: Module) -> bool:
-        """True when ``model`` (a bridge or an HF model) belongs to this family."""
-        raise NotImplementedError
+        """True when ``model`` (a bridge or an HF model) belongs to this family: an HF causal LM with ``lm_head``,
+        the family's module tree and MLP projections."""
+        hf = hf_model(model)
+        body_name, layers_name, norm_name = self.tree
+        body = getattr(hf, body_name, None)
+        layers = getattr(body, layers_name, None)
+        if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0 or not hasattr(body, norm_name):
+            return False
+        mlp = getattr(layers[0], "mlp", None)
+        return hasattr(hf, "lm_head") and all(hasattr(mlp, part) for part in self.mlp_parts)
 
     # ------------------------------------------------------------------------------------------ module tree
 
     def decoder_layers(self, hf: Module) -> torch.nn.ModuleList:
         """The decoder layers, in order."""
-        raise NotImplementedError
+        return getattr(getattr(hf, self.tree[0]), self.tree[1])
 
     def final_norm(self, hf: Module) -> Module:
         """The norm applied to the residual stream after the last decoder layer."""
-        raise NotImplementedError
+        return getattr(getattr(hf, self.tree[0]), self.tree[2])
 
     def unembed(self, hf: Module) -> Module:
         """The unembedding (language-model head), with the logit soft-cap when the config has one."""
@@ -301,21 +314,8 @@ class LlamaArch(Arch):
     name = "llama"
     description = "Llama-style decoders (model.layers with gate_proj/up_proj/down_proj MLPs: Llama, Mistral, Qwen, SmolLM2)"
     width_key = "intermediate_size"
-
-    def matches(self, model: Module) -> bool:
-        hf = hf_model(model)
-        body = getattr(hf, "model", None)
-        layers = getattr(body, "layers", None)
-        if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0 or not hasattr(body, "norm"):
-            return False
-        mlp = getattr(layers[0], "mlp", None)
-        return hasattr(hf, "lm_head") and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
-
-    def decoder_layers(self, hf: Module) -> torch.nn.ModuleList:
-        return hf.model.layers
-
-    def final_norm(self, hf: Module) -> Module:
-        return hf.model.norm
+    tree = ("model", "layers", "norm")
+    mlp_parts = ("gate_proj", "up_proj", "down_proj")
 
     def rotary(self, hf: Module) -> Optional[Module]:
         return getattr(hf.model, "rotary_emb", None)
@@ -413,21 +413,8 @@ class GPT2Arch(Arch):
     name = "gpt2"
     description = "GPT-2-style decoders (transformer.h with Conv1D c_fc/c_proj MLPs)"
     width_key = "n_inner"
-
-    def matches(self, model: Module) -> bool:
-        hf = hf_model(model)
-        body = getattr(hf, "transformer", None)
-        layers = getattr(body, "h", None)
-        if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0 or not hasattr(body, "ln_f"):
-            return False
-        mlp = getattr(layers[0], "mlp", None)
-        return hasattr(hf, "lm_head") and hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj")
-
-    def decoder_layers(self, hf: Module) -> torch.nn.ModuleList:
-        return hf.transformer.h
-
-    def final_norm(self, hf: Module) -> Module:
-        return hf.transformer.ln_f
+    tree = ("transformer", "h", "ln_f")
+    mlp_parts = ("c_fc", "c_proj")
 
     def output_weights(self, hf: Module, layer: int) -> Tensor:
         return self.mlp(hf, layer).c_proj.weight.detach().float().clone()

@@ -293,11 +293,11 @@ def curve_figure(result: CurveResult):
     fig.legend(handles, labels, fontsize=7, ncol=min(4, len(labels)), loc="lower center")
     p = result.protocol
     fig.suptitle(
-        f"{short_name(p['model'])}: {p['n_tokens_scored']} tokens scored, window {p['window']}, {p['precision']}; "
+        f"{short_name(p['model'])}\n{p['n_tokens_scored']} tokens scored, window {p['window']}, {p['precision']}; "
         f"dense perplexity {result.dense_perplexity:.2f}",
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 0.94))
     return fig
 
 

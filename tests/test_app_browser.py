@@ -88,7 +88,7 @@ import os  # noqa: E402
 
 from neuronscope_tl import activations, compare, curves, plots  # noqa: E402
 from neuronscope_tl.app import picker  # noqa: E402
-from neuronscope_tl.app.state import AppSettings  # noqa: E402
+from neuronscope_tl.app.state import CURVE_DOMAIN_WINDOWS, AppSettings  # noqa: E402
 from neuronscope_tl.app.ui import map_scale  # noqa: E402
 
 TOAST = '[data-testid="toast-text"]'
@@ -343,7 +343,15 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             with state.model_work():
                 cal = state._calibrate(state.default_calib_tokens, methods)
                 expected_curve = curves.prune_curve(
-                    model, methods, [0.1, 0.2, 0.3], "per_layer", ablation0, calibration=cal, window=window
+                    model,
+                    methods,
+                    [0.1, 0.2, 0.3],
+                    "per_layer",
+                    ablation0,
+                    calibration=cal,
+                    window=window,
+                    domains=ns.domains.default_evaluation_sets(),
+                    domain_windows_max=CURVE_DOMAIN_WINDOWS,
                 )
             assert f"Dense perplexity {expected_curve.dense_perplexity:.2f}" in page.locator("#curve-note").inner_text()
             curve_table = page.locator("#curve-table").inner_text()

@@ -21,6 +21,7 @@ from gradio_client.exceptions import AppError
 import neuronscope_tl as ns
 from neuronscope_tl import impact, plots
 from neuronscope_tl.plots import round_significant
+from neuronscope_tl.app.state import CURVE_DOMAIN_WINDOWS
 from neuronscope_tl.cli import ServeConfig, parse_args
 
 P = "/api/pruning"
@@ -134,7 +135,16 @@ def _check_curve_and_prune(gclient, model, tmp_path):
 
     note, png, table = gclient.predict(["wanda", "random"], "0.25", "per_layer", "mean", 256, api_name="/curve")
     cal = selection.calibrate(model, calib_tokens=256, with_grams=False, with_gradients=False)
-    expected = curves.prune_curve(model, ["wanda", "random"], [0.25], "per_layer", "mean", calibration=cal)
+    expected = curves.prune_curve(
+        model,
+        ["wanda", "random"],
+        [0.25],
+        "per_layer",
+        "mean",
+        calibration=cal,
+        domains=ns.domains.default_evaluation_sets(),
+        domain_windows_max=CURVE_DOMAIN_WINDOWS,
+    )
     got = dict(zip([r[0] for r in table["data"]], [r[table["headers"].index("perplexity")] for r in table["data"]]))
     for row in expected.table.itertuples():
         # the same calibration and windows: the same computation, shown to 4 significant digits

@@ -27,6 +27,7 @@ from .. import (
     candidates,
     compare,
     curves,
+    domains,
     evaluation,
     impact,
     models,
@@ -47,6 +48,11 @@ from .live import LivePruning, LiveResult
 
 EXPORT_TYPES = ("weight", "impact")
 THIS_MODEL = "this model"  # how a comparison names the app's own model, whatever it is called
+
+
+# Windows per evaluation domain in the app's pruning curve: 4 x 512 tokens of each of the five default domains, about
+# as many tokens as one evaluation set of the CLI.
+CURVE_DOMAIN_WINDOWS = 4
 
 
 @dataclass
@@ -345,10 +351,11 @@ class AppState:
         scope: str,
         ablation: str,
         calib_tokens: int,
-        every: int = evaluation.DEFAULT_EVERY,
         progress: bool = False,
     ) -> "curves.CurveResult":
-        """A pruning curve on the default evaluation protocol (one calibration pass kept per token budget)."""
+        """A pruning curve over the default evaluation domains, each measured separately on
+        :data:`CURVE_DOMAIN_WINDOWS` windows (the CLI's ``curve`` takes 12), with the best method chosen on the
+        out-of-domain sets; one calibration pass kept per token budget."""
         methods = [scores.check_method(m) for m in methods]
         if not methods:
             raise ValueError(f"choose at least one method of {', '.join(scores.method_names())}.")
@@ -362,7 +369,16 @@ class AppState:
             cal = self._calibrate(calib_tokens, methods)
             window = min(evaluation.DEFAULT_WINDOW, self.info.n_ctx)
             return curves.prune_curve(
-                self.model, methods, sparsities, scope, ablation, window=window, every=every, calibration=cal, progress=progress
+                self.model,
+                methods,
+                sparsities,
+                scope,
+                ablation,
+                window=window,
+                calibration=cal,
+                progress=progress,
+                domains=domains.default_evaluation_sets(),
+                domain_windows_max=CURVE_DOMAIN_WINDOWS,
             )
 
     def prune(self, method: Optional[str], sparsity: float, scope: str, ablation: Optional[str], calib_tokens: int) -> Path:

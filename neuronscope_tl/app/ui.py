@@ -294,9 +294,12 @@ def build_ui(state: AppState) -> gr.Blocks:
         )
         png = plot_curve(result, Path(tempfile.mkdtemp(dir=downloads)) / "curve.png")
         rec = result.recommended
+        sets = result.protocol["domains"]
         note = (
-            f"Dense perplexity {result.dense_perplexity:.2f} on {result.protocol['n_tokens_scored']} tokens "
-            f"({result.protocol['precision']}); best on this curve: **{rec.get('method')} ({rec.get('ablation')})**. "
+            f"Dense perplexity {result.dense_perplexity:.2f} (geometric mean over {len(sets)} evaluation domains, "
+            f"{result.protocol['n_tokens_scored']} tokens, {result.protocol['precision']}): "
+            f"{', '.join(d['name'] + (' (in-domain)' if d.get('in_domain') else ' (out-of-domain)') for d in sets)}. "
+            f"Best on this curve, chosen on the out-of-domain sets: **{rec.get('method')} ({rec.get('ablation')})**. "
             f"The recommended default for pruning (CLI and below) is **{method0} ({ablation0})**."
         )
         return note, str(png), display_table(result.table)

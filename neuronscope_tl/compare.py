@@ -35,11 +35,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import engine
 from .arch import arch_for
 from .curves import prune_curve
 from .evaluation import DEFAULT_WINDOW, eval_windows, window_nll
 from .export import Result, to_jsonable
-from .hooks import attached_hooks, mlp_post_name
 from .metrics import perplexity
 from .models import load_model, mlp_info, model_name
 from .selection import calibrate_for
@@ -113,21 +113,30 @@ def relative_depth(layer: int, n_layers: int) -> float:
     return layer / (n_layers - 1) if n_layers > 1 else 0.0
 
 
+class PeakAbs:
+    """Each neuron's largest |activation| over the tokens, every layer: a streaming-engine accumulator
+    (:mod:`neuronscope_tl.engine`)."""
+
+    needs_grad = False
+
+    def __init__(self, n_layers: int, d_mlp: int):
+        self.layers = list(range(n_layers))
+        self.peak = torch.zeros(n_layers, d_mlp, dtype=torch.float64)
+
+    def observe(self, obs: engine.Observation) -> None:
+        self.peak[obs.layer] = torch.maximum(self.peak[obs.layer], obs.acts.abs().amax(0).double().cpu())
+
+    def merge(self, other: "PeakAbs") -> None:
+        self.peak = torch.maximum(self.peak, other.peak)
+
+
 def peak_abs_activations(model, token_lists) -> torch.Tensor:
-    """[n_layers, d_mlp] float64: each neuron's largest |activation| at ``mlp.hook_post`` over the tokens."""
+    """[n_layers, d_mlp] float64: each neuron's largest |activation| at ``mlp.hook_post`` over the tokens, one text
+    per forward (no padding)."""
     info = mlp_info(model)
-    peak = torch.zeros(info.n_layers, info.d_mlp, dtype=torch.float64)
-
-    def hook(layer):
-        def fn(act, hook=None):
-            peak[layer] = torch.maximum(peak[layer], act.detach().abs().reshape(-1, info.d_mlp).amax(0).double().cpu())
-
-        return fn
-
-    with torch.no_grad(), attached_hooks(model, [(mlp_post_name(l), hook(l)) for l in range(info.n_layers)]):
-        for ids in token_lists:
-            model(ids[None], return_type=None)
-    return peak
+    acc = PeakAbs(info.n_layers, info.d_mlp)
+    engine.run(model, token_lists, [acc], batch_size=1, by_length=False, desc="peaks")
+    return acc.peak
 
 
 def importance_summary(relative: np.ndarray) -> Dict[str, float]:

@@ -1,11 +1,12 @@
 """Pruning curves: perplexity against sparsity for each registered method, against a random baseline.
 
 :func:`prune_curve` calibrates once (:func:`~neuronscope_tl.selection.calibrate`: one scoring pass serves every
-method of :mod:`neuronscope_tl.scores`), selects each point's neurons (:func:`~neuronscope_tl.selection.build_spec`)
-and measures it on the evaluation protocol's windows (:mod:`neuronscope_tl.evaluation`), with pruning simulated
-through hooks (the core's :func:`~neuronscope_tl.impact.make_plan` / :func:`~neuronscope_tl.hooks.ablation_hooks`,
-via :func:`~neuronscope_tl.surgery.simulation_hooks`). Random methods run once per seed and are reported as mean
-and min-max spread (the baseline of Santacroce et al. 2023). ``precision="auto"`` uses bf16 autocast only after
+method of :mod:`neuronscope_tl.scores`; or the windows of sequential calibration), prunes each point by its recipe
+(:func:`~neuronscope_tl.recipes.recipe_spec`) and measures it on the evaluation protocol's windows
+(:mod:`neuronscope_tl.evaluation`), with pruning simulated through hooks (the core's
+:func:`~neuronscope_tl.impact.make_plan` / :func:`~neuronscope_tl.hooks.ablation_hooks`, via
+:func:`~neuronscope_tl.surgery.simulation_hooks`). Random methods run once per seed and are reported as mean and
+min-max spread (the baseline of Santacroce et al. 2023). ``precision="auto"`` uses bf16 autocast only after
 measuring that dense bf16 is within 0.5% of fp32. :func:`recommend` names the best (method, ablation) of a curve.
 """
 
@@ -35,18 +36,10 @@ from .evaluation import (
     window_nll,
 )
 from .export import Result
-from .recipes import RECOMMENDED, resolve_recipe
+from .recipes import RECOMMENDED, Recipe, check_recipe_scope, recipe_spec, recipe_windows, resolve_recipe
 from .impact import check_ablation
 from .metrics import perplexity
-from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate_for, check_scope, check_sparsities
-from .sequential import (
-    calibration_windows,
-    check_refit,
-    check_sequential_method,
-    check_sequential_scope,
-    sequential_sources,
-    sequential_spec,
-)
+from .selection import PRUNE_CALIB_TOKENS, Calibration, calibrate_for, check_scope, check_sparsities
 from .surgery import simulation_hooks
 from .texts import check_max_tokens, show
 
@@ -151,15 +144,15 @@ def prune_curve(
     t0 = time.perf_counter()
     sets = domain_windows(model, domains, window, domain_windows_max) if domains is not None else None
     wins = eval_windows(model, eval_texts, window, every) if sets is None else None
+    # Each point is pruned by its (method, ablation) recipe; a one-shot point keeps the method's own refit.
+    mode = "sequential" if sequential else "oneshot"
+    recipes = {(m, a): Recipe(m, a, mode, refit if sequential else None) for a in ablations for m in methods}
+    for recipe in recipes.values():
+        check_recipe_scope(recipe, scope)
     if sequential:
-        for m in methods:
-            check_sequential_method(m)
-        check_refit(refit)
-        check_sequential_scope(scope)
-        seq_windows = calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
-        cal = None
+        seq_windows, cal = recipe_windows(model, calib_texts, calib_sources, calib_tokens), None
     else:
-        cal = calibration or calibrate_for(model, methods, calib_texts, calib_tokens)
+        seq_windows, cal = None, calibration or calibrate_for(model, methods, calib_texts, calib_tokens)
     t_cal = time.perf_counter() - t0
 
     def measure(hooks, bf16: bool) -> Dict[str, float]:
@@ -181,11 +174,9 @@ def prune_curve(
         for seed in (seeds if registry.get(m).random else [0])
     ]
     for method, sparsity, abl, seed in tqdm(jobs, desc="curve", disable=not progress):
-        if sequential:
-            spec = sequential_spec(model, seq_windows, method, sparsity, abl, refit, seed, bf16=use_bf16, scope=scope).spec
-            spec = spec if spec.neurons else None
-        else:
-            spec = build_spec(model, cal, method, sparsity, scope, abl, seed)
+        spec, _ = recipe_spec(
+            model, recipes[method, abl], sparsity, scope, calibration=cal, windows=seq_windows, seed=seed, bf16=use_bf16
+        )
         hooks = simulation_hooks(spec) if spec is not None else []
         ppl = measure(hooks, use_bf16)
         row = {

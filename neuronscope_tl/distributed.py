@@ -6,9 +6,10 @@ program on the same inputs, and the passes split their work between the ranks:
 * **Data-parallel.** :func:`neuronscope_tl.engine.run` builds the batches exactly as one process would, gives each
   rank a deterministic share of them (:func:`share`, balanced by padded tokens), and afterwards :func:`reduce`
   folds every accumulator across the ranks: activation statistics, scores with their gradient sums and top
-  contexts, and Gram matrices. Every pass that goes through the engine is data-parallel without knowing it
-  (scoring, the calibration behind curves, prune and search, neuron importance). Perplexity windows are shared
-  the same way (:func:`~neuronscope_tl.evaluation.window_nll`, summed with :func:`sum_values`).
+  contexts, perplexity sums, and Gram matrices. Every pass that goes through the engine is data-parallel without
+  knowing it (scoring, the calibration behind curves, prune and search, neuron importance, the perplexity of
+  :func:`~neuronscope_tl.evaluation.window_nll`). Simulated pruning
+  (:func:`~neuronscope_tl.impact.measure_plans`) asks the engine for no sharing: every rank measures every batch.
 * **Neuron-parallel.** :func:`~neuronscope_tl.ablation.ablate_each` (and so
   :func:`~neuronscope_tl.scoring.validate_scores`) gives each rank whole stacks of neurons and sums the measured
   rows, each of which only one rank filled (:func:`sum_disjoint`): the table is the one process's, row for row.

@@ -19,16 +19,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ._version import __version__
 from .arch import hf_model
-from . import distributed
+from . import engine
 from .domains import TextSet, check_unique
-from .engine import model_device
 from .export import Result
-from .hooks import attached_hooks
-from .metrics import perplexity, token_nll
+from .hooks import HookSpec
+from .metrics import RunningMean, nll_from_log_probs, perplexity
 from .models import model_name
 from .texts import calibration_texts, check_int, check_texts, check_window, evaluation_texts, show, windows
 
@@ -115,25 +113,45 @@ def eval_windows(model, texts: Optional[Sequence[str]] = None, window: int = DEF
     return EvalWindows(wins, window, every, record)
 
 
-def window_nll(model, wins: EvalWindows, hooks: Sequence = (), bf16: bool = False, progress: bool = False) -> Tuple[float, int]:
-    """Summed next-token NLL and number of scored tokens over the windows, with ``hooks`` attached. Under torchrun
-    each rank scores its share of the windows and the sums are added up (:mod:`neuronscope_tl.distributed`)."""
-    total, count = 0.0, 0
-    device = model_device(model)
-    with (
-        distributed.shard_work("perplexity"),
-        attached_hooks(model, hooks),
-        torch.no_grad(),
-        torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-    ):
-        for ids in tqdm(
-            distributed.shard(wins.tokens, [t.numel() for t in wins.tokens]), desc="perplexity", disable=not progress
-        ):
-            nll = token_nll(model(ids[None].to(device)), ids[None])
-            total += float(nll.double().sum())
-            count += int(nll.numel())
-    total, count = distributed.sum_values(total, count)
-    return total, int(count)
+class NLLSum:
+    """Summed next-token NLL over the real targets of every forward, and their number: a streaming-engine
+    accumulator that reads the model's output (:mod:`neuronscope_tl.engine`)."""
+
+    layers = ()
+    needs_grad = False
+
+    def __init__(self):
+        self.nll = RunningMean()
+
+    def output(self, out: engine.Output) -> None:
+        self.nll.add(nll_from_log_probs(out.logp, out.batch.tokens), out.batch.target_mask())
+
+    def merge(self, other: "NLLSum") -> None:
+        self.nll.merge(other.nll)
+
+
+def window_nll(
+    model, wins: EvalWindows, hooks: Sequence[HookSpec] = (), bf16: bool = False, progress: bool = False
+) -> Tuple[float, int]:
+    """Summed next-token NLL and number of scored tokens over the windows, with ``hooks`` attached.
+
+    One engine pass (:func:`neuronscope_tl.engine.run`) with one window per forward, in the given order: no window
+    is padded, and the windows are added up in order. Under torchrun each rank scores its share of the windows
+    and the sums are added up (:mod:`neuronscope_tl.distributed`).
+    """
+    acc = NLLSum()
+    engine.run(
+        model,
+        wins.tokens,
+        [acc],
+        batch_size=1,
+        by_length=False,
+        progress=progress,
+        desc="perplexity",
+        variants=[hooks],
+        bf16=bf16,
+    )
+    return acc.nll.total, acc.nll.count
 
 
 @dataclass

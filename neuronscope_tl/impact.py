@@ -1,8 +1,9 @@
 """Simulated pruning: ablate MLP neurons through ``blocks.{l}.mlp.hook_post`` and measure what changes.
 
-Nothing here edits weights. One engine, :func:`measure_plans`, runs each batch of texts once clean and once per
-ablation plan, so a batch analysis of N candidates costs 2N + 1 forwards per batch, and the clean logits are
-never stored beyond the batch. Metric definitions live in :mod:`neuronscope_tl.metrics`.
+Nothing here edits weights. :func:`measure_plans` streams the texts through the engine (:mod:`neuronscope_tl.engine`)
+once clean and once per ablation plan, batch by batch, so a batch analysis of N candidates costs 2N + 1 forwards per
+batch, and the clean output is never stored beyond the batch. Metric definitions live in
+:mod:`neuronscope_tl.metrics`.
 
 * :func:`simulate_pruning`: one set of neurons in one layer (``PruningImpactAnalyzer.simulate_neuron_pruning``).
 * :func:`batch_analysis`: each candidate alone, then cumulatively in the given order, with recommendations.
@@ -20,11 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from . import engine
 from .activations import DEFAULT_CALIB_TOKENS, calibration_stats, check_index, check_layers
 from .export import Result, report_document, write_set
-from .hooks import ablation_hooks, attached_hooks, capture_hook, resid_post_name
+from .hooks import ablation_hooks, resid_post_name
 from .metrics import (
     HIGH,
     MODERATE,
@@ -32,12 +33,11 @@ from .metrics import (
     ImpactThresholds,
     RunningMean,
     kl_from_log_probs,
-    log_probs,
     nll_from_log_probs,
     top1_agree,
 )
 from .models import mlp_info, model_name
-from .texts import DEFAULT_BATCH_SIZE, batches, check_batch_size, check_texts, tokenize
+from .texts import DEFAULT_BATCH_SIZE, TokenBatch, check_batch_size, check_texts, tokenize
 
 ABLATIONS = ("zero", "mean")
 Plan = Dict[int, Tuple[List[int], Optional[Tensor]]]  # {layer: (neurons, replacement values or None)}
@@ -162,6 +162,63 @@ class Measurement:
         }
 
 
+class PlanMetrics:
+    """Each ablation plan's metrics against the clean model on the same batch: a streaming-engine accumulator that
+    reads the output of every forward (:mod:`neuronscope_tl.engine`), variant 0 being the clean model and variant
+    ``i + 1`` plan ``i``.
+
+    The clean forward's NLL, real-position log-probabilities and residual streams are kept until the batch ends.
+    """
+
+    layers = ()
+    needs_grad = False
+
+    def __init__(self, model, n_plans: int, resid_layers: Sequence[int] = (), token_detail: bool = False):
+        self.model = model
+        self.results = [Measurement() for _ in range(n_plans)]
+        self.resid = {l: resid_post_name(l) for l in resid_layers}
+        self.captures = list(self.resid.values())
+        self.token_detail = token_detail
+        self.clean: Optional[tuple] = None
+
+    def output(self, out: engine.Output) -> None:
+        batch, real = out.batch, out.batch.mask
+        nll = nll_from_log_probs(out.logp, batch.tokens)
+        logp = out.logp[real]  # [n_real, vocab]: KL and top-1 only on real positions
+        if out.variant == 0:
+            self.clean = (nll, logp, out.captured)
+            return
+        nll_orig, logp_orig, clean_resid = self.clean
+        res = self.results[out.variant - 1]
+        tmask = batch.target_mask()
+        res.nll_orig.add(nll_orig, tmask)
+        res.nll_pruned.add(nll, tmask)
+        kl = kl_from_log_probs(logp_orig, logp)
+        res.kl.add(kl)
+        res.top1.add(top1_agree(logp_orig, logp))
+        del logp
+        m = real[..., None]
+        for l, name in self.resid.items():
+            r0, r1 = clean_resid[name].float(), out.captured[name].float()
+            res.resid_delta_sq[l] = res.resid_delta_sq.get(l, 0.0) + float(((r1 - r0) * m).double().square().sum())
+            res.resid_sq[l] = res.resid_sq.get(l, 0.0) + float((r0 * m).double().square().sum())
+        if self.token_detail:
+            kl_full = torch.zeros(real.shape, dtype=kl.dtype, device=kl.device)
+            kl_full[real] = kl
+            for row, length in enumerate(batch.lengths):
+                ids = batch.tokens[row, :length]
+                res.token_detail.append(
+                    {
+                        "text_index": batch.text_index[row],
+                        "tokens": [self.model.tokenizer.decode([int(t)]) for t in ids],
+                        "kl": kl_full[row, :length].tolist(),
+                    }
+                )
+
+    def end_batch(self, batch: TokenBatch) -> None:
+        self.clean = None
+
+
 def measure_plans(
     model,
     token_lists: Sequence[Tensor],
@@ -175,60 +232,13 @@ def measure_plans(
 
     ``resid_from``: record the relative change of ``hook_resid_post`` for blocks resid_from..L-1.
     ``token_detail``: keep each text's per-token KL (position t = the prediction after token t).
+    Under torchrun every rank measures every batch (the result is the one process's, on every rank).
     """
-    n_layers = mlp_info(model).n_layers
-    resid_layers = list(range(resid_from, n_layers)) if resid_from is not None else []
-    results = [Measurement() for _ in plans]
-    batch_list = list(batches(model, token_lists, batch_size))
-    bar = tqdm(total=len(batch_list) * (len(plans) + 1), desc="impact", disable=not progress)
-    with torch.no_grad():
-        for batch in batch_list:
-            clean_resid: dict = {}
-            capture = [(resid_post_name(l), capture_hook(clean_resid, str(l))) for l in resid_layers]
-            with attached_hooks(model, capture):
-                logits_orig = model(batch.tokens)
-            bar.update()
-            tmask, real = batch.target_mask(), batch.mask
-            logp_full = log_probs(logits_orig)
-            del logits_orig
-            nll_orig = nll_from_log_probs(logp_full, batch.tokens)
-            logp_orig = logp_full[real]  # [n_real, vocab]: KL and top-1 only on real positions
-            del logp_full
-            for plan, res in zip(plans, results):
-                pruned_resid: dict = {}
-                capture = [(resid_post_name(l), capture_hook(pruned_resid, str(l))) for l in resid_layers]
-                with attached_hooks(model, ablation_hooks(plan) + capture):
-                    logits_pruned = model(batch.tokens)
-                bar.update()
-                logp_full = log_probs(logits_pruned)
-                del logits_pruned
-                res.nll_orig.add(nll_orig, tmask)
-                res.nll_pruned.add(nll_from_log_probs(logp_full, batch.tokens), tmask)
-                logp_pruned = logp_full[real]
-                del logp_full
-                kl = kl_from_log_probs(logp_orig, logp_pruned)
-                res.kl.add(kl)
-                res.top1.add(top1_agree(logp_orig, logp_pruned))
-                del logp_pruned
-                m = batch.mask[..., None]
-                for l in resid_layers:
-                    r0, r1 = clean_resid[str(l)].float(), pruned_resid[str(l)].float()
-                    res.resid_delta_sq[l] = res.resid_delta_sq.get(l, 0.0) + float(((r1 - r0) * m).double().square().sum())
-                    res.resid_sq[l] = res.resid_sq.get(l, 0.0) + float((r0 * m).double().square().sum())
-                if token_detail:
-                    kl_full = torch.zeros(real.shape, dtype=kl.dtype)
-                    kl_full[real] = kl
-                    for row, length in enumerate(batch.lengths):
-                        ids = batch.tokens[row, :length]
-                        res.token_detail.append(
-                            {
-                                "text_index": batch.text_index[row],
-                                "tokens": [model.tokenizer.decode([int(t)]) for t in ids],
-                                "kl": kl_full[row, :length].tolist(),
-                            }
-                        )
-    bar.close()
-    return results
+    resid_layers = range(resid_from, mlp_info(model).n_layers) if resid_from is not None else ()
+    acc = PlanMetrics(model, len(plans), resid_layers, token_detail)
+    variants = [[]] + [ablation_hooks(plan) for plan in plans]
+    engine.run(model, token_lists, [acc], batch_size, progress=progress, desc="impact", variants=variants, shard=False)
+    return acc.results
 
 
 # ---------------------------------------------------------------------------------------------- results

@@ -109,6 +109,10 @@ class RunningMean:
         self.total += float(values.double().sum())
         self.count += int(values.numel())
 
+    def merge(self, other: "RunningMean") -> None:
+        self.total += other.total
+        self.count += other.count
+
     @property
     def mean(self) -> float:
         return self.total / self.count if self.count else float("nan")

@@ -104,6 +104,23 @@ def resolve_recipe(
     return Recipe(method, ablation or "zero", calibration or "oneshot", refit)
 
 
+def check_recipe_scope(recipe: Recipe, scope: str) -> str:
+    """A selection scope the recipe can use: sequential calibration selects layer by layer (no ``global``)."""
+    scope = check_scope(scope)
+    return check_sequential_scope(scope) if recipe.calibration == "sequential" else scope
+
+
+def recipe_windows(
+    model,
+    calib_texts: Optional[Sequence[str]] = None,
+    calib_sources: Optional[Dict[str, Sequence[str]]] = None,
+    calib_tokens: int = RECOMMENDED_CALIB_TOKENS,
+) -> CalibrationWindows:
+    """The calibration windows of sequential recipes: ``calib_tokens`` tokens of ``calib_sources`` (one fold per
+    source; default: the default domains) or of ``calib_texts`` (one source in four folds)."""
+    return calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
+
+
 def recipe_spec(
     model,
     recipe: Recipe,
@@ -123,14 +140,13 @@ def recipe_spec(
     One-shot recipes calibrate on ``calib_texts`` (default: the token-balanced mix of the default domains) unless
     ``calibration`` is given; sequential recipes fold over ``calib_sources`` (default: the default domains, one
     fold each) or ``calib_texts`` (one source in four folds) unless ``windows`` is given. Sequential calibration
-    selects per layer: ``scope`` must be ``per_layer``; its forwards run under bf16 autocast unless ``bf16=False``
-    (statistics still accumulate in fp32 / fp64).
+    selects layer by layer: ``scope`` is ``per_layer`` or ``owl``; its forwards run under bf16 autocast unless
+    ``bf16=False`` (statistics still accumulate in fp32 / fp64).
     """
-    sparsity, scope = check_sparsity(sparsity), check_scope(scope)
+    sparsity, scope = check_sparsity(sparsity), check_recipe_scope(recipe, scope)
     if recipe.calibration == "sequential":
-        check_sequential_scope(scope)
         if windows is None:
-            windows = calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
+            windows = recipe_windows(model, calib_texts, calib_sources, calib_tokens)
         spec = sequential_spec(
             model,
             windows,

@@ -8,8 +8,9 @@ per-neuron columns that :mod:`neuronscope_tl.scoring` computes in its one pass (
 statistics are the pass's own; every registered column joins its table and the cheap scores validated against
 exact ablation). Selection, curves, the CLI and the app read everything from here::
 
-    register(Score("w_out", "||W_out row|| alone", needs="weights",
-                   rank=lambda cal, ablation, seed: cal.column("w_out_norm")))
+    register(Score("w_out", "||W_out row|| alone", needs="weights", rank=by_column("w_out_norm")))
+
+A method that is one new column, ranked by it, is :func:`column_score` (``wanda`` and ``fluctuation`` are).
 
 Built-in methods:
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -90,6 +91,11 @@ class Column:
 
 
 RankFn = Callable[["Calibration", str, int], Tensor]
+
+
+def by_column(name: str) -> RankFn:
+    """A rank function that reads one column of the calibration table, the same for every ablation and seed."""
+    return lambda cal, ablation, seed: cal.column(name)
 
 
 def layer_counts(k: Union[int, Sequence[int]], n_layers: int) -> List[int]:
@@ -153,6 +159,11 @@ class Score:
         A non-finite entry is never selected."""
         score = self.scores(cal, ablation, seed)
         return (score - score.mean(1, keepdim=True)) / score.std(1, keepdim=True).clamp_min(1e-12)
+
+
+def column_score(name: str, description: str, needs: str, formula: Callable[[pd.DataFrame, PassSums], Any]) -> Score:
+    """A method that adds one score column under its own name and ranks by it."""
+    return Score(name, description, needs, by_column(name), columns=(Column(name, formula),))
 
 
 @dataclass(frozen=True)
@@ -282,6 +293,10 @@ def __getattr__(name: str):
 # ---------------------------------------------------------------------------------------------- built-in methods
 
 
+def _magnitude(cal: "Calibration", ablation: str, seed: int) -> Tensor:
+    return cal.magnitude.double()
+
+
 def _taylor(cal: "Calibration", ablation: str, seed: int) -> Tensor:
     return cal.column("taylor_mean" if ablation == "mean" else "taylor_zero").abs()
 
@@ -290,46 +305,30 @@ def _random(cal: "Calibration", ablation: str, seed: int) -> Tensor:
     return torch.rand(cal.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+register(Score("magnitude", "mean |w| of the neuron's input and output weights (weight magnitude)", "weights", _magnitude))
+register(Score("activation", "mean |a| over the calibration tokens", "activations", by_column("mean_abs")))
 register(
-    Score(
-        "magnitude",
-        "mean |w| of the neuron's input and output weights (weight magnitude)",
-        needs="weights",
-        rank=lambda cal, ablation, seed: cal.magnitude.double(),
-    )
-)
-register(
-    Score(
-        "activation",
-        "mean |a| over the calibration tokens",
-        needs="activations",
-        rank=lambda cal, ablation, seed: cal.column("mean_abs"),
-    )
-)
-register(
-    Score(
+    column_score(
         "wanda",
         "||W_out row|| x RMS activation: structured Wanda (Sun et al. 2023)",
-        needs="activations",
-        rank=lambda cal, ablation, seed: cal.column("wanda"),
-        columns=(Column("wanda", lambda t, s: t["w_out_norm"] * t["rms"]),),
+        "activations",
+        lambda t, s: t["w_out_norm"] * t["rms"],
     )
 )
 register(
-    Score(
+    column_score(
         "fluctuation",
         "var(a) x ||W_out row||^2: FLAP's fluctuation metric (An et al. 2024)",
-        needs="activations",
-        rank=lambda cal, ablation, seed: cal.column("fluctuation"),
-        columns=(Column("fluctuation", lambda t, s: t["var"] * t["w_out_norm"] ** 2),),
+        "activations",
+        lambda t, s: t["var"] * t["w_out_norm"] ** 2,
     )
 )
 register(
     Score(
         "taylor",
         "|sum_t g_t (0 - a_t)| or |sum_t g_t (mu - a_t)| by ablation: gradient x activation (Molchanov et al. 2019)",
-        needs="gradients",
-        rank=_taylor,
+        "gradients",
+        _taylor,
         columns=(
             Column("taylor_zero", lambda t, s: -s.sum_grad_act / s.n_targets),
             Column("taylor_mean", lambda t, s: (t["mean"].to_numpy() * s.sum_grad - s.sum_grad_act) / s.n_targets),
@@ -337,13 +336,7 @@ register(
     )
 )
 register(
-    Score(
-        "random",
-        "uniform random, one draw per seed: the baseline (Santacroce et al. 2023)",
-        needs="nothing",
-        rank=_random,
-        random=True,
-    )
+    Score("random", "uniform random, one draw per seed: the baseline (Santacroce et al. 2023)", "nothing", _random, random=True)
 )
 register(
     ObsScore(

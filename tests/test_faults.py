@@ -107,7 +107,7 @@ def test_exception_inside_a_hook_mid_batch(model, reference, monkeypatch, where)
 
     monkeypatch.setattr(hooks, name, failing)
     if where == "capture":
-        monkeypatch.setattr(ns.impact, "capture_hook", failing)
+        monkeypatch.setattr(ns.engine, "capture_hook", failing)
         call = lambda: ns.simulate_pruning(model, 0, [1, 2], TEXTS)  # captures the residual stream
     else:
         call = lambda: ns.batch_analysis(model, CANDS, TEXTS, progress=False)

@@ -5,9 +5,10 @@ One-shot calibration (:func:`~neuronscope_tl.selection.calibrate`) measures ever
 later layer is fitted to inputs the pruned model never produces. Here the layers are calibrated in contiguous
 groups, first to last (``groups=None``: one layer per group, the exact layer-by-layer order). For each group:
 
-1. run the calibration windows through the model with every earlier group's pruning attached as hooks
-   (:func:`~neuronscope_tl.surgery.simulation_hooks`), stopping after the group's last layer, and collect each of
-   its layers' MLP statistics and augmented Gram matrix, per calibration fold;
+1. stream the calibration windows through the model (:func:`neuronscope_tl.engine.run`) with every earlier
+   group's pruning attached as hooks (:func:`~neuronscope_tl.surgery.simulation_hooks`), stopping after the
+   group's last layer, and collect each of its layers' MLP statistics (:class:`GroupStats`) and augmented Gram
+   matrix per calibration fold (:class:`FoldGrams`);
 2. select each layer's neurons with the registered method (:mod:`neuronscope_tl.scores`), on a
    :class:`~neuronscope_tl.selection.Calibration` built from those statistics;
 3. refit the kept output weights, with the damping chosen on held-out folds
@@ -18,8 +19,9 @@ passes. (Re-entering the residual stream with ``start_at_layer`` would be cheape
 ``TransformerBridge`` still computes every block before the start layer.) Methods that need gradients
 (``taylor``) cannot be calibrated this way.
 
-Under ``torchrun`` each rank runs its share of the windows; after each group the collectors are reduced
-(statistics merged, Gram sums and counts summed), so every rank selects and refits the same neurons.
+Under ``torchrun`` each rank runs its share of the windows; after each group the engine folds the accumulators
+across the ranks (statistics merged, Gram sums and counts summed), so every rank selects and refits the same
+neurons.
 """
 
 from __future__ import annotations
@@ -33,11 +35,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import distributed, engine
+from . import engine
 from . import scores as registry
 from .activations import NeuronAccumulator
 from .arch import output_matrix
-from .hooks import attached_hooks, mlp_post_name
 from .impact import check_ablation
 from .models import mlp_info
 from .obs import DEFAULT_DAMP, choose_damp
@@ -94,37 +95,61 @@ class SequentialSpec:
     timings: dict = field(default_factory=dict)
 
 
-class _LayerCollector:
-    """One layer's activation statistics (all folds) and augmented Gram sums per fold."""
+class GroupStats:
+    """Activation statistics of a layer group on the streaming engine: reads the group's layers, keeps a
+    :class:`~neuronscope_tl.activations.NeuronAccumulator` over every layer (the others stay empty) so that its
+    table lines up with the model's weights; gathered and merged across torchrun ranks."""
 
-    def __init__(self, n_layers: int, layer: int, d_mlp: int, n_folds: int):
-        self.layer, self.d = layer, d_mlp
+    needs_grad = False
+
+    def __init__(self, group: Sequence[int], n_layers: int, d_mlp: int):
+        self.layers = list(group)
         self.stats = NeuronAccumulator(list(range(n_layers)), d_mlp)
-        self.sums = [torch.zeros(d_mlp + 1, d_mlp + 1, dtype=torch.float64) for _ in range(n_folds)]
-        self.counts = [0] * n_folds
-        self.folds: Optional[Tensor] = None  # the fold of each row of the current batch
 
-    def hook(self, act: Tensor, hook=None) -> None:
-        a = act.detach().float().cpu()
-        self.stats.update(self.layer, a.reshape(-1, self.d))
-        for f in self.folds.unique().tolist():
-            rows = a[self.folds == f].reshape(-1, self.d)
+    def observe(self, obs: engine.Observation) -> None:
+        self.stats.update(obs.layer, obs.acts)
+
+    def merge(self, other: "GroupStats") -> "GroupStats":
+        self.stats.merge(other.stats)
+        return self
+
+
+class FoldGrams:
+    """Per layer of a group and per calibration fold, the running sum of ``ã ã^T`` (``ã`` = [activations, 1]) in
+    float64, and each fold's token count: a streaming-engine accumulator whose state is sums (summed across
+    torchrun ranks by ``all_reduce``). Each row's fold is its window's (``folds[text index]``)."""
+
+    needs_grad = False
+    summed = True
+
+    def __init__(self, group: Sequence[int], d_mlp: int, folds: Tensor, n_folds: int):
+        self.layers = list(group)
+        self.d, self.folds, self.n_folds = d_mlp, folds, n_folds
+        self.sums = {(l, f): torch.zeros(d_mlp + 1, d_mlp + 1, dtype=torch.float64) for l in group for f in range(n_folds)}
+        self.sums["counts"] = torch.zeros(n_folds, dtype=torch.float64)
+        self.count = 0
+
+    def observe(self, obs: engine.Observation) -> None:
+        a = obs.acts.float().cpu()
+        fold = self.folds[obs.text]
+        for f in fold.unique().tolist():
+            rows = a[fold == f]
             aug = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1)
-            self.sums[f] += (aug.t() @ aug).double()
-            self.counts[f] += rows.shape[0]
+            self.sums[obs.layer, f] += (aug.t() @ aug).double()
+            if obs.layer == self.layers[0]:
+                self.sums["counts"][f] += rows.shape[0]
+                self.count += rows.shape[0]
 
-    def reduce(self) -> None:
-        """Fold the ranks' shares under torchrun (statistics gathered and merged in rank order, Gram sums and
-        counts summed); every rank ends with the same state. Nothing happens in one process."""
-        distributed.reduce([self.stats])
-        self.sums = [distributed.sum_tensor(s, f"sequential Gram layer {self.layer}") for s in self.sums]
-        self.counts = [int(c) for c in distributed.sum_values(*self.counts)]
+    def fold_counts(self) -> List[int]:
+        return [int(c) for c in self.sums["counts"].tolist()]
 
-    def fold_grams(self) -> List[Tensor]:
-        return [s / max(n, 1) for s, n in zip(self.sums, self.counts)]
+    def fold_grams(self, layer: int) -> List[Tensor]:
+        """Each fold's ``E[ã ã^T]`` of ``layer``."""
+        return [self.sums[layer, f] / max(n, 1) for f, n in enumerate(self.fold_counts())]
 
-    def gram(self) -> Tensor:
-        return sum(self.sums) / max(sum(self.counts), 1)
+    def gram(self, layer: int) -> Tensor:
+        """``E[ã ã^T]`` of ``layer`` over every fold."""
+        return sum(self.sums[layer, f] for f in range(self.n_folds)) / max(sum(self.fold_counts()), 1)
 
 
 def check_sequential_method(method: str) -> str:
@@ -182,8 +207,7 @@ def dense_owl_counts(
     the calibration windows (one forward pass)."""
     info = mlp_info(model)
     stats = NeuronAccumulator(list(range(info.n_layers)), info.d_mlp)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        engine.run(model, list(windows.tokens), [stats], batch_size=batch_size, by_length=False, desc="owl statistics")
+    engine.run(model, list(windows.tokens), [stats], batch_size=batch_size, by_length=False, desc="owl statistics", bf16=bf16)
     weights = neuron_weight_table(model)
     mag = torch.tensor(weights["mean_abs_weight"].to_numpy()).reshape(info.n_layers, info.d_mlp)
     cal = Calibration(score_table(stats.table(), weights), mag, {}, None)
@@ -247,41 +271,39 @@ def sequential_spec(
     weights = neuron_weight_table(model)
     mag = torch.tensor(weights["mean_abs_weight"].to_numpy()).reshape(n_layers, d)
     w_out = output_matrix(model)
-    batches = distributed.shard(list(zip(windows.tokens.split(batch_size), windows.folds.split(batch_size))))
     for group in tqdm(plan, desc="sequential calibration", disable=not progress):
-        cols = {l: _LayerCollector(n_layers, l, d, len(windows.fold_names)) for l in group}
-        hooks = simulation_hooks(spec) + [(mlp_post_name(l), c.hook) for l, c in cols.items()]
-        with (
-            attached_hooks(model, hooks),
-            torch.no_grad(),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
-            distributed.shard_work("sequential calibration"),
-        ):
-            for tokens, folds in batches:
-                for c in cols.values():
-                    c.folds = folds
-                if group[-1] + 1 < n_layers:
-                    model(tokens, stop_at_layer=group[-1] + 1)
-                else:
-                    model(tokens, return_type=None)
-        for layer, col in cols.items():
-            col.reduce()  # on every rank, also for a layer that loses nothing
+        stats = GroupStats(group, n_layers, d)
+        grams = FoldGrams(group, d, windows.folds, len(windows.fold_names))
+        # One pass of the windows with the pruning so far attached; it stops after the group's last layer.
+        engine.run(
+            model,
+            list(windows.tokens),
+            [stats, grams],
+            batch_size=batch_size,
+            by_length=False,
+            desc="sequential calibration",
+            variants=[simulation_hooks(spec)],
+            bf16=bf16,
+        )
+        for layer in group:
             if counts[layer] == 0:
                 continue
-            gram = col.gram()
+            gram = grams.gram(layer)
             means = {layer: gram[d, :d].float()}
-            cal = Calibration(score_table(col.stats.table(), weights), mag, means, {layer: gram.float()})
+            cal = Calibration(score_table(stats.stats.table(), weights), mag, means, {layer: gram.float()})
             pruned = registry.get(method).select_layer(model, cal, layer, counts[layer], ablation, seed)
-            grams, damp = None, DEFAULT_DAMP
+            layer_grams, damp = None, DEFAULT_DAMP
             if refit is not None:
-                grams = {layer: gram}
+                layer_grams = {layer: gram}
                 if refit == "auto":
-                    damp, errs = choose_damp(col.fold_grams(), col.counts, w_out[layer], pruned, ablation == "mean")
+                    damp, errs = choose_damp(
+                        grams.fold_grams(layer), grams.fold_counts(), w_out[layer], pruned, ablation == "mean"
+                    )
                     out.damp_errors[layer] = errs
                 else:
                     damp = float(refit)
                 out.damp[layer] = damp
-            _merge_layer(spec, make_spec(model, {layer: pruned}, ablation, means, grams, damp, w_out), layer)
+            _merge_layer(spec, make_spec(model, {layer: pruned}, ablation, means, layer_grams, damp, w_out), layer)
     out.timings = {"sequential_s": time.perf_counter() - t0}
     return out
 

@@ -46,6 +46,26 @@ def map_scale(n_layers: int, d_mlp: int):
 
 BATCH_COLUMNS = ["layer_index", "neuron_index"]
 
+# What each tab explains above its controls.
+TAB_INTROS = {
+    "map": (
+        "Every MLP neuron: one row of pixels per layer (layer 0 at the top), one column per neuron. "
+        "Colour = the neuron's percentile of the score **within its layer** (dark = lowest = pruned first). "
+        "Click a neuron to add it to the basket, or switch to rectangle mode and click two corners, or "
+        f"add by a rule such as *{picker.RULE_EXAMPLE}*. Basket neurons are drawn red."
+    ),
+    "live": (
+        "Move the slider: the hook-simulated model is measured on a small fixed subset of every evaluation "
+        "domain (one short window each) next to dense, and continues your prompt. The calibration is "
+        "computed on the first move and kept; the CLI's `curve` and `prune` measure the full protocol."
+    ),
+    "compare": (
+        "Several models side by side on the same texts, each with its own tokenizer (as "
+        "`neuronscope-tl compare`): pruning curves, each layer's sensitivity against relative depth, the "
+        "distribution of neuron importance and outlier neurons. Other models are loaded one at a time."
+    ),
+}
+
 
 def ui_errors(fn):
     """Show the library's ValueError (and a busy model) as a ``gr.Error`` with its message."""
@@ -401,12 +421,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                 w_layer.input(run_histogram, [w_layer], [w_hist], trigger_mode="always_last")  # a layer typed in its box
 
             with gr.Tab("Neuron map", id="map"):
-                gr.Markdown(
-                    "Every MLP neuron: one row of pixels per layer (layer 0 at the top), one column per neuron. "
-                    "Colour = the neuron's percentile of the score **within its layer** (dark = lowest = pruned first). "
-                    "Click a neuron to add it to the basket, or switch to rectangle mode and click two corners, or "
-                    f"add by a rule such as *{picker.RULE_EXAMPLE}*. Basket neurons are drawn red."
-                )
+                gr.Markdown(TAB_INTROS["map"])
                 with gr.Row():
                     n_method = gr.Dropdown(list(state.map_methods()), value=default_map_method(state), label="Score")
                     n_ablation = gr.Radio(["zero", "mean"], value="zero", label="Ablation (for scores that depend on it)")
@@ -608,11 +623,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                 d_basket.click(prune_basket, [basket, p_ablation], [d_file])
 
             with gr.Tab("Live pruning", id="live"):
-                gr.Markdown(
-                    "Move the slider: the hook-simulated model is measured on a small fixed subset of every evaluation "
-                    "domain (one short window each) next to dense, and continues your prompt. The calibration is "
-                    "computed on the first move and kept; the CLI's `curve` and `prune` measure the full protocol."
-                )
+                gr.Markdown(TAB_INTROS["live"])
                 with gr.Row():
                     l_method = gr.Dropdown(live_methods(), value=method0, label="Method")
                     l_scope = gr.Radio(list(SCOPES), value="per_layer", label="Scope")
@@ -640,11 +651,7 @@ def build_ui(state: AppState) -> gr.Blocks:
                 l_sparsity.release(run_live, live_inputs, live_outputs, trigger_mode="always_last")
 
             with gr.Tab("Compare models", id="compare"):
-                gr.Markdown(
-                    "Several models side by side on the same texts, each with its own tokenizer (as "
-                    "`neuronscope-tl compare`): pruning curves, each layer's sensitivity against relative depth, the "
-                    "distribution of neuron importance and outlier neurons. Other models are loaded one at a time."
-                )
+                gr.Markdown(TAB_INTROS["compare"])
                 with gr.Row():
                     k_models = gr.Textbox(
                         value=state.model_name,

@@ -112,9 +112,13 @@ class Heartbeat:
             self.message, self.since = message.strip(), time.monotonic()
             self.last = self.since
 
-    def tick(self, *_args) -> None:
-        """Progress was shown elsewhere (a progress bar): stay quiet for another ``every`` seconds."""
-        self.last = time.monotonic()
+    def tick(self, *_args, note: Optional[str] = None) -> None:
+        """Progress was shown elsewhere (a progress bar): stay quiet for another ``every`` seconds. ``note`` says
+        what is being done now, for the next quiet line."""
+        with self._lock:
+            self.last = time.monotonic()
+            if note is not None:
+                self.message, self.since = note, self.last
 
     def _beat(self) -> None:
         while not self._stop.wait(min(1.0, self.every / 2)):
@@ -703,17 +707,20 @@ class CurveConfig:
     Args:
         model: HF model id or local directory; None for the embedded default.
         out: output directory for curve.csv, curve_runs.csv, protocol.json and curve.png.
-        methods: comma-separated ranking methods.
+        methods: comma-separated ranking methods (default: every method that needs no gradients; taylor's gradient
+            pass triples the calibration time).
         sparsities: comma-separated fractions of MLP neurons in [0, 1).
         scope: per_layer (the same fraction of every layer), global (one ranking over all layers) or owl
             (outlier-weighted per-layer fractions).
-        ablations: comma-separated: zero and/or mean.
+        ablations: comma-separated: zero and/or mean (default: the recommended method's).
         every: with --no-domains, score every n-th 512-token window of the Lee evaluation split (3: about 8k tokens).
+        domain_windows: 512-token windows of each evaluation domain, spread over the set, that every point is
+            measured on (prune reports measure 12).
         calib_texts: a text file (one text per line) to calibrate on; omit for the default mix of news, forum and docs.
         calib_tokens: calibration tokens.
         eval_texts: NAME=FILE, an extra evaluation set measured beside the default domains.
-        domains: measure every default evaluation domain separately (12 windows of 512 tokens each); --no-domains
-            measures the Lee evaluation split only (and the NAME=FILE sets, if any).
+        domains: measure every default evaluation domain separately (--domain-windows windows of 512 tokens
+            each); --no-domains measures the Lee evaluation split only (and the NAME=FILE sets, if any).
         precision: auto (bf16 when within 0.5% of fp32 on the dense model), fp32 or bf16.
         trust_remote_code: let transformers run the model repository's own Python code; off unless asked.
         device: where the model runs: cpu, or cuda (under torchrun, each rank's LOCAL_RANK GPU).
@@ -725,11 +732,12 @@ class CurveConfig:
 
     model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
     out: str = "neuronscope_curve"
-    methods: List[str] = field(default_factory=lambda: list(scores.method_names()), metadata={"choices": scores.method_names})
+    methods: List[str] = field(default_factory=curves.curve_methods, metadata={"choices": scores.method_names})
     sparsities: List[float] = field(default_factory=lambda: list(curves.DEFAULT_SPARSITIES))
     scope: str = field(default="per_layer", metadata={"choices": list(selection.SCOPES)})
-    ablations: List[str] = field(default_factory=lambda: ["zero", "mean"])
+    ablations: List[str] = field(default_factory=lambda: [curves.RECOMMENDED_ABLATION])
     every: int = evaluation.DEFAULT_EVERY
+    domain_windows: int = curves.CURVE_DOMAIN_WINDOWS
     calib_texts: Optional[str] = None
     calib_tokens: int = recipes.RECOMMENDED_CALIB_TOKENS
     eval_texts: List[str] = field(default_factory=list, metadata={"repeat": True})
@@ -755,9 +763,20 @@ class CurveConfig:
         selection.check_scope(self.scope)
         for a in self.ablations:
             impact.check_ablation(a)
-        if self.every < 1 or self.calib_tokens < 1:
-            raise ValueError(f"every and calib_tokens must be >= 1, got {self.every}, {self.calib_tokens}.")
+        if self.every < 1 or self.calib_tokens < 1 or self.domain_windows < 1:
+            raise ValueError(
+                f"every, calib_tokens and domain_windows must be >= 1, got {self.every}, {self.calib_tokens}, "
+                f"{self.domain_windows}."
+            )
         check_paths(self.out)
+
+
+def curve_ticker(log) -> Optional[Callable[[dict], None]]:
+    """What a curve calls after each measured point: the heartbeat's tick, naming the last point measured."""
+    tick = getattr(log, "tick", None)
+    if tick is None:
+        return None
+    return lambda row: tick(note=f"measuring the curve; last point: {row['method']} ({row['ablation']}) at {row['sparsity']:g}")
 
 
 def run_curve(cfg: CurveConfig, log=print) -> dict:
@@ -779,8 +798,9 @@ def run_curve(cfg: CurveConfig, log=print) -> dict:
         precision=cfg.precision,
         progress=True,
         domains=sets or None,
+        domain_windows_max=cfg.domain_windows,
         window=default_window(model),
-        on_run=getattr(log, "tick", None),
+        on_run=curve_ticker(log),
         sequential=cfg.calibration == "sequential",
         refit=recipes.parse_refit(cfg.refit),
     )

@@ -18,6 +18,8 @@ Built-in methods:
 * ``activation``: mean |a| over the calibration tokens;
 * ``wanda``: ||W_out row|| x RMS activation, the structured (per-neuron) form of Wanda's |W| x ||X|| (Sun et al.
   2023); score column ``wanda``;
+* ``wanda_io``: RMS activation x sqrt(||W_in row||^2 + ||W_out row||^2), structured Wanda over the neuron's input
+  and output weights together (the input row is ``up_proj``'s on a gated MLP); score column ``wanda_io``;
 * ``fluctuation``: var(a) x ||W_out row||^2, FLAP's fluctuation metric (An et al. 2024); score column
   ``fluctuation``;
 * ``taylor``: |first-order Taylor estimate of the loss change| for the ablation (gradient x activation, Molchanov
@@ -313,6 +315,14 @@ register(
         "||W_out row|| x RMS activation: structured Wanda (Sun et al. 2023)",
         "activations",
         lambda t, s: t["w_out_norm"] * t["rms"],
+    )
+)
+register(
+    column_score(
+        "wanda_io",
+        "RMS activation x norm of the neuron's W_in and W_out rows together: structured Wanda with input norms",
+        "activations",
+        lambda t, s: t["rms"] * (t["w_in_norm"] ** 2 + t["w_out_norm"] ** 2) ** 0.5,
     )
 )
 register(

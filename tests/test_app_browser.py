@@ -88,7 +88,8 @@ import os  # noqa: E402
 
 from neuronscope_tl import activations, compare, curves, plots  # noqa: E402
 from neuronscope_tl.app import picker  # noqa: E402
-from neuronscope_tl.app.state import CURVE_DOMAIN_WINDOWS, AppSettings  # noqa: E402
+from neuronscope_tl.app.state import AppSettings  # noqa: E402
+from neuronscope_tl.curves import CURVE_DOMAIN_WINDOWS  # noqa: E402
 from neuronscope_tl.app.ui import map_scale  # noqa: E402
 
 TOAST = '[data-testid="toast-text"]'
@@ -337,7 +338,7 @@ def test_every_tab_in_headless_chromium(browser_model, tmp_path):
             t.open("Pruning curve")
             page.locator("#curve-run").click()
             t.text("#curve-note", "Dense perplexity", timeout=1_800_000)
-            methods = list(ns.scores.method_names())
+            methods = curves.curve_methods()
             _, ablation0 = curves.resolve_method(None, None)
             window = min(ns.evaluation.DEFAULT_WINDOW, info.n_ctx)
             with state.model_work():

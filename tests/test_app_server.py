@@ -21,7 +21,7 @@ from gradio_client.exceptions import AppError
 import neuronscope_tl as ns
 from neuronscope_tl import impact, plots
 from neuronscope_tl.plots import round_significant
-from neuronscope_tl.app.state import CURVE_DOMAIN_WINDOWS
+from neuronscope_tl.curves import CURVE_DOMAIN_WINDOWS
 from neuronscope_tl.cli import ServeConfig, parse_args
 
 P = "/api/pruning"

@@ -17,7 +17,7 @@ from conftest import FP32_EPS
 CALIB = [" ".join(a.split()[i : i + 20]) for a in ns.lee_articles()[:1] for i in range(0, len(a.split()), 20)]
 EVAL = list(ns.lee_articles()[200:201])
 WINDOW = 128
-BUILT_IN = ("magnitude", "activation", "wanda", "fluctuation", "taylor", "random", "obs")
+BUILT_IN = ("magnitude", "activation", "wanda", "wanda_io", "fluctuation", "taylor", "random", "obs")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,31 +42,35 @@ def plain(model, cal, method: str, ablation: str) -> np.ndarray:
     if method == "magnitude":
         weights = ns.neuron_weight_table(model)
         return weights.pivot(index="layer", columns="neuron", values="mean_abs_weight").to_numpy(dtype=np.float64)
-    t = {c: pivot(cal, c) for c in ("w_out_norm", "rms", "var", "mean_abs", "taylor_zero", "taylor_mean")}
+    t = {c: pivot(cal, c) for c in ("w_in_norm", "w_out_norm", "rms", "var", "mean_abs", "taylor_zero", "taylor_mean")}
     return {
         "activation": t["mean_abs"],
         "wanda": t["w_out_norm"] * t["rms"],
+        "wanda_io": t["rms"] * np.hypot(t["w_in_norm"], t["w_out_norm"]),
         "fluctuation": t["var"] * t["w_out_norm"] ** 2,
         "taylor": np.abs(t["taylor_mean"] if ablation == "mean" else t["taylor_zero"]),
     }[method]
 
 
-@pytest.mark.parametrize("method", ["magnitude", "activation", "wanda", "fluctuation", "taylor"])
+@pytest.mark.parametrize("method", ["magnitude", "activation", "wanda", "wanda_io", "fluctuation", "taylor"])
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_each_plain_score_equals_its_formula(model, cal, method, ablation):
     got = scores.get(method).scores(cal, ablation)
     assert got.dtype == torch.float64 and tuple(got.shape) == cal.shape
     # the same columns combined by the same formula: equal up to a few float64 ulps, except that w_out_norm is an
-    # fp32 column whose square (fluctuation) the table takes in fp32: one fp32 rounding of a square and a product
-    rtol = 4 * FP32_EPS if method == "fluctuation" else 1e-14
+    # fp32 column whose square (fluctuation, wanda_io) the table takes in fp32: fp32 roundings of squares, a sum and
+    # a square root
+    rtol = 4 * FP32_EPS if method in ("fluctuation", "wanda_io") else 1e-14
     np.testing.assert_allclose(got.numpy(), plain(model, cal, method, ablation), rtol=rtol, atol=0)
 
 
 def test_score_columns_equal_their_formulas(cal):
-    """The registered columns of the scoring pass (wanda, fluctuation) from the pass's own statistics."""
+    """The registered columns of the scoring pass (wanda, wanda_io, fluctuation) from the pass's own statistics."""
     # products of the pass's own statistics: a few float64 ulps; fluctuation squares the fp32 w_out_norm in fp32
     np.testing.assert_allclose(pivot(cal, "wanda"), pivot(cal, "w_out_norm") * pivot(cal, "rms"), rtol=1e-14)
     np.testing.assert_allclose(pivot(cal, "fluctuation"), pivot(cal, "var") * pivot(cal, "w_out_norm") ** 2, rtol=4 * FP32_EPS)
+    wanda_io = pivot(cal, "rms") * np.hypot(pivot(cal, "w_in_norm"), pivot(cal, "w_out_norm"))
+    np.testing.assert_allclose(pivot(cal, "wanda_io"), wanda_io, rtol=4 * FP32_EPS)
 
 
 def test_taylor_depends_on_the_ablation(cal):
@@ -100,9 +104,18 @@ def test_obs_is_a_selection_with_a_refit(model, cal):
 def test_registry_names_equal_methods():
     assert scores.METHODS == scores.method_names() == tuple(s.name for s in scores.registered()) == BUILT_IN
     assert all(s.description and s.needs in scores.NEEDS for s in scores.registered())
-    assert [c.name for c in scores.columns()] == ["wanda", "fluctuation", "taylor_zero", "taylor_mean"]
-    assert scoring.CHEAP_SCORES == ("w_out_norm", "mean_abs", "rms", "wanda", "fluctuation", "taylor_zero", "taylor_mean")
-    assert scoring.SCORE_COLUMNS[-4:] == ("wanda", "fluctuation", "taylor_zero", "taylor_mean")
+    assert [c.name for c in scores.columns()] == ["wanda", "wanda_io", "fluctuation", "taylor_zero", "taylor_mean"]
+    assert scoring.CHEAP_SCORES == (
+        "w_out_norm",
+        "mean_abs",
+        "rms",
+        "wanda",
+        "wanda_io",
+        "fluctuation",
+        "taylor_zero",
+        "taylor_mean",
+    )
+    assert scoring.SCORE_COLUMNS[-5:] == ("wanda", "wanda_io", "fluctuation", "taylor_zero", "taylor_mean")
 
 
 def test_unknown_or_bad_names_are_refused():

@@ -50,11 +50,6 @@ EXPORT_TYPES = ("weight", "impact")
 THIS_MODEL = "this model"  # how a comparison names the app's own model, whatever it is called
 
 
-# Windows per evaluation domain in the app's pruning curve: 4 x 512 tokens of each of the five default domains, about
-# as many tokens as one evaluation set of the CLI.
-CURVE_DOMAIN_WINDOWS = 4
-
-
 @dataclass
 class AppSettings:
     """Limits of the app. Each is enforced on the REST API and in the UI alike.
@@ -354,7 +349,7 @@ class AppState:
         progress: bool = False,
     ) -> "curves.CurveResult":
         """A pruning curve over the default evaluation domains, each measured separately on
-        :data:`CURVE_DOMAIN_WINDOWS` windows (the CLI's ``curve`` takes 12), with the best method chosen on the
+        :data:`~neuronscope_tl.curves.CURVE_DOMAIN_WINDOWS` windows (as the CLI's ``curve``), with the best method chosen on the
         out-of-domain sets; one calibration pass kept per token budget."""
         methods = [scores.check_method(m) for m in methods]
         if not methods:
@@ -378,7 +373,7 @@ class AppState:
                 calibration=cal,
                 progress=progress,
                 domains=domains.default_evaluation_sets(),
-                domain_windows_max=CURVE_DOMAIN_WINDOWS,
+                domain_windows_max=curves.CURVE_DOMAIN_WINDOWS,
             )
 
     def prune(self, method: Optional[str], sparsity: float, scope: str, ablation: Optional[str], calib_tokens: int) -> Path:

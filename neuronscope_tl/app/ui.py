@@ -25,7 +25,7 @@ import pandas as pd
 
 from .. import compare, plots, recipes, report, scores
 from ..candidates import CANDIDATE_COLUMNS, DEFAULT_SAFE_PERCENTILE, WEIGHT_ONLY_LIMITS, candidate_records, first_candidates
-from ..curves import resolve_method
+from ..curves import curve_methods, resolve_method
 from ..export import write_csv, write_json
 from ..plots import display_table, plot_curve
 from ..selection import SCOPES
@@ -581,7 +581,7 @@ def build_ui(state: AppState) -> gr.Blocks:
 
             with gr.Tab("Pruning curve", id="curve"):
                 with gr.Row():
-                    p_methods = gr.CheckboxGroup(list(scores.method_names()), value=list(scores.method_names()), label="Methods")
+                    p_methods = gr.CheckboxGroup(list(scores.method_names()), value=curve_methods(), label="Methods")
                     p_sparsities = gr.Textbox(
                         value="0.1, 0.2, 0.3", label="Sparsities in [0, 1), comma separated", elem_id="curve-sparsities"
                     )

@@ -7,9 +7,11 @@ simulation on the default evaluation sets: the held-out parts of news, forum and
 calibration) and all of reviews and legal (out-of-domain), 12 x 512-token windows each, bf16 autocast. Prints one
 JSON line per configuration as it finishes, then one summary line.
 
-A configuration is ``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY]``: CALIB ``lee`` (Lee articles 0-199) or ``mix`` (news + forum +
+A configuration is ``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY[:SCOPE[:DISTILL]]]``: CALIB ``lee`` (Lee articles 0-199) or ``mix`` (news + forum +
 docs, the default); MODE ``oneshot`` or ``seq``; REFIT ``none``, a damping such as ``0.01``, or ``auto`` (seq only);
-SPARSITY defaults to ``--sparsity``. Sequential runs calibrate in 6 layer groups under bf16 autocast, as
+SPARSITY defaults to ``--sparsity``; SCOPE is ``per_layer`` (the default) or ``owl``; DISTILL is the epochs of
+distillation of the kept output weights on the calibration windows (:mod:`neuronscope_tl.distill`, learning rate
+``--distill-lr``; default 0). Sequential runs calibrate in 6 layer groups under bf16 autocast, as
 ``neuronscope-tl prune`` does.
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_domains.py [--sparsity 0.2] [--configs CFG,CFG,...]``
@@ -25,7 +27,7 @@ import time
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import domains, evaluation, selection, sequential, surgery
+from neuronscope_tl import distill, domains, evaluation, selection, sequential, surgery
 
 DEFAULT_CONFIGS = (
     "lee:8192:oneshot:wanda:none",  # the baseline: Lee-calibrated structured Wanda
@@ -34,10 +36,12 @@ DEFAULT_CONFIGS = (
     "mix:32768:oneshot:obs:0.01",  # calibration size
     "mix:32768:oneshot:fluctuation:0.01",
     "mix:32768:seq:obs:0.01",  # sequential calibration, fixed damping
-    "mix:32768:seq:obs:auto",  # sequential, damping chosen on held-out domains: the recommendation
+    "mix:32768:seq:obs:auto",  # sequential, damping chosen on held-out domains
+    "mix:32768:seq:obs:auto:0.2:per_layer:1",  # + one epoch of distillation: the recommendation
     "mix:32768:seq:fluctuation:auto",
     "mix:32768:seq:wanda:auto",
-    "mix:32768:seq:obs:auto:0.3",  # the recommendation at 30% per layer
+    "mix:32768:seq:obs:auto:0.3",
+    "mix:32768:seq:obs:auto:0.3:per_layer:1",  # the recommendation at 30% per layer
     "lee:8192:oneshot:wanda:none:0.3",
     "mix:131072:seq:obs:auto",  # calibration size
     "mix:32768:seq:obs:auto:0.2:owl",  # non-uniform allocation (OWL) on the recommendation
@@ -46,7 +50,7 @@ DEFAULT_CONFIGS = (
 
 
 def parse(cfg: str, sparsity: float) -> dict:
-    """``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY[:SCOPE]]`` (scope: per_layer, the default, or owl)."""
+    """``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY[:SCOPE[:DISTILL]]]`` (scope: per_layer, the default, or owl)."""
     calib, tokens, mode, method, refit, *rest = cfg.split(":")
     return {
         "calib": calib,
@@ -56,15 +60,16 @@ def parse(cfg: str, sparsity: float) -> dict:
         "refit": None if refit == "none" else refit if refit == "auto" else float(refit),
         "sparsity": float(rest[0]) if rest else sparsity,
         "scope": rest[1] if len(rest) > 1 else "per_layer",
+        "distill": int(rest[2]) if len(rest) > 2 else 0,
     }
 
 
-def run_config(model, sets, dense, c: dict, cache: dict) -> dict:
+def run_config(model, sets, dense, c: dict, cache: dict, distill_lr: float = distill.DEFAULT_DISTILL_LR) -> dict:
     t = time.perf_counter()
     sparsity = c["sparsity"]
+    sources = {"lee": ns.calibration_texts()} if c["calib"] == "lee" else domains.calibration_sources()
+    wins = sequential.calibration_windows(model, sources, c["tokens"])
     if c["mode"] == "seq":
-        sources = {"lee": ns.calibration_texts()} if c["calib"] == "lee" else domains.calibration_sources()
-        wins = sequential.calibration_windows(model, sources, c["tokens"])
         spec = sequential.sequential_spec(
             model, wins, c["method"], sparsity, "mean", c["refit"], bf16=True, scope=c["scope"]
         ).spec
@@ -76,6 +81,11 @@ def run_config(model, sets, dense, c: dict, cache: dict) -> dict:
             cache[key] = selection.calibrate(model, texts, c["tokens"], with_grams=True, with_gradients=False)
         spec = selection.build_spec(model, cache[key], c["method"], sparsity, c["scope"], "mean", refit=c["refit"])
     fit_s = time.perf_counter() - t
+    distilled = None
+    if c["distill"]:
+        t_d = time.perf_counter()
+        trained = distill.distill_spec(model, spec, wins.tokens, c["distill"], lr=distill_lr, bf16=True)
+        spec, distilled = trained.spec, {**trained.record(), "seconds": round(time.perf_counter() - t_d, 1)}
     widths = [spec.d_mlp - len(spec.neurons.get(l, ())) for l in range(ns.mlp_info(model).n_layers)]
     ppl = evaluation.domain_perplexities(model, sets, surgery.simulation_hooks(spec), bf16=True)
     summary = evaluation.domain_summary(ppl, dense, sets)
@@ -87,6 +97,7 @@ def run_config(model, sets, dense, c: dict, cache: dict) -> dict:
         "widest_kept": max(widths),
         "narrowest_kept": min(widths),
         "fit_s": round(fit_s, 1),
+        **({"distill_lr": distill_lr, "distillation": distilled} if distilled else {}),
         "total_s": round(time.perf_counter() - t, 1),
     }
 
@@ -96,6 +107,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sparsity", type=float, default=0.2)
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--distill-lr", type=float, default=distill.DEFAULT_DISTILL_LR)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = ns.load_model()
@@ -111,7 +123,7 @@ def main(argv=None) -> dict:
     }
     cache: dict = {}
     for cfg in args.configs.split(","):
-        row = run_config(model, sets, dense, parse(cfg, args.sparsity), cache)
+        row = run_config(model, sets, dense, parse(cfg, args.sparsity), cache, args.distill_lr)
         out["runs"].append(row)
         print(json.dumps(row), flush=True)
     out["threads"] = torch.get_num_threads()

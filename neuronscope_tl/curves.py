@@ -119,6 +119,7 @@ def prune_curve(
     domain_windows_max: int = CURVE_DOMAIN_WINDOWS,
     sequential: bool = False,
     refit: Union[str, float, None] = "auto",
+    distill: int = 0,
     calib_sources: Optional[Dict[str, Sequence[str]]] = None,
 ) -> CurveResult:
     """Perplexity against sparsity for each method (and ablation), with pruning simulated through hooks.
@@ -132,7 +133,8 @@ def prune_curve(
     (:mod:`neuronscope_tl.sequential`), calibrating on ``calib_tokens`` tokens of ``calib_sources`` ({name: texts},
     one fold per source; default: the calibration parts of the default domains) or of ``calib_texts`` (one source
     in four folds); ``refit`` is its damping (``"auto"``: chosen per layer on held-out folds; a number; None for no
-    refit on methods without one).
+    refit on methods without one). ``distill``: epochs of distillation of every point's kept output weights on those
+    calibration windows (:mod:`neuronscope_tl.distill`; 0: none).
     """
     if methods is None:
         methods = curve_methods()
@@ -154,13 +156,12 @@ def prune_curve(
     wins = eval_windows(model, eval_texts, window, every) if sets is None else None
     # Each point is pruned by its (method, ablation) recipe; a one-shot point keeps the method's own refit.
     mode = "sequential" if sequential else "oneshot"
-    recipes = {(m, a): Recipe(m, a, mode, refit if sequential else None) for a in ablations for m in methods}
+    recipes = {(m, a): Recipe(m, a, mode, refit if sequential else None, distill) for a in ablations for m in methods}
     for recipe in recipes.values():
         check_recipe_scope(recipe, scope)
-    if sequential:
-        seq_windows, cal = recipe_windows(model, calib_texts, calib_sources, calib_tokens), None
-    else:
-        seq_windows, cal = None, calibration or calibrate_for(model, methods, calib_texts, calib_tokens)
+    # Sequential points calibrate, and distilled points (distill epochs) train, on the same calibration windows.
+    seq_windows = recipe_windows(model, calib_texts, calib_sources, calib_tokens) if sequential or distill else None
+    cal = None if sequential else calibration or calibrate_for(model, methods, calib_texts, calib_tokens)
     t_cal = time.perf_counter() - t0
 
     def measure(hooks, bf16: bool) -> Dict[str, float]:

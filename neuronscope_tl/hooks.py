@@ -87,10 +87,11 @@ def ablation_hooks(plan: dict) -> List[HookSpec]:
     return [(mlp_post_name(layer), ablation_hook(neurons, values)) for layer, (neurons, values) in sorted(plan.items())]
 
 
-def capture_hook(store: dict, key: str) -> Callable:
-    """A hook that records its activation (detached) under ``store[key]`` and changes nothing."""
+def capture_hook(store: dict, key: str, detach: bool = True) -> Callable:
+    """A hook that records its activation under ``store[key]`` and changes nothing; ``detach=False`` keeps it in
+    the autograd graph (for a later hook whose output must pass gradients back through it)."""
 
     def hook(act: Tensor, hook=None) -> None:
-        store[key] = act.detach()
+        store[key] = act.detach() if detach else act
 
     return hook

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,8 +30,8 @@ HIGH = "high"
 
 
 def log_probs(logits: Tensor) -> Tensor:
-    """Next-token log-probabilities in fp32."""
-    return F.log_softmax(logits.float(), dim=-1)
+    """Next-token log-probabilities in fp32 (float64 for a float64 model)."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def kl_from_log_probs(logp_orig: Tensor, logp_pruned: Tensor) -> Tensor:

@@ -109,29 +109,30 @@ def prune_and_save(
     log: Callable[[str], None] = lambda _: None,
     calibration_mode: Optional[str] = None,
     refit=None,
+    distill: Optional[int] = None,
 ) -> PruneReport:
     """Calibrate, select, measure every evaluation set dense and pruned, then write the smaller model to ``out``
     with ``pruning_report.json`` beside it.
 
     ``method=None`` takes the recommended recipe (:data:`~neuronscope_tl.recipes.RECOMMENDED`, chosen on
-    out-of-domain text); ``ablation``, ``calibration_mode`` (``oneshot`` / ``sequential``) and ``refit`` override
-    its fields (:func:`~neuronscope_tl.recipes.resolve_recipe`). ``calib_texts=None`` calibrates on the default
+    out-of-domain text); ``ablation``, ``calibration_mode`` (``oneshot`` / ``sequential``), ``refit`` and
+    ``distill`` (epochs) override its fields (:func:`~neuronscope_tl.recipes.resolve_recipe`). ``calib_texts=None`` calibrates on the default
     domains ``calibration_domains`` (one-shot: their token-balanced mix; sequential: one fold per domain);
     ``calibration`` reuses a one-shot calibration already computed (then ``calib_texts`` and ``calib_tokens`` are
     not used). ``eval_sets=None`` skips the perplexity check.
     """
     method_source = "given" if method is not None else "recommended"
-    recipe = resolve_recipe(method, ablation, calibration_mode, refit)
+    recipe = resolve_recipe(method, ablation, calibration_mode, refit, distill)
     sparsity, scope = check_sparsity(sparsity), check_scope(scope)
     calib_tokens = check_max_tokens(calib_tokens, "calib_tokens")
     check_out_dir(out, overwrite)
     if recipe.calibration == "sequential":
         check_sequential_scope(scope)
     sources = windows = None
-    if recipe.calibration == "sequential":
+    if recipe.calibration == "sequential" or recipe.distill:
         sources = sequential_sources(calib_texts, None if calib_texts is not None else calibration_sources(calibration_domains))
         windows = calibration_windows(model, sources, calib_tokens)  # too little text fails here, before any work
-    elif calibration is None:
+    if recipe.calibration == "oneshot" and calibration is None:
         if calib_texts is None and tuple(calibration_domains) != DEFAULT_CALIBRATION_DOMAINS:
             calib_texts = mixed_calibration_texts(calibration_domains)
         check_calibration_size(model, calib_texts if calib_texts is not None else mixed_calibration_texts(), calib_tokens)

@@ -8,6 +8,8 @@ and :func:`recipe_spec`, which turns a recipe and a sparsity into a :class:`~neu
 * ``refit``: the least-squares refit of the kept output weights: ``auto`` (damping chosen per layer on held-out
   calibration folds; sequential only), a damping, or None (the method's own: ``obs`` refits at the default
   damping, the others do not refit).
+* ``distill``: epochs of distillation of the kept output weights and biases against the dense model's next-token
+  distributions on the calibration windows (:mod:`neuronscope_tl.distill`), after selection and refit; 0: none.
 
 :data:`RECOMMENDED` is the recipe the command line and the app use when no method is given. It was chosen on the
 out-of-domain evaluation sets (text from sources the calibration never saw) by ``benchmarks/bench_domains.py``;
@@ -20,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 from . import scores as registry
+from .distill import check_epochs, distill_spec
 from .impact import check_ablation
 from .obs import DEFAULT_DAMP
 from .selection import PRUNE_CALIB_TOKENS, Calibration, build_spec, calibrate_for, check_scope, check_sparsity
@@ -66,9 +69,11 @@ class Recipe:
     ablation: str = "zero"
     calibration: str = "oneshot"
     refit: Union[str, float, None] = None
+    distill: int = 0
 
     def __post_init__(self):
         registry.check_method(self.method)
+        object.__setattr__(self, "distill", check_epochs(self.distill))
         check_ablation(self.ablation)
         check_calibration_mode(self.calibration)
         object.__setattr__(self, "refit", parse_refit(self.refit))
@@ -85,23 +90,29 @@ class Recipe:
             None: "no refit" if not registry.get(self.method).refit else f"refit (damping {DEFAULT_DAMP})",
             "auto": "refit (damping chosen on held-out folds)",
         }.get(self.refit, f"refit (damping {self.refit})")
-        return f"{self.method}, {self.ablation} ablation, {self.calibration} calibration, {refit}"
+        distill = f", distilled for {self.distill} epoch{'s' if self.distill > 1 else ''}" if self.distill else ""
+        return f"{self.method}, {self.ablation} ablation, {self.calibration} calibration, {refit}{distill}"
 
 
 # The recommendation: best geometric-mean perplexity ratio on the out-of-domain sets at 20% per layer
 # (benchmarks/bench_domains.py; README "Pruning that holds off its calibration domain").
-RECOMMENDED = Recipe("obs", "mean", "sequential", "auto")
+RECOMMENDED = Recipe("obs", "mean", "sequential", "auto", distill=1)
 
 
 def resolve_recipe(
-    method: Optional[str] = None, ablation: Optional[str] = None, calibration: Optional[str] = None, refit=None
+    method: Optional[str] = None,
+    ablation: Optional[str] = None,
+    calibration: Optional[str] = None,
+    refit=None,
+    distill: Optional[int] = None,
 ) -> Recipe:
     """The recipe of a user's choices: no method means the recommended recipe with any given field replaced; a given
-    method means that method with zero ablation, one-shot calibration and the method's own refit unless given."""
+    method means that method with zero ablation, one-shot calibration, the method's own refit and no distillation
+    unless given."""
     if method is None:
-        changes = {k: v for k, v in (("ablation", ablation), ("calibration", calibration), ("refit", refit)) if v is not None}
-        return replace(RECOMMENDED, **changes)
-    return Recipe(method, ablation or "zero", calibration or "oneshot", refit)
+        given = (("ablation", ablation), ("calibration", calibration), ("refit", refit), ("distill", distill))
+        return replace(RECOMMENDED, **{k: v for k, v in given if v is not None})
+    return Recipe(method, ablation or "zero", calibration or "oneshot", refit, distill or 0)
 
 
 def check_recipe_scope(recipe: Recipe, scope: str) -> str:
@@ -116,7 +127,7 @@ def recipe_windows(
     calib_sources: Optional[Dict[str, Sequence[str]]] = None,
     calib_tokens: int = RECOMMENDED_CALIB_TOKENS,
 ) -> CalibrationWindows:
-    """The calibration windows of sequential recipes: ``calib_tokens`` tokens of ``calib_sources`` (one fold per
+    """The calibration windows of sequential recipes and of distillation: ``calib_tokens`` tokens of ``calib_sources`` (one fold per
     source; default: the default domains) or of ``calib_texts`` (one source in four folds)."""
     return calibration_windows(model, sequential_sources(calib_texts, calib_sources), calib_tokens)
 
@@ -141,7 +152,9 @@ def recipe_spec(
     ``calibration`` is given; sequential recipes fold over ``calib_sources`` (default: the default domains, one
     fold each) or ``calib_texts`` (one source in four folds) unless ``windows`` is given. Sequential calibration
     selects layer by layer: ``scope`` is ``per_layer`` or ``owl``; its forwards run under bf16 autocast unless
-    ``bf16=False`` (statistics still accumulate in fp32 / fp64).
+    ``bf16=False`` (statistics still accumulate in fp32 / fp64). A recipe with ``distill`` then trains the
+    pruning's output weights and biases on the same windows (one-shot recipes: the windows of ``calib_texts`` or
+    ``calib_sources``, as sequential calibration would take them); the record's ``distillation`` says how.
     """
     sparsity, scope = check_sparsity(sparsity), check_recipe_scope(recipe, scope)
     if recipe.calibration == "sequential":
@@ -159,8 +172,16 @@ def recipe_spec(
             progress=progress,
             scope=scope,
         ).spec
-        return (spec if spec.neurons else None), {"mode": "sequential", **windows.record}
-    if calibration is None:
-        calibration = calibrate_for(model, [recipe.method], calib_texts, calib_tokens, refit=recipe.refit is not None)
-    spec = build_spec(model, calibration, recipe.method, sparsity, scope, recipe.ablation, seed, recipe.refit)
-    return spec, {"mode": "oneshot", **calibration.record}
+        spec, record = (spec if spec.neurons else None), {"mode": "sequential", **windows.record}
+    else:
+        if calibration is None:
+            calibration = calibrate_for(model, [recipe.method], calib_texts, calib_tokens, refit=recipe.refit is not None)
+        spec = build_spec(model, calibration, recipe.method, sparsity, scope, recipe.ablation, seed, recipe.refit)
+        record = {"mode": "oneshot", **calibration.record}
+    if spec is not None and recipe.distill:
+        if windows is None:
+            windows = recipe_windows(model, calib_texts, calib_sources, calib_tokens)
+        result = distill_spec(model, spec, windows.tokens, recipe.distill, seed=seed, bf16=bf16, progress=progress)
+        trained = result.record() if recipe.calibration == "sequential" else {**result.record(), "windows": windows.record}
+        spec, record = result.spec, {**record, "distillation": trained}
+    return spec, record

@@ -548,7 +548,7 @@ def simulation_hooks(spec: PruneSpec) -> list:
     hooks = ablation_hooks(make_plan(pairs, values))
     store: dict = {}
     for layer, delta in spec.delta_out.items():
-        hooks.append((mlp_post_name(layer), capture_hook(store, str(layer))))
+        hooks.append((mlp_post_name(layer), capture_hook(store, str(layer), detach=False)))  # gradients flow
         out_hook = spec.out_hooks.get(layer, f"blocks.{layer}.mlp.hook_out")
         hooks.append((out_hook, _refit_hook(store, str(layer), delta, spec.bias.get(layer))))
     return hooks

@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 import neuronscope_tl as ns
-from neuronscope_tl import ablation, activations, cli, distributed, engine, evaluation, scoring, sequential
+from neuronscope_tl import ablation, activations, cli, distill, distributed, engine, evaluation, scoring, sequential
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -127,7 +127,16 @@ def all_passes(model_dir: str) -> dict:
         "ablate": ablation.ablate_each(model, PAIRS, TEXTS[:3], "mean", calib_texts=TEXTS, stack=2),
         "validate": scoring.validate_scores(model, None, TEXTS[:3], n=3, scores=["wanda", "rms"], max_tokens=48).measured,
         "sequential": sequential_state(model),
+        "distill": distill_state(model),
     }
+
+
+def distill_state(model) -> dict:
+    """Distillation of a sequential spec (3 steps of 2 windows: one window per rank per step), as plain data."""
+    windows = sequential.calibration_windows(model, {"a": TEXTS[:4], "b": TEXTS[4:]}, 48, 8)
+    spec = sequential.sequential_spec(model, windows, "obs", 0.3, "mean", 0.05, batch_size=2).spec
+    res = distill.distill_spec(model, spec, windows.tokens, 1, lr=1e-2, batch_size=2, bf16=False)
+    return {"losses": res.losses, "delta_out": res.spec.delta_out, "bias": res.spec.bias}
 
 
 def sequential_state(model) -> dict:
@@ -245,6 +254,17 @@ def test_sequential_calibration(two_and_one):
         for layer, t1 in one["sequential"][key].items():
             t2 = two["sequential"][key][layer]
             assert (t2 - t1).abs().max() <= 2 * F32 * t1.abs().max()
+
+
+def test_distillation(two_and_one):
+    """Each rank trains on its window of every step and the gradients are summed before the step, so the ranks
+    hold the same parameters (test_ranks_hold_the_same_result) and follow one process's training: the loss of
+    each step's whole batch agrees to fp32 reduction order (the summed gradient differs from one batched backward
+    in the order of its fp32 sums, and Adam's first steps move each entry by about the learning rate whatever the
+    gradient's size, which limits what a parameter comparison could show)."""
+    two, _, one = two_and_one
+    assert len(one["distill"]["losses"]) == 3 and one["distill"]["losses"][0] > 0
+    np.testing.assert_allclose(two["distill"]["losses"], one["distill"]["losses"], rtol=1e-4, atol=0)
 
 
 def test_perplexity(two_and_one):

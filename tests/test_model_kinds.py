@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import arch, surgery
+from neuronscope_tl import arch, distill, surgery
 from neuronscope_tl.activations import activation_grams
 from neuronscope_tl.hooks import ablation_hook, attached_hooks, hook_count, mlp_post_name
 
@@ -142,12 +142,12 @@ def test_one_pass_scores_equal_cached_activations(kind_model):
         assert ((torch.tensor(rows["wanda"].to_numpy()) - rms * norm).abs() <= wanda_tol).all()
 
 
-@pytest.mark.parametrize("mode", ["mean", "refit", "uneven refit"])
+@pytest.mark.parametrize("mode", ["mean", "refit", "uneven refit", "distilled"])
 def test_pruned_model_equals_hook_simulation(kind_model, tmp_path, mode):
     """prune_model's saved directory, reloaded without neuronscope_tl (transformers for an HF directory;
     HookedTransformer + safetensors for a HookedTransformer), gives the hook simulation's logits. Uneven: odd
     layers lose 12 neurons, even ones 8, so every layer is stored 8 narrower, odd ones padded with 4 zeroed
-    neurons."""
+    neurons. Distilled: the refit, then trained by distillation (which must run on every kind)."""
     km, model = kind_model, kind_model.model
     toks = model.to_tokens(PROBE_TEXT)
     n_layers = int(model.cfg.n_layers)
@@ -159,6 +159,12 @@ def test_pruned_model_equals_hook_simulation(kind_model, tmp_path, mode):
         spec = surgery.make_spec(model, neurons, "mean", means)
     else:
         spec = surgery.make_spec(model, neurons, "mean", grams=activation_grams(model, CALIB, sorted(neurons), 256))
+    if mode == "distilled":
+        wins = torch.stack([w for w in ns.texts.windows(model, CALIB, 32) if w.numel() == 32][:4])
+        trained = distill.distill_spec(model, spec, wins, epochs=2, lr=1e-2, bf16=False).spec
+        assert hook_count(model) == 0
+        assert all(not torch.equal(trained.delta_out[l], spec.delta_out[l]) for l in spec.delta_out)
+        spec = trained
     result = surgery.prune_model(model, None, out=tmp_path / "pruned", spec=spec, measure_latency=False)
     sim = hooked_logits(model, toks, surgery.simulation_hooks(spec))
     assert hook_count(model) == 0 and result.d_mlp_after == int(model.cfg.d_mlp) - 8

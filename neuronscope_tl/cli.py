@@ -731,7 +731,7 @@ class CurveConfig:
         refit: with sequential calibration, the least-squares refit: auto (damping chosen on held-out calibration
             domains), none, or a damping such as 0.01.
         distill: epochs of distillation of every point's kept output weights on the calibration windows, as
-            ``prune`` does by default (0: none; about 2 minutes per point and epoch on the default model, 2 cores).
+            ``prune`` does by default (0: none; about 3 minutes per point and epoch on the default model, 2 cores).
     """
 
     model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
@@ -799,7 +799,7 @@ def run_curve(cfg: CurveConfig, log=print) -> dict:
         cfg.scope,
         cfg.ablations,
         every=cfg.every,
-        calib_texts=calib if cfg.calib_texts or cfg.calibration == "oneshot" else None,
+        calib_texts=calib if cfg.calib_texts else None,  # None: the default mix, and its domains as folds
         calib_tokens=cfg.calib_tokens,
         precision=cfg.precision,
         progress=True,
@@ -871,7 +871,7 @@ class PruneConfig:
         refit: least-squares refit of the kept output weights: auto (damping chosen on held-out calibration
             domains; sequential only), none, or a damping such as 0.01; omit for the recommendation's.
         distill: epochs of distillation of the kept output weights and biases against the dense model's
-            next-token distributions on the calibration windows (0: none; about 2 minutes an epoch on the default
+            next-token distributions on the calibration windows (0: none; about 3 minutes an epoch on the default
             model at 32k tokens, 2 cores); omit for the recommendation's.
     """
 

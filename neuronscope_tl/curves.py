@@ -35,6 +35,7 @@ from .evaluation import (
     window_nll,
 )
 from .export import Result
+from .distill import DEFAULT_DISTILL_LR
 from .recipes import RECOMMENDED, Recipe, check_recipe_scope, recipe_spec, recipe_windows, resolve_recipe
 from .impact import check_ablation
 from .metrics import perplexity
@@ -234,7 +235,9 @@ def prune_curve(
         per_domain["ratio"] = per_domain["perplexity"] / per_domain["dense"]
     first = wins if sets is None else sets[0].wins
     precision_name = "bf16-autocast" if use_bf16 else "fp32"
-    calib_record = {"mode": "sequential", "refit": refit, **seq_windows.record} if sequential else cal.record
+    calib_record = {"mode": "sequential", "refit": refit, **seq_windows.record} if sequential else dict(cal.record)
+    if distill:  # every point's output weights trained on these windows (neuronscope_tl.distill)
+        calib_record["distillation"] = {"epochs": distill, "lr": DEFAULT_DISTILL_LR, "windows": seq_windows.record}
     protocol = protocol_record(model, first, int(seeds[0]) if len(seeds) else 0, precision_name, calib_record)
     protocol["random_seeds"] = list(seeds)
     if sets is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 from torch import Tensor
@@ -82,9 +82,10 @@ def check_lr(lr) -> float:
 
 
 def trainable_spec(model, spec: PruneSpec) -> PruneSpec:
-    """``spec`` with every pruned layer expressed as zeroed neurons plus an output-weight change and an output bias
-    (fp32 copies; zeros where ``spec`` has none), the form distillation trains. Mean ablation without a refit
-    (replacement values) is already folded into ``spec.bias``; the copy drops the replacement and keeps the bias.
+    """``spec`` with every pruned layer expressed as zeroed neurons plus an output-weight change (fp32 copies; zeros
+    where ``spec`` has none) and, where ``spec`` has one, an output bias: the form distillation trains. Mean
+    ablation without a refit (replacement values) is already folded into ``spec.bias``; the copy drops the
+    replacement and keeps the bias. A zero-ablation spec stays without biases, so its saved model needs none.
     """
     arch = arch_for(model)
     w_out = output_matrix(model)
@@ -94,8 +95,8 @@ def trainable_spec(model, spec: PruneSpec) -> PruneSpec:
             continue
         delta = spec.delta_out.get(layer)
         out.delta_out[layer] = torch.zeros_like(w_out[layer]) if delta is None else delta.detach().float().clone()
-        bias = spec.bias.get(layer)
-        out.bias[layer] = torch.zeros(w_out.shape[-1]) if bias is None else bias.detach().float().clone()
+        if layer in spec.bias:
+            out.bias[layer] = spec.bias[layer].detach().float().clone()
         out.out_hooks[layer] = spec.out_hooks.get(layer, arch.mlp_out_hook(layer))
     return out
 
@@ -107,9 +108,18 @@ def distillation_kl(model, tokens: Tensor, spec: PruneSpec, bf16: bool = True) -
     with autocast:
         with torch.no_grad():
             dense = log_probs(model(tokens))
-        with attached_hooks(model, simulation_hooks(spec)):
+        with attached_hooks(model, simulation_hooks(spec, differentiable=True)):
             pruned = log_probs(model(tokens))
     return kl_from_log_probs(dense, pruned).sum()
+
+
+def check_windows(windows) -> Tensor:
+    if not isinstance(windows, Tensor) or windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        shape = tuple(windows.shape) if isinstance(windows, Tensor) else type(windows).__name__
+        raise ValueError(f"distillation needs a [n_windows >= 1, pos >= 2] tensor of token ids, got {shape}.")
+    if windows.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"distillation windows must hold integer token ids, got {windows.dtype}.")
+    return windows
 
 
 def distill_spec(
@@ -127,8 +137,7 @@ def distill_spec(
     module docstring). ``spec`` itself is not changed; ``epochs=0`` returns its trainable form untrained."""
     epochs, lr = check_epochs(epochs), check_lr(lr)
     batch_size = check_int(batch_size, "distillation batch size", 1)
-    if windows.ndim != 2 or len(windows) == 0:
-        raise ValueError(f"distillation needs a [n_windows, pos] token tensor with n_windows >= 1, got {tuple(windows.shape)}.")
+    windows = check_windows(windows)
     t0 = time.perf_counter()
     trained = trainable_spec(model, spec)
     result = DistillResult(trained, epochs, lr, batch_size, len(windows))
@@ -143,54 +152,76 @@ def distill_spec(
         mask[torch.tensor(trained.neurons[layer])] = 0.0
         keep[layer] = mask.to(device)
         trained.delta_out[layer] = torch.nn.Parameter(trained.delta_out[layer].to(device) * keep[layer])
-        trained.bias[layer] = torch.nn.Parameter(trained.bias[layer].to(device))
-        params += [trained.delta_out[layer], trained.bias[layer]]
+        params.append(trained.delta_out[layer])
+        if layer in trained.bias:
+            trained.bias[layer] = torch.nn.Parameter(trained.bias[layer].to(device))
+            params.append(trained.bias[layer])
     for p in params:
         p.grad = torch.zeros_like(p)  # a rank with no window in a step still joins the gradient sum
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n_steps = -(-len(windows) // batch_size)
     with distributed.shard_work("distillation"), attached_hooks(model):
+        model.eval()  # no dropout in either forward; attached_hooks restores the mode and the flags
         for p in model.parameters():
-            p.requires_grad_(False)  # attached_hooks restores the flags
-        bar = tqdm(total=epochs * n_steps, desc="distillation", disable=not progress)
-        for _ in range(epochs):
-            order = torch.randperm(len(windows), generator=gen)
-            epoch_losses = []
-            for step in range(n_steps):
-                batch = order[step * batch_size : (step + 1) * batch_size]
-                mine = distributed.shard(list(batch.tolist()))
-                n_tokens = len(batch) * windows.shape[1]
-                opt.zero_grad(set_to_none=False)
-                loss = torch.zeros((), dtype=torch.float64)
-                if mine:
-                    kl = distillation_kl(model, windows[mine].to(device), trained, bf16) / n_tokens
-                    kl.backward()
-                    loss = kl.detach().double().cpu()
-                _sum_gradients(params)
-                for layer in layers:
-                    trained.delta_out[layer].grad.mul_(keep[layer])  # pruned rows stay zero
-                opt.step()
-                epoch_losses.append(distributed.sum_values(float(loss))[0])
-                bar.update(1)
-            result.losses += epoch_losses
-            result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
-        bar.close()
+            p.requires_grad_(False)
+        with tqdm(total=epochs * n_steps, desc="distillation", disable=not progress) as bar:
+            for _ in range(epochs):
+                order = torch.randperm(len(windows), generator=gen)
+                epoch_losses = []
+                for step in range(n_steps):
+                    batch = order[step * batch_size : (step + 1) * batch_size].tolist()
+                    opt.zero_grad(set_to_none=False)
+                    loss = _step_gradients(model, windows, batch, trained, bf16, device, params)
+                    for layer in layers:
+                        trained.delta_out[layer].grad.mul_(keep[layer])  # pruned rows stay zero
+                    opt.step()
+                    epoch_losses.append(loss)
+                    bar.update(1)
+                result.losses += epoch_losses
+                result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
     for layer in layers:
         trained.delta_out[layer] = trained.delta_out[layer].detach().cpu() * keep[layer].cpu()
-        trained.bias[layer] = trained.bias[layer].detach().cpu()
+        if layer in trained.bias:
+            trained.bias[layer] = trained.bias[layer].detach().cpu()
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _sum_gradients(params: Sequence[Tensor]) -> None:
-    """Every parameter's gradient summed over the ranks (one collective); nothing without torchrun."""
+def _step_gradients(model, windows: Tensor, batch: List[int], spec: PruneSpec, bf16: bool, device, params) -> float:
+    """Accumulate one step's gradient of the batch's mean per-token KL into ``params`` (each rank: its share of the
+    batch, then summed over the ranks with the loss and a failure flag in one collective) and return the loss.
+
+    Under torchrun a rank that raises still joins the step's collective with its flag set, so every rank learns of
+    the failure at the same step: the failed rank re-raises its error, the others raise :class:`DistributedError`.
+    """
+    mine = distributed.shard(batch)
+    n_tokens = len(batch) * windows.shape[1]
+    loss, failure = 0.0, None
+    try:
+        if mine:
+            kl = distillation_kl(model, windows[mine].to(device), spec, bf16) / n_tokens
+            kl.backward()
+            loss = float(kl.detach())
+    except Exception as exc:  # noqa: BLE001  (re-raised below, after the ranks agree)
+        if not distributed.active():
+            raise
+        failure = exc
     if not distributed.active():
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+        return loss
+    grads = [p.grad.reshape(-1) for p in params]
+    flag = 1.0 if failure is not None else 0.0
+    flat = torch.cat([*grads, torch.tensor([loss, flag], dtype=grads[0].dtype, device=grads[0].device)])
     summed = distributed.sum_tensor(flat, "distillation gradients")
+    if failure is not None:
+        raise failure
+    if float(summed[-1]) > 0:
+        raise distributed.DistributedError(
+            f"rank {distributed.current().rank}: stopping because another rank failed during distillation."
+        )
     offset = 0
     for p in params:
         n = p.grad.numel()
         p.grad.copy_(summed[offset : offset + n].view_as(p.grad))
         offset += n
+    return float(summed[-2])

@@ -118,8 +118,8 @@ def prune_and_save(
     out-of-domain text); ``ablation``, ``calibration_mode`` (``oneshot`` / ``sequential``), ``refit`` and
     ``distill`` (epochs) override its fields (:func:`~neuronscope_tl.recipes.resolve_recipe`). ``calib_texts=None`` calibrates on the default
     domains ``calibration_domains`` (one-shot: their token-balanced mix; sequential: one fold per domain);
-    ``calibration`` reuses a one-shot calibration already computed (then ``calib_texts`` and ``calib_tokens`` are
-    not used). ``eval_sets=None`` skips the perplexity check.
+    ``calibration`` reuses a one-shot calibration already computed (then ``calib_texts`` and ``calib_tokens`` only
+    choose the windows a distilled recipe trains on). ``eval_sets=None`` skips the perplexity check.
     """
     method_source = "given" if method is not None else "recommended"
     recipe = resolve_recipe(method, ablation, calibration_mode, refit, distill)

@@ -532,12 +532,14 @@ def make_spec(
     return spec
 
 
-def simulation_hooks(spec: PruneSpec) -> list:
+def simulation_hooks(spec: PruneSpec, differentiable: bool = False) -> list:
     """Hooks that simulate ``spec`` on the bridge, for use with :func:`attached_hooks`.
 
     Pruned neurons are ablated on ``mlp.hook_post`` through the core's :func:`make_plan`/:func:`ablation_hooks`
     (zero, or the mean activations); a refit adds ``a_ablated @ delta + bias`` on the hook point right after the
-    MLP's output projection (``spec.out_hooks``; ``mlp.hook_out`` when absent).
+    MLP's output projection (``spec.out_hooks``; ``mlp.hook_out`` when absent). The refit's term reads the
+    activations detached unless ``differentiable``: then gradients flow back through it into the layers before
+    (what training the spec's own tensors needs, :mod:`~neuronscope_tl.distill`).
     """
     pairs = [(l, n) for l, ns_ in spec.neurons.items() for n in ns_]
     values = {l: None for l in spec.neurons}
@@ -548,7 +550,7 @@ def simulation_hooks(spec: PruneSpec) -> list:
     hooks = ablation_hooks(make_plan(pairs, values))
     store: dict = {}
     for layer, delta in spec.delta_out.items():
-        hooks.append((mlp_post_name(layer), capture_hook(store, str(layer), detach=False)))  # gradients flow
+        hooks.append((mlp_post_name(layer), capture_hook(store, str(layer), detach=not differentiable)))
         out_hook = spec.out_hooks.get(layer, f"blocks.{layer}.mlp.hook_out")
         hooks.append((out_hook, _refit_hook(store, str(layer), delta, spec.bias.get(layer))))
     return hooks

@@ -115,6 +115,19 @@ def test_distillation_lowers_the_kl_of_the_saved_model(tiny_model, tiny_dirs, ti
     assert kls["after"] < 0.9 * kls["before"], kls
 
 
+def test_zero_ablation_stays_without_biases(tiny_model, tmp_path):
+    """Distilling a zero-ablation pruning trains the output weights only: no bias appears, so the saved Llama-style
+    config keeps ``mlp_bias`` off."""
+    model = tiny_model
+    w = _windows(model)
+    spec = sequential.sequential_spec(model, w, "wanda", 0.25, "zero", refit=None, groups=None).spec
+    trained = distill.distill_spec(model, spec, w.tokens, epochs=1, lr=1e-3, bf16=False).spec
+    assert not trained.bias and sorted(trained.delta_out) == sorted(spec.neurons)
+    assert any(float(d.abs().max()) > 0 for d in trained.delta_out.values())
+    saved = surgery.prune_model(model, None, out=tmp_path / "zero", spec=trained, measure_latency=False)
+    assert not getattr(load_hf(saved.out).config, "mlp_bias", False)
+
+
 def test_epochs_zero_returns_the_pruning_in_trainable_form(tiny_model):
     """No training: the trainable form simulates exactly as the given spec (mean ablation folded into the bias)."""
     model = tiny_model
@@ -168,6 +181,9 @@ def test_recipe_distills_and_records(tiny_model):
         ({"lr": 0}, "learning rate must be a number in \\(0, 1\\]"),
         ({"lr": "fast"}, "learning rate"),
         ({"batch_size": 0}, "batch size"),
+        ({"windows": torch.zeros(3)}, "n_windows >= 1, pos >= 2"),
+        ({"windows": torch.zeros(2, 8)}, "integer token ids"),
+        ({"windows": [[1, 2, 3]]}, "tensor of token ids"),
     ],
 )
 def test_bad_settings_change_nothing(tiny_model, kwargs, match):
@@ -176,8 +192,9 @@ def test_bad_settings_change_nothing(tiny_model, kwargs, match):
     spec = _spec(model, w)
     before = {l: d.clone() for l, d in spec.delta_out.items()}
     weights = [p.detach().clone() for p in model.parameters()]
+    kwargs = {"windows": w.tokens, **kwargs}
     with pytest.raises(ValueError, match=match):
-        distill.distill_spec(model, spec, w.tokens, **kwargs)
+        distill.distill_spec(model, spec, **kwargs)
     with pytest.raises(ValueError, match="distillation epochs"):
         recipes.Recipe("obs", "mean", "sequential", "auto", distill=-2)
     assert hook_count(model) == 0
@@ -225,9 +242,7 @@ def test_prune_and_curve_commands_take_distill(tmp_path):
     assert cli.main(argv + ["--out", str(curve)]) == 0
     point = float(pd.read_csv(curve / "curve.csv")["perplexity"].iloc[0])
     window = min(evaluation.DEFAULT_WINDOW, int(model.cfg.n_ctx))
-    # one-shot curve points distill on the windows of the texts the one-shot calibration read (the default mix)
-    mix = recipes.recipe_windows(model, ns.domains.mixed_calibration_texts(), calib_tokens=1024)
-    fp32 = distill.distill_spec(model, spec, mix.tokens, 2, bf16=False).spec
+    fp32 = distill.distill_spec(model, spec, wins.tokens, 2, bf16=False).spec  # the windows prune trains on
     ppl = evaluation.evaluate_perplexity(model, window=window, hooks=surgery.simulation_hooks(fp32)).perplexity
     assert point == pytest.approx(ppl, rel=1e-6)
 

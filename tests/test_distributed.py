@@ -132,10 +132,11 @@ def all_passes(model_dir: str) -> dict:
 
 
 def distill_state(model) -> dict:
-    """Distillation of a sequential spec (3 steps of 2 windows: one window per rank per step), as plain data."""
+    """Distillation of a sequential spec on 5 windows, 2 a step (one per rank; in the last step one rank has none
+    and joins the gradient sum with zeros), as plain data."""
     windows = sequential.calibration_windows(model, {"a": TEXTS[:4], "b": TEXTS[4:]}, 48, 8)
     spec = sequential.sequential_spec(model, windows, "obs", 0.3, "mean", 0.05, batch_size=2).spec
-    res = distill.distill_spec(model, spec, windows.tokens, 1, lr=1e-2, batch_size=2, bf16=False)
+    res = distill.distill_spec(model, spec, windows.tokens[:5], 1, lr=1e-2, batch_size=2, bf16=False)
     return {"losses": res.losses, "delta_out": res.spec.delta_out, "bias": res.spec.bias}
 
 
@@ -263,7 +264,7 @@ def test_distillation(two_and_one):
     in the order of its fp32 sums, and Adam's first steps move each entry by about the learning rate whatever the
     gradient's size, which limits what a parameter comparison could show)."""
     two, _, one = two_and_one
-    assert len(one["distill"]["losses"]) == 3 and one["distill"]["losses"][0] > 0
+    assert len(one["distill"]["losses"]) == 3 and min(one["distill"]["losses"]) > 0
     np.testing.assert_allclose(two["distill"]["losses"], one["distill"]["losses"], rtol=1e-4, atol=0)
 
 

@@ -384,6 +384,42 @@ def test_a_failed_rank_stops_every_rank_and_nothing_is_written(tiny_dirs, texts_
     assert not [p for p in out.rglob("*") if p.is_file()]
 
 
+def distill_fault_rank(rank: int, model_dir: str, out: str) -> int:
+    """Rank 1's second distillation step raises; each rank records what it raised and when."""
+    model = ns.load_model(model_dir)
+    windows = sequential.calibration_windows(model, {"a": TEXTS[:4], "b": TEXTS[4:]}, 48, 8)
+    spec = sequential.sequential_spec(model, windows, "wanda", 0.3, "mean", None, batch_size=2).spec
+    calls = {"n": 0}
+    real = distill.distillation_kl
+
+    def faulty(*args, **kwargs):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 2:
+            raise RuntimeError("injected distillation fault")
+        return real(*args, **kwargs)
+
+    distill.distillation_kl = faulty
+    try:
+        distill.distill_spec(model, spec, windows.tokens, 1, lr=1e-2, batch_size=2, bf16=False)
+    except Exception as exc:  # noqa: BLE001
+        Path(out, f"error{rank}.txt").write_text(f"{type(exc).__name__}: {exc}\n{calls['n']}")
+        return 3
+    return 0
+
+
+def test_a_rank_failing_in_distillation_stops_every_rank_at_that_step(tiny_dirs, tmp_path):
+    """Distillation runs collectives every step; a rank that raises in the middle still joins the step's gradient
+    sum with its failure flag, so both ranks stop at that step (no hang until the collective timeout): rank 1
+    re-raises its own error, rank 0 a DistributedError naming the distillation."""
+    t0 = time.monotonic()
+    codes = launch(distill_fault_rank, tiny_dirs["llama"], str(tmp_path), tmpdir=tmp_path / "tmp", timeout_s=120, wait_s=110)
+    assert time.monotonic() - t0 < 100 and codes == [3, 3]
+    err0, steps0 = (tmp_path / "error0.txt").read_text().rsplit("\n", 1)
+    err1, steps1 = (tmp_path / "error1.txt").read_text().rsplit("\n", 1)
+    assert err1 == "RuntimeError: injected distillation fault" and steps1 == "2"
+    assert err0.startswith("DistributedError") and "during distillation" in err0 and steps0 == "2", err0
+
+
 def hang_rank(rank: int, out: str, seconds: float) -> int:
     """Both ranks start the process group; rank 1 then takes ``seconds`` over its share of a pass while rank 0
     waits at the end of it. Each records when it gave up (rank 0) or woke up (rank 1)."""

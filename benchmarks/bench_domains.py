@@ -10,8 +10,8 @@ JSON line per configuration as it finishes, then one summary line.
 A configuration is ``CALIB:TOKENS:MODE:METHOD:REFIT[:SPARSITY[:SCOPE[:DISTILL]]]``: CALIB ``lee`` (Lee articles 0-199) or ``mix`` (news + forum +
 docs, the default); MODE ``oneshot`` or ``seq``; REFIT ``none``, a damping such as ``0.01``, or ``auto`` (seq only);
 SPARSITY defaults to ``--sparsity``; SCOPE is ``per_layer`` (the default) or ``owl``; DISTILL is the epochs of
-distillation of the kept output weights on the calibration windows (:mod:`neuronscope_tl.distill`, learning rate
-``--distill-lr``; default 0). Sequential runs calibrate in 6 layer groups under bf16 autocast, as
+distillation of the kept output weights (:mod:`neuronscope_tl.distill`, learning rate ``--distill-lr``, on
+``--distill-tokens`` tokens of the calibration sources; default 0). Sequential runs calibrate in 6 layer groups under bf16 autocast, as
 ``neuronscope-tl prune`` does.
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_domains.py [--sparsity 0.2] [--configs CFG,CFG,...]``
@@ -27,7 +27,7 @@ import time
 import torch
 
 import neuronscope_tl as ns
-from neuronscope_tl import distill, domains, evaluation, selection, sequential, surgery
+from neuronscope_tl import distill, domains, evaluation, recipes, selection, sequential, surgery
 
 DEFAULT_CONFIGS = (
     "lee:8192:oneshot:wanda:none",  # the baseline: Lee-calibrated structured Wanda
@@ -64,7 +64,15 @@ def parse(cfg: str, sparsity: float) -> dict:
     }
 
 
-def run_config(model, sets, dense, c: dict, cache: dict, distill_lr: float = distill.DEFAULT_DISTILL_LR) -> dict:
+def run_config(
+    model,
+    sets,
+    dense,
+    c: dict,
+    cache: dict,
+    distill_lr: float = distill.DEFAULT_DISTILL_LR,
+    distill_tokens: int = recipes.DISTILL_TOKENS,
+) -> dict:
     t = time.perf_counter()
     sparsity = c["sparsity"]
     sources = {"lee": ns.calibration_texts()} if c["calib"] == "lee" else domains.calibration_sources()
@@ -84,7 +92,8 @@ def run_config(model, sets, dense, c: dict, cache: dict, distill_lr: float = dis
     distilled = None
     if c["distill"]:
         t_d = time.perf_counter()
-        trained = distill.distill_spec(model, spec, wins.tokens, c["distill"], lr=distill_lr, bf16=True)
+        train = recipes.distill_windows(model, calib_sources=sources, calib_tokens=c["tokens"], distill_tokens=distill_tokens)
+        trained = distill.distill_spec(model, spec, train.tokens, c["distill"], lr=distill_lr, bf16=True)
         spec, distilled = trained.spec, {**trained.record(), "seconds": round(time.perf_counter() - t_d, 1)}
     widths = [spec.d_mlp - len(spec.neurons.get(l, ())) for l in range(ns.mlp_info(model).n_layers)]
     ppl = evaluation.domain_perplexities(model, sets, surgery.simulation_hooks(spec), bf16=True)
@@ -97,7 +106,7 @@ def run_config(model, sets, dense, c: dict, cache: dict, distill_lr: float = dis
         "widest_kept": max(widths),
         "narrowest_kept": min(widths),
         "fit_s": round(fit_s, 1),
-        **({"distill_lr": distill_lr, "distillation": distilled} if distilled else {}),
+        **({"distill_lr": distill_lr, "distill_tokens": distill_tokens, "distillation": distilled} if distilled else {}),
         "total_s": round(time.perf_counter() - t, 1),
     }
 
@@ -108,6 +117,7 @@ def main(argv=None) -> dict:
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--distill-lr", type=float, default=distill.DEFAULT_DISTILL_LR)
+    p.add_argument("--distill-tokens", type=int, default=recipes.DISTILL_TOKENS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = ns.load_model()
@@ -123,7 +133,7 @@ def main(argv=None) -> dict:
     }
     cache: dict = {}
     for cfg in args.configs.split(","):
-        row = run_config(model, sets, dense, parse(cfg, args.sparsity), cache, args.distill_lr)
+        row = run_config(model, sets, dense, parse(cfg, args.sparsity), cache, args.distill_lr, args.distill_tokens)
         out["runs"].append(row)
         print(json.dumps(row), flush=True)
     out["threads"] = torch.get_num_threads()

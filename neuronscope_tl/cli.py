@@ -730,8 +730,9 @@ class CurveConfig:
             groups on the model pruned so far: a calibration pass per point, per layer scope only).
         refit: with sequential calibration, the least-squares refit: auto (damping chosen on held-out calibration
             domains), none, or a damping such as 0.01.
-        distill: epochs of distillation of every point's kept output weights on the calibration windows, as
-            ``prune`` does by default (0: none; about 3 minutes per point and epoch on the default model, 2 cores).
+        distill: epochs of distillation of every point's kept output weights (on --distill-tokens tokens of the
+            calibration sources), as ``prune`` does by default (0: none; about 6 minutes per point and epoch on the default model, 2 cores).
+        distill_tokens: tokens each distilled point trains on, as ``prune --distill-tokens``.
     """
 
     model: Optional[str] = field(default=None, metadata={"default_text": DEFAULT_MODEL_TEXT})
@@ -752,12 +753,14 @@ class CurveConfig:
     calibration: str = field(default="oneshot", metadata={"choices": list(recipes.CALIBRATION_MODES)})
     refit: str = "auto"
     distill: int = 0
+    distill_tokens: int = recipes.DISTILL_TOKENS
 
     def __post_init__(self):
         distributed.check_device(self.device)
         recipes.check_calibration_mode(self.calibration)
         recipes.parse_refit(self.refit)
         distill.check_epochs(self.distill)
+        texts.check_int(self.distill_tokens, "distill_tokens", 1)
         if self.calibration == "sequential":
             sequential.check_sequential_scope(self.scope)
         _, calibration_domains = pipelines.calibration_texts_for(self.calib_texts)  # bad files fail before any work
@@ -810,6 +813,7 @@ def run_curve(cfg: CurveConfig, log=print) -> dict:
         sequential=cfg.calibration == "sequential",
         refit=recipes.parse_refit(cfg.refit),
         distill=cfg.distill,
+        distill_tokens=cfg.distill_tokens,
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -871,8 +875,10 @@ class PruneConfig:
         refit: least-squares refit of the kept output weights: auto (damping chosen on held-out calibration
             domains; sequential only), none, or a damping such as 0.01; omit for the recommendation's.
         distill: epochs of distillation of the kept output weights and biases against the dense model's
-            next-token distributions on the calibration windows (0: none; about 3 minutes an epoch on the default
-            model at 32k tokens, 2 cores); omit for the recommendation's.
+            next-token distributions (0: none; about 6 minutes an epoch on the default model at 64k tokens, 2
+            cores); omit for the recommendation's.
+        distill_tokens: tokens distillation trains on, from the calibration's sources (its windows first); when a
+            source holds too little text, the calibration windows alone.
     """
 
     sparsity: float = field(default=0.2, metadata={"required": True})
@@ -898,6 +904,7 @@ class PruneConfig:
     )
     refit: Optional[str] = field(default=None, metadata={"default_text": recommended_recipe_text("refit")})
     distill: Optional[int] = field(default=None, metadata={"default_text": recommended_recipe_text("distill", "0")})
+    distill_tokens: int = recipes.DISTILL_TOKENS
 
     def __post_init__(self):
         distributed.check_device(self.device)
@@ -905,6 +912,7 @@ class PruneConfig:
         self.method, self.ablation, self.calibration = recipe.method, recipe.ablation, recipe.calibration
         self.refit = "none" if recipe.refit is None else str(recipe.refit)
         self.distill = recipe.distill
+        texts.check_int(self.distill_tokens, "distill_tokens", 1)
         selection.check_sparsity(self.sparsity)
         selection.check_scope(self.scope)
         impact.check_ablation(self.ablation)
@@ -957,6 +965,7 @@ def run_prune(cfg: PruneConfig, log=print) -> dict:
         calibration_mode=cfg.calibration,
         refit=cfg.refit,
         distill=cfg.distill,
+        distill_tokens=cfg.distill_tokens,
     )
     result = pruned.model
     if result.masked:

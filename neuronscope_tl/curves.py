@@ -36,7 +36,16 @@ from .evaluation import (
 )
 from .export import Result
 from .distill import DEFAULT_DISTILL_LR
-from .recipes import RECOMMENDED, Recipe, check_recipe_scope, recipe_spec, recipe_windows, resolve_recipe
+from .recipes import (
+    DISTILL_TOKENS,
+    RECOMMENDED,
+    Recipe,
+    check_recipe_scope,
+    distill_windows,
+    recipe_spec,
+    recipe_windows,
+    resolve_recipe,
+)
 from .impact import check_ablation
 from .metrics import perplexity
 from .selection import PRUNE_CALIB_TOKENS, Calibration, calibrate_for, check_scope, check_sparsities
@@ -121,6 +130,7 @@ def prune_curve(
     sequential: bool = False,
     refit: Union[str, float, None] = "auto",
     distill: int = 0,
+    distill_tokens: int = DISTILL_TOKENS,
     calib_sources: Optional[Dict[str, Sequence[str]]] = None,
 ) -> CurveResult:
     """Perplexity against sparsity for each method (and ablation), with pruning simulated through hooks.
@@ -134,8 +144,8 @@ def prune_curve(
     (:mod:`neuronscope_tl.sequential`), calibrating on ``calib_tokens`` tokens of ``calib_sources`` ({name: texts},
     one fold per source; default: the calibration parts of the default domains) or of ``calib_texts`` (one source
     in four folds); ``refit`` is its damping (``"auto"``: chosen per layer on held-out folds; a number; None for no
-    refit on methods without one). ``distill``: epochs of distillation of every point's kept output weights on those
-    calibration windows (:mod:`neuronscope_tl.distill`; 0: none).
+    refit on methods without one). ``distill``: epochs of distillation of every point's kept output weights on
+    ``distill_tokens`` tokens of the same sources (:func:`~neuronscope_tl.recipes.distill_windows`; 0: none).
     """
     if methods is None:
         methods = curve_methods()
@@ -160,8 +170,9 @@ def prune_curve(
     recipes = {(m, a): Recipe(m, a, mode, refit if sequential else None, distill) for a in ablations for m in methods}
     for recipe in recipes.values():
         check_recipe_scope(recipe, scope)
-    # Sequential points calibrate, and distilled points (distill epochs) train, on the same calibration windows.
-    seq_windows = recipe_windows(model, calib_texts, calib_sources, calib_tokens) if sequential or distill else None
+    seq_windows = recipe_windows(model, calib_texts, calib_sources, calib_tokens) if sequential else None
+    # Distilled points (distill epochs) train on distill_tokens tokens of the same sources, as prune does.
+    train = distill_windows(model, calib_texts, calib_sources, calib_tokens, distill_tokens) if distill else None
     cal = None if sequential else calibration or calibrate_for(model, methods, calib_texts, calib_tokens)
     t_cal = time.perf_counter() - t0
 
@@ -185,7 +196,15 @@ def prune_curve(
     ]
     for method, sparsity, abl, seed in tqdm(jobs, desc="curve", disable=not progress):
         spec, _ = recipe_spec(
-            model, recipes[method, abl], sparsity, scope, calibration=cal, windows=seq_windows, seed=seed, bf16=use_bf16
+            model,
+            recipes[method, abl],
+            sparsity,
+            scope,
+            calibration=cal,
+            windows=seq_windows,
+            seed=seed,
+            bf16=use_bf16,
+            train_windows=train,
         )
         hooks = simulation_hooks(spec) if spec is not None else []
         ppl = measure(hooks, use_bf16)
@@ -237,7 +256,7 @@ def prune_curve(
     precision_name = "bf16-autocast" if use_bf16 else "fp32"
     calib_record = {"mode": "sequential", "refit": refit, **seq_windows.record} if sequential else dict(cal.record)
     if distill:  # every point's output weights trained on these windows (neuronscope_tl.distill)
-        calib_record["distillation"] = {"epochs": distill, "lr": DEFAULT_DISTILL_LR, "windows": seq_windows.record}
+        calib_record["distillation"] = {"epochs": distill, "lr": DEFAULT_DISTILL_LR, "windows": train.record}
     protocol = protocol_record(model, first, int(seeds[0]) if len(seeds) else 0, precision_name, calib_record)
     protocol["random_seeds"] = list(seeds)
     if sets is not None:

@@ -24,7 +24,7 @@ from .domains import (
 )
 from .evaluation import DEFAULT_DOMAIN_WINDOWS, DEFAULT_WINDOW, domain_perplexities, domain_summary, domain_windows
 from .export import Result, write_json
-from .recipes import RECOMMENDED_CALIB_TOKENS, recipe_spec, resolve_recipe
+from .recipes import DISTILL_TOKENS, RECOMMENDED_CALIB_TOKENS, distill_windows, recipe_spec, resolve_recipe
 from .selection import Calibration, check_scope, check_sparsity
 from .sequential import calibration_windows, check_sequential_scope, sequential_sources
 from .surgery import PrunedModel, check_out_dir, save_pruned, simulation_hooks
@@ -110,13 +110,15 @@ def prune_and_save(
     calibration_mode: Optional[str] = None,
     refit=None,
     distill: Optional[int] = None,
+    distill_tokens: int = DISTILL_TOKENS,
 ) -> PruneReport:
     """Calibrate, select, measure every evaluation set dense and pruned, then write the smaller model to ``out``
     with ``pruning_report.json`` beside it.
 
     ``method=None`` takes the recommended recipe (:data:`~neuronscope_tl.recipes.RECOMMENDED`, chosen on
     out-of-domain text); ``ablation``, ``calibration_mode`` (``oneshot`` / ``sequential``), ``refit`` and
-    ``distill`` (epochs) override its fields (:func:`~neuronscope_tl.recipes.resolve_recipe`). ``calib_texts=None`` calibrates on the default
+    ``distill`` (epochs, on ``distill_tokens`` tokens of the same sources: :func:`~neuronscope_tl.recipes.distill_windows`)
+    override its fields (:func:`~neuronscope_tl.recipes.resolve_recipe`). ``calib_texts=None`` calibrates on the default
     domains ``calibration_domains`` (one-shot: their token-balanced mix; sequential: one fold per domain);
     ``calibration`` reuses a one-shot calibration already computed (then ``calib_texts`` and ``calib_tokens`` only
     choose the windows a distilled recipe trains on). ``eval_sets=None`` skips the perplexity check.
@@ -128,10 +130,12 @@ def prune_and_save(
     check_out_dir(out, overwrite)
     if recipe.calibration == "sequential":
         check_sequential_scope(scope)
-    sources = windows = None
-    if recipe.calibration == "sequential" or recipe.distill:
-        sources = sequential_sources(calib_texts, None if calib_texts is not None else calibration_sources(calibration_domains))
+    windows = train_windows = None
+    sources = sequential_sources(calib_texts, None if calib_texts is not None else calibration_sources(calibration_domains))
+    if recipe.calibration == "sequential":
         windows = calibration_windows(model, sources, calib_tokens)  # too little text fails here, before any work
+    if recipe.distill:
+        train_windows = distill_windows(model, calib_sources=sources, calib_tokens=calib_tokens, distill_tokens=distill_tokens)
     if recipe.calibration == "oneshot" and calibration is None:
         if calib_texts is None and tuple(calibration_domains) != DEFAULT_CALIBRATION_DOMAINS:
             calib_texts = mixed_calibration_texts(calibration_domains)
@@ -149,6 +153,7 @@ def prune_and_save(
         windows=windows,
         calib_tokens=calib_tokens,
         progress=True,
+        train_windows=train_windows,
     )
     if spec is None:
         raise ValueError(f"sparsity {sparsity} removes no neuron; use a sparsity in (0, 1) large enough for one neuron.")

@@ -154,7 +154,7 @@ def test_recipe_distills_and_records(tiny_model):
     w = _windows(model)
     recipe = recipes.Recipe("wanda", "mean", "sequential", 0.05, distill=2)
     assert recipe.describe().endswith("distilled for 2 epochs")
-    spec, record = recipes.recipe_spec(model, recipe, 0.25, windows=w, bf16=False)
+    spec, record = recipes.recipe_spec(model, recipe, 0.25, windows=w, train_windows=w, bf16=False)
     assert record["distillation"]["epochs"] == 2 and len(record["distillation"]["epoch_kl"]) == 2
     assert record["distillation"]["n_windows"] == len(w.tokens)
     assert sorted(spec.delta_out) == sorted(spec.neurons)
@@ -170,6 +170,20 @@ def test_recipe_distills_and_records(tiny_model):
     assert recipes.RECOMMENDED.distill >= 1
     assert recipes.resolve_recipe(None, distill=0).distill == 0
     assert recipes.resolve_recipe("wanda").distill == 0
+
+
+def test_distill_windows_start_with_the_calibration_windows(tiny_model):
+    """Distillation takes more tokens of the same sources: its windows begin with the calibration's own, in order;
+    a source too small for the larger budget leaves the calibration windows alone; a bad budget is refused."""
+    model = tiny_model
+    sources = {"a": list(ns.lee_articles()[:20]), "b": list(ns.lee_articles()[20:40])}
+    cal = recipes.recipe_windows(model, calib_sources=sources, calib_tokens=512)
+    more = recipes.distill_windows(model, calib_sources=sources, calib_tokens=512, distill_tokens=2048)
+    assert len(more.tokens) == 4 * len(cal.tokens) and torch.equal(more.tokens[: len(cal.tokens)], cal.tokens)
+    fallback = recipes.distill_windows(model, calib_sources=sources, calib_tokens=512, distill_tokens=10**8)
+    assert torch.equal(fallback.tokens, cal.tokens)
+    with pytest.raises(ValueError, match="distillation tokens"):
+        recipes.distill_windows(model, calib_sources=sources, calib_tokens=512, distill_tokens=0)
 
 
 @pytest.mark.parametrize(
@@ -213,12 +227,13 @@ def test_prune_and_curve_commands_take_distill(tmp_path):
     path = save_tiny(tmp_path / "model", "llama", max_position_embeddings=1024)  # one-shot texts fit its context
     out = tmp_path / "pruned"
     base = ["--model", path, "--method", "wanda", "--ablation", "mean", "--calib-tokens", "1024", "--no-evaluate"]
+    base += ["--distill-tokens", "2048"]  # the calibration's 1024 tokens, then as many again
     assert cli.main(["prune", "--sparsity", "0.25", "--out", str(out), "--distill", "2", *base]) == 0
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["recipe"]["distill"] == 2 and len(report["calibration"]["distillation"]["epoch_kl"]) == 2
 
     model = ns.load_model(path)
-    wins = sequential.calibration_windows(model, sequential.sequential_sources(), 1024)
+    wins = sequential.calibration_windows(model, sequential.sequential_sources(), 2048)
     cal = selection.calibrate_for(model, ["wanda"], None, 1024, refit=False)
     spec = selection.build_spec(model, cal, "wanda", 0.25, "per_layer", "mean")
     trained = distill.distill_spec(model, spec, wins.tokens, 2).spec
@@ -239,6 +254,7 @@ def test_prune_and_curve_commands_take_distill(tmp_path):
     curve = tmp_path / "curve"
     argv = ["curve", "--model", path, "--methods", "wanda", "--sparsities", "0.25", "--ablations", "mean"]
     argv += ["--calib-tokens", "1024", "--no-domains", "--every", "1", "--precision", "fp32", "--distill", "2"]
+    argv += ["--distill-tokens", "2048"]
     assert cli.main(argv + ["--out", str(curve)]) == 0
     point = float(pd.read_csv(curve / "curve.csv")["perplexity"].iloc[0])
     window = min(evaluation.DEFAULT_WINDOW, int(model.cfg.n_ctx))
@@ -254,3 +270,4 @@ def test_prune_and_curve_commands_take_distill(tmp_path):
                 code = exc.code
             assert code == 2
             assert not (tmp_path / "bad").exists()
+        assert cli.main(cmd + ["--distill", "1", "--distill-tokens", "0"]) == 2 and not (tmp_path / "bad").exists()

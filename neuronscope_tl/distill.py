@@ -1,18 +1,20 @@
 """Distillation of the kept output weights: after the neurons are chosen (and, with a refit, each layer's output
 weights fitted by least squares), the output-weight changes and output biases of every pruned layer are trained
-together so that the pruned model's next-token distributions match the dense model's on the calibration windows.
+together so that the pruned model's next-token distributions match the dense model's on calibration text (the
+recommended recipe: 65,536 tokens of the calibration sources, :func:`~neuronscope_tl.recipes.distill_windows`).
 
 The least-squares refit matches each layer's own output on its own; it cannot see how an error left in one layer
 grows through the layers after it. Distillation optimises what the user measures, the whole model's output: the
-loss is the mean per-token KL(P_dense || P_pruned) over the calibration windows, minimised with Adam over the
-pruning's own parameters, ``delta_out`` [d_mlp, d_model] (pruned rows held at zero) and ``bias`` [d_model] of every
-pruned layer. Nothing else changes: the result is again a :class:`~neuronscope_tl.surgery.PruneSpec`, simulated by
+loss is the mean per-token KL(P_dense || P_pruned) over the windows, minimised with Adam over the
+pruning's own parameters: every pruned layer's ``delta_out`` [d_mlp, d_model] (pruned rows held at zero) and, where
+the pruning has one (mean ablation), its ``bias`` [d_model]. Nothing else changes: the result is again a :class:`~neuronscope_tl.surgery.PruneSpec`, simulated by
 the same hooks and removed physically by the same surgery, so the saved model reloads in plain transformers.
 
 Each step runs the dense model once (no gradients) and the pruned model once with gradients on a batch of
 ``batch_size`` windows, under bf16 autocast by default; the parameters stay fp32. The windows are shuffled with a
 seeded generator, so a run is repeatable. Under ``torchrun`` each rank runs its share of every step's windows and
-the gradients are summed over the ranks before the step, so every rank holds the same parameters.
+the gradients are summed over the ranks before the step, so every rank holds the same parameters; a rank that
+raises still joins that step's sum with a failure flag, so every rank stops at the same step.
 
 This is a training loop, not a streaming pass: it is the one place outside :func:`neuronscope_tl.engine.run` that
 runs the model over calibration windows.

@@ -76,8 +76,8 @@ def run_config(
     t = time.perf_counter()
     sparsity = c["sparsity"]
     sources = {"lee": ns.calibration_texts()} if c["calib"] == "lee" else domains.calibration_sources()
-    wins = sequential.calibration_windows(model, sources, c["tokens"])
     if c["mode"] == "seq":
+        wins = sequential.calibration_windows(model, sources, c["tokens"])
         spec = sequential.sequential_spec(
             model, wins, c["method"], sparsity, "mean", c["refit"], bf16=True, scope=c["scope"]
         ).spec

@@ -9,7 +9,7 @@ and :func:`recipe_spec`, which turns a recipe and a sparsity into a :class:`~neu
   calibration folds; sequential only), a damping, or None (the method's own: ``obs`` refits at the default
   damping, the others do not refit).
 * ``distill``: epochs of distillation of the kept output weights and biases against the dense model's next-token
-  distributions on the calibration windows (:mod:`neuronscope_tl.distill`), after selection and refit; 0: none.
+  distributions (:mod:`neuronscope_tl.distill`), after selection and refit, on :func:`distill_windows`; 0: none.
 
 :data:`RECOMMENDED` is the recipe the command line and the app use when no method is given. It was chosen on the
 out-of-domain evaluation sets (text from sources the calibration never saw) by ``benchmarks/bench_domains.py``;

@@ -404,6 +404,8 @@ def distill_fault_rank(rank: int, model_dir: str, out: str) -> int:
     except Exception as exc:  # noqa: BLE001
         Path(out, f"error{rank}.txt").write_text(f"{type(exc).__name__}: {exc}\n{calls['n']}")
         return 3
+    finally:
+        distributed.stop()  # leave the process group before exiting, or gloo's teardown may abort the process
     return 0
 
 
